@@ -1,0 +1,1 @@
+"""Checkpoints: PyTorch <-> JAX conversion and Orbax save/restore."""

@@ -1,0 +1,1 @@
+"""Data: dataset builders, input pipelines, video decoding, conversation templates."""

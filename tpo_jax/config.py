@@ -1,0 +1,245 @@
+"""Typed configuration for the TPO model, with the `tiny` and `videochat_tpo_7b` presets.
+
+Every config is a frozen dataclass. `validate()` checks the fields and raises one
+`ConfigError` naming the offending field (as a dotted path from the root config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# Token ids of the released tokenizer's 7 added tokens (MODEL-SPEC §4.1).
+BOX_BEGIN_ID = 32000
+TIME_BEGIN_ID = 32001
+TEMP_ID = 32002
+BOXES_ID = 32003
+TRACK_BEGIN_ID = 32004
+TRACKING_ID = 32005
+TRACK_BOX_ID = 32006
+NUM_ADDED_TOKENS = 7
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the model cannot use."""
+
+
+def _check(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{path}': {message}")
+
+
+def _positive(cfg: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        _check(isinstance(value, int) and value > 0, f"{prefix}{name}", f"must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """UMT video ViT (MODEL-SPEC §1)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    tubelet_size: int = 1
+    in_chans: int = 3
+    num_frames: int = 16
+    ckpt_num_frames: int = 4  # frames of the pretraining position table, interpolated to num_frames
+    width: int = 1024
+    depth: int = 23  # blocks actually built (encoder_depth 24 + return_index -2 + 1)
+    num_heads: int = 16
+    mlp_dim: int = 4096
+    norm_eps: float = 1e-6
+    outer_norm: bool = True  # `vision_layernorm` applied to the encoder output
+    outer_norm_eps: float = 1e-12
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid * self.grid
+
+    def validate(self, prefix: str = "vit.") -> None:
+        _positive(self, prefix, "img_size", "patch_size", "tubelet_size", "in_chans", "num_frames",
+                  "ckpt_num_frames", "width", "depth", "num_heads", "mlp_dim")
+        _check(self.img_size % self.patch_size == 0, prefix + "patch_size",
+               f"{self.patch_size} must divide img_size {self.img_size}")
+        _check(self.width % self.num_heads == 0, prefix + "num_heads",
+               f"{self.num_heads} must divide width {self.width}")
+        _check(self.num_frames % self.tubelet_size == 0, prefix + "tubelet_size",
+               f"{self.tubelet_size} must divide num_frames {self.num_frames}")
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    """BERT-style Q-Former with learned queries (MODEL-SPEC §2)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    norm_eps: float = 1e-12
+    vocab_size: int = 30523
+    max_position: int = 512
+    cross_attention_freq: int = 2  # cross-attention in layers with index % freq == 0
+    encoder_width: int = 1024  # width of the vision features it attends to
+    num_query_tokens: int = 32
+    num_extra_query_tokens: int = 64
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+
+    @property
+    def num_queries(self) -> int:
+        return self.num_query_tokens + self.num_extra_query_tokens
+
+    def validate(self, prefix: str = "qformer.") -> None:
+        _positive(self, prefix, "hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size",
+                  "max_position", "cross_attention_freq", "encoder_width", "num_query_tokens")
+        _check(self.num_extra_query_tokens >= 0, prefix + "num_extra_query_tokens", "must be >= 0")
+        _check(self.hidden_size % self.num_heads == 0, prefix + "num_heads",
+               f"{self.num_heads} must divide hidden_size {self.hidden_size}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            _check(0.0 <= getattr(self, name) < 1.0, prefix + name, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """PEFT-style LoRA on the LLM's linear layers (MODEL-SPEC §3.2)."""
+
+    enabled: bool = True
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self, prefix: str = "lora.") -> None:
+        if not self.enabled:
+            return
+        _positive(self, prefix, "rank")
+        _check(0.0 <= self.dropout < 1.0, prefix + "dropout", "must be in [0, 1)")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        _check(not unknown, prefix + "targets", f"unknown target(s) {unknown}; known: {list(LORA_TARGETS)}")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Mistral-family decoder (MODEL-SPEC §3)."""
+
+    vocab_size: int = 32007
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    intermediate_size: int = 14336
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1_000_000.0
+    max_position: int = 32768
+    sliding_window: int | None = None
+    tie_embeddings: bool = False
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def validate(self, prefix: str = "llm.") -> None:
+        _positive(self, prefix, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                  "intermediate_size", "max_position")
+        if self.head_dim is None:
+            _check(self.hidden_size % self.num_heads == 0, prefix + "num_heads",
+                   f"{self.num_heads} must divide hidden_size {self.hidden_size} (or set head_dim)")
+        else:
+            _positive(self, prefix, "head_dim")
+        _check(self.resolved_head_dim % 2 == 0, prefix + "head_dim", "must be even for rotary embeddings")
+        _check(self.num_heads % self.num_kv_heads == 0, prefix + "num_kv_heads",
+               f"{self.num_kv_heads} must divide num_heads {self.num_heads}")
+        _check(self.rope_theta > 0, prefix + "rope_theta", "must be positive")
+        if self.sliding_window is not None:
+            _positive(self, prefix, "sliding_window")
+
+
+@dataclass(frozen=True)
+class TPOConfig:
+    """The assembled model: vision encoder → Q-Former → project_up → LLM (+ task tokens)."""
+
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    loc_hidden: int = 2048  # hidden width of loc_encoder / loc_decoder
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.qformer.num_queries
+
+    def validate(self) -> "TPOConfig":
+        self.vit.validate()
+        self.qformer.validate()
+        self.llm.validate()
+        self.lora.validate()
+        _positive(self, "", "loc_hidden")
+        for name in ("dtype", "param_dtype"):
+            _check(getattr(self, name) in DTYPES, name, f"{getattr(self, name)!r} is not one of {list(DTYPES)}")
+        _check(self.qformer.encoder_width == self.vit.width, "qformer.encoder_width",
+               f"{self.qformer.encoder_width} must equal vit.width {self.vit.width}")
+        _check(self.llm.vocab_size > TRACK_BOX_ID, "llm.vocab_size",
+               f"{self.llm.vocab_size} must hold the task-token ids (at least {TRACK_BOX_ID + 1})")
+        return self
+
+
+def tiny() -> TPOConfig:
+    """A model small enough to run a forward pass in seconds on a CPU (real vocabulary size)."""
+    return TPOConfig(
+        vit=ViTConfig(img_size=32, patch_size=8, num_frames=4, ckpt_num_frames=2, width=32, depth=2,
+                      num_heads=2, mlp_dim=64),
+        qformer=QFormerConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=30523,
+                              max_position=64, encoder_width=32, num_query_tokens=4, num_extra_query_tokens=4),
+        llm=LLMConfig(vocab_size=32007, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, max_position=2048),
+        lora=LoRAConfig(rank=4, alpha=8.0),
+        loc_hidden=32,
+    )
+
+
+def videochat_tpo_7b() -> TPOConfig:
+    """The released VideoChat-TPO shapes (UMT ViT-L 23 blocks, BERT-base Q-Former, Mistral-7B, LoRA r16)."""
+    return TPOConfig()
+
+
+PRESETS: dict[str, Callable[[], TPOConfig]] = {"tiny": tiny, "videochat_tpo_7b": videochat_tpo_7b}
+
+
+def get_config(name: str) -> TPOConfig:
+    """Return the validated preset `name`."""
+    if name not in PRESETS:
+        raise ConfigError(f"config field 'preset': unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]().validate()
+
+
+def replace(cfg: Any, _prefix: str = "", **changes: Any) -> Any:
+    """`dataclasses.replace` that also accepts dotted names: replace(cfg, **{"llm.num_layers": 4})."""
+    nested: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if not any(f.name == head for f in dataclasses.fields(cfg)):
+            raise ConfigError(f"config field '{_prefix}{key}': {type(cfg).__name__} has no field {head!r}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[head] = value
+    for head, sub in nested.items():
+        flat[head] = replace(flat.get(head, getattr(cfg, head)), f"{_prefix}{head}.", **sub)
+    return dataclasses.replace(cfg, **flat)

@@ -1,0 +1,1 @@
+"""Training: the pure train step, optimizer, stage recipes and the training loop."""
