@@ -1,0 +1,119 @@
+"""The assembled TPO model (MODEL-SPEC §4.4, §5.1-§5.2).
+
+frames → UMT ViT → Q-Former → project_up = visual tokens, written into the placeholder rows of
+the token embeddings; the learnable task-token vectors are written at `<boxes>` / `<temp>` /
+`<tracking>` rows and `loc_encoder(box)` at `<track_box>` rows; the Mistral decoder then returns
+logits and the final-norm hidden states, from which `gather_task_hidden` takes the rows that feed
+the task heads. Every step uses static shapes: rows are selected by masks and ranks, never by
+Python loops over the batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from tpo_jax import config as C
+from tpo_jax.config import TPOConfig
+from tpo_jax.layers import MLP, param, split_rng
+from tpo_jax.llm import KVCache, MistralDecoder
+from tpo_jax.qformer import QFormer
+from tpo_jax.vit import UMTViT
+
+# placeholder id → name of the task-token vector written there
+TASK_TOKEN_ROWS = {C.BOXES_ID: "box_token", C.TEMP_ID: "temporal_token", C.TRACKING_ID: "track_token"}
+
+
+@struct.dataclass
+class TPOOutput:
+    logits: jax.Array  # (B, L, vocab)
+    hidden: jax.Array  # (B, L, D) final-norm hidden states
+    cache: KVCache | None = None
+
+
+def scatter_rows(embeds: jax.Array, row_mask: jax.Array, values: jax.Array) -> jax.Array:
+    """Write values[b, k] into the k-th row of sample b where `row_mask` is True.
+
+    embeds: (B, L, D); row_mask: (B, L) bool; values: (B, N, D). Rows beyond the N-th marked row
+    keep their embedding. Implemented as a gather by rank (cumsum), so shapes stay static.
+    """
+    rank = jnp.cumsum(row_mask.astype(jnp.int32), axis=1) - 1
+    take = row_mask & (rank < values.shape[1])
+    gathered = jnp.take_along_axis(values, jnp.clip(rank, 0, values.shape[1] - 1)[..., None], axis=1)
+    return jnp.where(take[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+def gather_task_hidden(hidden: jax.Array, input_ids: jax.Array, token_id: int, num_slots: int):
+    """Hidden states at the first `num_slots` occurrences of `token_id` in each sample.
+
+    Returns (states (B, num_slots, D), positions (B, num_slots) int32, valid (B, num_slots) bool);
+    unused slots have valid False, position 0 and a zero state.
+    """
+    def one(ids):
+        (pos,) = jnp.nonzero(ids == token_id, size=num_slots, fill_value=0)
+        return pos.astype(jnp.int32), jnp.arange(num_slots) < jnp.sum(ids == token_id)
+
+    positions, valid = jax.vmap(one)(input_ids)
+    states = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    return jnp.where(valid[..., None], states, 0).astype(hidden.dtype), positions, valid
+
+
+class TPOModel(nnx.Module):
+    def __init__(self, cfg: TPOConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        d = cfg.llm.hidden_size
+        self.vision = UMTViT(cfg.vit, **kw)
+        self.qformer = QFormer(cfg.qformer, d, **kw)
+        self.llm = MistralDecoder(cfg.llm, cfg.lora if cfg.lora.enabled else None, **kw)
+        token_init = jax.nn.initializers.normal(stddev=1.0)
+        self.box_token = param(rngs, token_init, (d,), ("embed",), param_dtype)
+        self.temporal_token = param(rngs, token_init, (d,), ("embed",), param_dtype)
+        self.track_token = param(rngs, token_init, (d,), ("embed",), param_dtype)
+        self.loc_encoder = MLP((4, cfg.loc_hidden, d), axes=[(None, "mlp"), ("mlp", "embed")], **kw)
+
+    def encode_visual(self, frames: jax.Array, *, qformer_text_ids=None, qformer_text_mask=None,
+                      rng: jax.Array | None = None) -> jax.Array:
+        """frames (B, T, H, W, 3) normalised → visual tokens (B, num_visual_tokens, llm hidden)."""
+        r_vit, r_q = split_rng(rng, 2)
+        feats = self.vision(frames, rng=r_vit)
+        return self.qformer(feats, text_ids=qformer_text_ids, text_mask=qformer_text_mask, rng=r_q)
+
+    def embed_inputs(self, input_ids: jax.Array, *, visual_mask: jax.Array | None = None,
+                     frames: jax.Array | None = None, track_boxes: jax.Array | None = None,
+                     qformer_text_ids=None, qformer_text_mask=None, rng: jax.Array | None = None) -> jax.Array:
+        """The LLM input embeddings with visual rows, task-token rows and `<track_box>` rows filled in.
+
+        visual_mask (B, L) marks the placeholder rows (the tokenizer's visual index); track_boxes
+        (B, K, 4) are the normalised xyxy boxes for the k-th `<track_box>` of each sample.
+        """
+        embeds = self.llm.embed(input_ids)
+        if frames is not None:
+            if visual_mask is None:
+                raise ValueError("TPOModel: frames were given without visual_mask (the placeholder rows)")
+            visual = self.encode_visual(frames, qformer_text_ids=qformer_text_ids,
+                                        qformer_text_mask=qformer_text_mask, rng=rng)
+            embeds = scatter_rows(embeds, visual_mask, visual)
+        for token_id, name in TASK_TOKEN_ROWS.items():
+            vec = getattr(self, name)[...].astype(embeds.dtype)
+            embeds = jnp.where((input_ids == token_id)[..., None], vec, embeds)
+        if track_boxes is not None:
+            encoded = self.loc_encoder(track_boxes.astype(embeds.dtype))
+            embeds = scatter_rows(embeds, input_ids == C.TRACK_BOX_ID, encoded)
+        return embeds
+
+    def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
+                 visual_mask: jax.Array | None = None, frames: jax.Array | None = None,
+                 track_boxes: jax.Array | None = None, positions: jax.Array | None = None,
+                 cache: KVCache | None = None, qformer_text_ids=None, qformer_text_mask=None,
+                 rng: jax.Array | None = None) -> TPOOutput:
+        r_embed, r_llm = split_rng(rng, 2)
+        embeds = self.embed_inputs(input_ids, visual_mask=visual_mask, frames=frames, track_boxes=track_boxes,
+                                   qformer_text_ids=qformer_text_ids, qformer_text_mask=qformer_text_mask,
+                                   rng=r_embed)
+        out = self.llm(inputs_embeds=embeds, positions=positions, attention_mask=attention_mask, cache=cache,
+                       rng=r_llm)
+        return TPOOutput(logits=out.logits, hidden=out.hidden, cache=out.cache)
