@@ -117,18 +117,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     Returns (B, L, H, Dv).
     """
     b, l, h, d = q.shape
-    kv_heads = k.shape[2]
+    s, kv_heads = k.shape[1], k.shape[2]
     groups = h // kv_heads
     scale = d ** -0.5 if scale is None else scale
-    qg = q.reshape(b, l, kv_heads, groups, d)
-    logits = jnp.einsum("blkgd,bskd->bkgls", qg, k).astype(jnp.float32) * scale
+    # Head-major layout first, so both products are plain batched matmuls over (B, K): on CPU this is
+    # ~1.5x faster than a grouped einsum on the (B, L, H, D) layout (benchmarks/bench_llm_vs_torch.py).
+    qh = q.reshape(b, l, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * l, d)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bkqd,bksd->bkqs", qh, kh).astype(jnp.float32) * scale
+    logits = logits.reshape(b, kv_heads, groups, l, s)
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (b, h, l, k.shape[1])).reshape(b, kv_heads, groups, l, k.shape[1])
+        mask = jnp.broadcast_to(mask, (b, h, l, s)).reshape(b, kv_heads, groups, l, s)
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    probs = dropout(probs, dropout_rate, rng).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
-    return out.reshape(b, l, h, v.shape[-1])
+    probs = dropout(probs, dropout_rate, rng).astype(v.dtype).reshape(b, kv_heads, groups * l, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh).reshape(b, kv_heads, groups, l, v.shape[-1])
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, v.shape[-1])
 
 
 def gelu(x: jax.Array) -> jax.Array:
