@@ -9,7 +9,7 @@ import transformers
 from flax import nnx
 
 from tpo_jax.config import LLMConfig, LoRAConfig
-from tpo_jax.llm import KVCache, MistralDecoder, mean_init_new_rows
+from tpo_jax.llm import KVCache, MistralDecoder, init_added_token_rows, mean_init_new_rows
 from tpo_jax.lora import LoRALinear, merge_lora, unmerge_lora
 
 CFG = LLMConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
@@ -193,3 +193,15 @@ def test_mean_init_of_added_rows():
     head = rng.normal(size=(4, 10)).astype(np.float32)  # lm_head kernel (hidden, vocab)
     grown_head = np.asarray(mean_init_new_rows(jnp.asarray(head), 17, axis=1))
     np.testing.assert_allclose(grown_head[:, 10:], np.repeat(head.mean(1, keepdims=True), 7, 1), rtol=1e-6)
+
+
+def test_added_token_rows_of_a_plain_llm(hf_model):
+    """Starting from a plain LLM: the 7 new rows of embed_tokens and lm_head are the means of the old rows."""
+    model = init_added_token_rows(ours_from(hf_model), num_added=7)
+    sd = {k: _t(v) for k, v in hf_model.state_dict().items()}
+    emb, head = sd["model.embed_tokens.weight"], sd["lm_head.weight"]
+    np.testing.assert_array_equal(np.asarray(model.embed_tokens.embedding[...][:-7]), emb[:-7])
+    np.testing.assert_allclose(np.asarray(model.embed_tokens.embedding[...][-7:]),
+                               np.repeat(emb[:-7].mean(0, keepdims=True), 7, 0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(model.lm_head.kernel[...][:, -7:]).T,
+                               np.repeat(head[:-7].mean(0, keepdims=True), 7, 0), rtol=1e-5, atol=1e-7)

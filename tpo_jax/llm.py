@@ -209,3 +209,15 @@ def mean_init_new_rows(table: jax.Array | np.ndarray, new_size: int, axis: int =
     reps = [1] * table.ndim
     reps[axis] = new_size - old
     return xp.concatenate([table, xp.tile(mean, reps)], axis=axis)
+
+
+def init_added_token_rows(llm: MistralDecoder, num_added: int) -> MistralDecoder:
+    """Set the last `num_added` rows of the input embedding and of the lm_head to the mean of the rows
+    before them (in place), as when a plain LLM is extended with the TPO task tokens (MODEL-SPEC §3.3)."""
+    vocab = llm.cfg.vocab_size
+    table = llm.embed_tokens.embedding
+    table[...] = mean_init_new_rows(table[...][: vocab - num_added], vocab, axis=0)
+    if llm.lm_head is not None:
+        head = llm.lm_head.kernel
+        head[...] = mean_init_new_rows(head[...][:, : vocab - num_added], vocab, axis=1)
+    return llm
