@@ -169,6 +169,97 @@ class LLMConfig:
 
 
 @dataclass(frozen=True)
+class RegionHeadConfig:
+    """Region head: `loc_decoder` MLP hidden → box (MODEL-SPEC §5.1, §5.3.1)."""
+
+    hidden: int = 2048
+    loss: str = "l1_giou"  # "l1_giou": 2·L1 + GIoU/5 as released; "mse": as the paper states
+    l1_weight: float = 2.0
+    giou_weight: float = 0.2
+    max_slots: int = 1  # `<boxes>` tokens per sample that carry a target
+
+    def validate(self, prefix: str = "heads.region.") -> None:
+        _positive(self, prefix, "hidden", "max_slots")
+        _check(self.loss in ("l1_giou", "mse"), prefix + "loss", f"{self.loss!r} is not one of ['l1_giou', 'mse']")
+
+
+@dataclass(frozen=True)
+class TemporalHeadConfig:
+    """CG-DETR temporal grounding head (MODEL-SPEC §6)."""
+
+    hidden_dim: int = 256
+    num_heads: int = 8
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+    input_dropout: float = 0.5
+    enc_layers: int = 3
+    dec_layers: int = 3
+    t2v_layers: int = 2
+    num_queries: int = 10
+    num_dummies: int = 45
+    total_prompts: int = 10  # global saliency tokens
+    num_prompts: int = 1
+    txt_dim: int = 4096  # text feature width (the LLM hidden size when features come from the model)
+    vid_dim: int = 770  # clip feature width incl. the 2 TEF channels
+    max_text_len: int = 100
+    max_spans: int = 4  # ground-truth spans per sample (padded)
+    feature_source: str = "batch"  # "batch": precomputed features; "model": pooled ViT clips + LLM text embeddings
+    # matcher costs and loss weights (MODEL-SPEC §6.1, §6.6)
+    cost_span: float = 10.0
+    cost_giou: float = 1.0
+    cost_class: float = 4.0
+    w_span: float = 10.0
+    w_giou: float = 1.0
+    w_label: float = 4.0
+    w_saliency: float = 4.0
+    w_wattn: float = 1.0
+    eos_coef: float = 0.1
+    saliency_margin: float = 0.2
+    aux_loss: bool = True
+    loss_scale: float = 0.05  # TPO multiplies the weighted CG-DETR loss by this
+
+    def validate(self, prefix: str = "heads.temporal.") -> None:
+        _positive(self, prefix, "hidden_dim", "num_heads", "ffn_dim", "enc_layers", "dec_layers", "t2v_layers",
+                  "num_queries", "num_dummies", "total_prompts", "num_prompts", "txt_dim", "vid_dim",
+                  "max_text_len", "max_spans")
+        _check(self.hidden_dim % self.num_heads == 0, prefix + "num_heads",
+               f"{self.num_heads} must divide hidden_dim {self.hidden_dim}")
+        _check(self.max_spans <= self.num_queries, prefix + "max_spans",
+               f"{self.max_spans} targets cannot be matched to {self.num_queries} queries")
+        _check(self.feature_source in ("batch", "model"), prefix + "feature_source",
+               f"{self.feature_source!r} is not one of ['batch', 'model']")
+        for name in ("dropout", "input_dropout"):
+            _check(0.0 <= getattr(self, name) < 1.0, prefix + name, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class MaskHeadConfig:
+    """Mask head: `track_embed` → SAM2 sparse prompt (3, 256), `track_embed_decode2` → box (MODEL-SPEC §5, §7.1)."""
+
+    prompt_dim: int = 256  # SAM2 prompt embedding width
+    num_prompt_tokens: int = 3
+    sam_image_size: int = 1024
+    emulate_bf16_points: bool = False  # TPO's bf16 point coordinates (MODEL-SPEC §7.1, §10.18)
+    box_weight: float = 1.0
+
+    def validate(self, prefix: str = "heads.mask.") -> None:
+        _positive(self, prefix, "prompt_dim", "num_prompt_tokens", "sam_image_size")
+        _check(self.prompt_dim % 2 == 0, prefix + "prompt_dim", "must be even (sin/cos halves)")
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    region: RegionHeadConfig = field(default_factory=RegionHeadConfig)
+    temporal: TemporalHeadConfig = field(default_factory=TemporalHeadConfig)
+    mask: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+
+    def validate(self) -> None:
+        self.region.validate()
+        self.temporal.validate()
+        self.mask.validate()
+
+
+@dataclass(frozen=True)
 class TPOConfig:
     """The assembled model: vision encoder → Q-Former → project_up → LLM (+ task tokens)."""
 
@@ -176,6 +267,7 @@ class TPOConfig:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
     loc_hidden: int = 2048  # hidden width of loc_encoder / loc_decoder
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -189,11 +281,18 @@ class TPOConfig:
         self.qformer.validate()
         self.llm.validate()
         self.lora.validate()
+        self.heads.validate()
         _positive(self, "", "loc_hidden")
         for name in ("dtype", "param_dtype"):
             _check(getattr(self, name) in DTYPES, name, f"{getattr(self, name)!r} is not one of {list(DTYPES)}")
         _check(self.qformer.encoder_width == self.vit.width, "qformer.encoder_width",
                f"{self.qformer.encoder_width} must equal vit.width {self.vit.width}")
+        tmp = self.heads.temporal
+        if tmp.feature_source == "model":
+            _check(tmp.txt_dim == self.llm.hidden_size, "heads.temporal.txt_dim",
+                   f"{tmp.txt_dim} must equal llm.hidden_size {self.llm.hidden_size} with feature_source 'model'")
+            _check(tmp.vid_dim == self.vit.width + 2, "heads.temporal.vid_dim",
+                   f"{tmp.vid_dim} must equal vit.width + 2 = {self.vit.width + 2} with feature_source 'model'")
         _check(self.llm.vocab_size > TRACK_BOX_ID, "llm.vocab_size",
                f"{self.llm.vocab_size} must hold the task-token ids (at least {TRACK_BOX_ID + 1})")
         return self
@@ -209,6 +308,13 @@ def tiny() -> TPOConfig:
         llm=LLMConfig(vocab_size=32007, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                       intermediate_size=128, max_position=2048),
         lora=LoRAConfig(rank=4, alpha=8.0),
+        heads=HeadsConfig(
+            region=RegionHeadConfig(hidden=32),
+            temporal=TemporalHeadConfig(hidden_dim=32, num_heads=4, ffn_dim=64, num_queries=4, num_dummies=5,
+                                        total_prompts=4, txt_dim=64, vid_dim=34, max_text_len=16, max_spans=2,
+                                        feature_source="model"),
+            mask=MaskHeadConfig(prompt_dim=16, sam_image_size=64),
+        ),
         loc_hidden=32,
     )
 
