@@ -195,6 +195,7 @@ class TemporalHeadConfig:
     enc_layers: int = 3
     dec_layers: int = 3
     t2v_layers: int = 2
+    dummy_layers: int = 2  # depth of the encoder that makes the dummy tokens (txtproj_encoder)
     num_queries: int = 10
     num_dummies: int = 45
     total_prompts: int = 10  # global saliency tokens
@@ -219,7 +220,7 @@ class TemporalHeadConfig:
     loss_scale: float = 0.05  # TPO multiplies the weighted CG-DETR loss by this
 
     def validate(self, prefix: str = "heads.temporal.") -> None:
-        _positive(self, prefix, "hidden_dim", "num_heads", "ffn_dim", "enc_layers", "dec_layers", "t2v_layers",
+        _positive(self, prefix, "hidden_dim", "num_heads", "ffn_dim", "enc_layers", "dec_layers", "t2v_layers", "dummy_layers",
                   "num_queries", "num_dummies", "total_prompts", "num_prompts", "txt_dim", "vid_dim",
                   "max_text_len", "max_spans")
         _check(self.hidden_dim % self.num_heads == 0, prefix + "num_heads",
