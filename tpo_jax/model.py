@@ -16,6 +16,9 @@ from flax import nnx, struct
 
 from tpo_jax import config as C
 from tpo_jax.config import TPOConfig
+from tpo_jax.heads.mask import MaskHead, SAM2PromptEncoder
+from tpo_jax.heads.region import RegionHead
+from tpo_jax.heads.temporal import CGDETR
 from tpo_jax.layers import MLP, param, split_rng
 from tpo_jax.llm import KVCache, MistralDecoder
 from tpo_jax.qformer import QFormer
@@ -30,6 +33,7 @@ class TPOOutput:
     logits: jax.Array  # (B, L, vocab)
     hidden: jax.Array  # (B, L, D) final-norm hidden states
     cache: KVCache | None = None
+    vision_features: jax.Array | None = None  # (B, T·N, vit width), when asked for
 
 
 def scatter_rows(embeds: jax.Array, row_mask: jax.Array, values: jax.Array) -> jax.Array:
@@ -74,28 +78,38 @@ class TPOModel(nnx.Module):
         self.temporal_token = param(rngs, token_init, (d,), ("embed",), param_dtype)
         self.track_token = param(rngs, token_init, (d,), ("embed",), param_dtype)
         self.loc_encoder = MLP((4, cfg.loc_hidden, d), axes=[(None, "mlp"), ("mlp", "embed")], **kw)
+        # task heads (MODEL-SPEC §5-§7); `sam2` holds the frozen SAM2 prompt encoder (the mask target)
+        self.region_head = RegionHead(d, cfg.heads.region, **kw)
+        self.temporal_head = CGDETR(cfg.heads.temporal, d, **kw)
+        self.mask_head = MaskHead(d, cfg.heads.mask, **kw)
+        self.sam2 = SAM2PromptEncoder(cfg.heads.mask, param_dtype=param_dtype, rngs=rngs)
 
     def encode_visual(self, frames: jax.Array, *, qformer_text_ids=None, qformer_text_mask=None,
-                      rng: jax.Array | None = None) -> jax.Array:
-        """frames (B, T, H, W, 3) normalised → visual tokens (B, num_visual_tokens, llm hidden)."""
+                      rng: jax.Array | None = None, return_features: bool = False):
+        """frames (B, T, H, W, 3) normalised → visual tokens (B, num_visual_tokens, llm hidden)
+        (and the ViT features (B, T·N, width) with `return_features`)."""
         r_vit, r_q = split_rng(rng, 2)
         feats = self.vision(frames, rng=r_vit)
-        return self.qformer(feats, text_ids=qformer_text_ids, text_mask=qformer_text_mask, rng=r_q)
+        tokens = self.qformer(feats, text_ids=qformer_text_ids, text_mask=qformer_text_mask, rng=r_q)
+        return (tokens, feats) if return_features else tokens
 
     def embed_inputs(self, input_ids: jax.Array, *, visual_mask: jax.Array | None = None,
                      frames: jax.Array | None = None, track_boxes: jax.Array | None = None,
-                     qformer_text_ids=None, qformer_text_mask=None, rng: jax.Array | None = None) -> jax.Array:
-        """The LLM input embeddings with visual rows, task-token rows and `<track_box>` rows filled in.
+                     qformer_text_ids=None, qformer_text_mask=None, rng: jax.Array | None = None,
+                     return_vision_features: bool = False):
+        """The LLM input embeddings with visual rows, task-token rows and `<track_box>` rows filled in
+        (and the ViT features, or None, with `return_vision_features`).
 
         visual_mask (B, L) marks the placeholder rows (the tokenizer's visual index); track_boxes
         (B, K, 4) are the normalised xyxy boxes for the k-th `<track_box>` of each sample.
         """
         embeds = self.llm.embed(input_ids)
+        feats = None
         if frames is not None:
             if visual_mask is None:
                 raise ValueError("TPOModel: frames were given without visual_mask (the placeholder rows)")
-            visual = self.encode_visual(frames, qformer_text_ids=qformer_text_ids,
-                                        qformer_text_mask=qformer_text_mask, rng=rng)
+            visual, feats = self.encode_visual(frames, qformer_text_ids=qformer_text_ids,
+                                               qformer_text_mask=qformer_text_mask, rng=rng, return_features=True)
             embeds = scatter_rows(embeds, visual_mask, visual)
         for token_id, name in TASK_TOKEN_ROWS.items():
             vec = getattr(self, name)[...].astype(embeds.dtype)
@@ -103,17 +117,19 @@ class TPOModel(nnx.Module):
         if track_boxes is not None:
             encoded = self.loc_encoder(track_boxes.astype(embeds.dtype))
             embeds = scatter_rows(embeds, input_ids == C.TRACK_BOX_ID, encoded)
-        return embeds
+        return (embeds, feats) if return_vision_features else embeds
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
                  visual_mask: jax.Array | None = None, frames: jax.Array | None = None,
                  track_boxes: jax.Array | None = None, positions: jax.Array | None = None,
                  cache: KVCache | None = None, qformer_text_ids=None, qformer_text_mask=None,
-                 rng: jax.Array | None = None) -> TPOOutput:
+                 return_vision_features: bool = False, rng: jax.Array | None = None) -> TPOOutput:
         r_embed, r_llm = split_rng(rng, 2)
-        embeds = self.embed_inputs(input_ids, visual_mask=visual_mask, frames=frames, track_boxes=track_boxes,
-                                   qformer_text_ids=qformer_text_ids, qformer_text_mask=qformer_text_mask,
-                                   rng=r_embed)
+        embeds, feats = self.embed_inputs(
+            input_ids, visual_mask=visual_mask, frames=frames, track_boxes=track_boxes,
+            qformer_text_ids=qformer_text_ids, qformer_text_mask=qformer_text_mask, rng=r_embed,
+            return_vision_features=True)
         out = self.llm(inputs_embeds=embeds, positions=positions, attention_mask=attention_mask, cache=cache,
                        rng=r_llm)
-        return TPOOutput(logits=out.logits, hidden=out.hidden, cache=out.cache)
+        return TPOOutput(logits=out.logits, hidden=out.hidden, cache=out.cache,
+                         vision_features=feats if return_vision_features else None)

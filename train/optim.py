@@ -1,0 +1,89 @@
+"""AdamW with warmup + cosine decay, global-norm clipping and per-group learning rates.
+
+Defaults follow the released run (MODEL-SPEC §0; PAPER Table 17): AdamW β = (0.9, 0.999), ε = 1e-5,
+weight decay 0.02 (not on biases, norm scales or 1-D vectors), warmup ratio 0.2, cosine decay to
+5 % of the peak, gradient clipping at global norm 1.0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+from train.stages import StageRecipe, param_group
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    total_steps: int = 1000
+    warmup_ratio: float = 0.2
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.02
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-5
+    grad_clip: float = 1.0  # global norm; <= 0 disables clipping
+    lr_scale: float = 1.0  # multiplies every group's peak LR
+
+    def validate(self, prefix: str = "optim.") -> None:
+        from tpo_jax.config import ConfigError
+
+        if not (isinstance(self.total_steps, int) and self.total_steps > 0):
+            raise ConfigError(f"config field '{prefix}total_steps': must be a positive integer, got {self.total_steps!r}")
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"config field '{prefix}{name}': must be in [0, 1], got {getattr(self, name)!r}")
+
+
+def schedule(peak: float, cfg: OptimConfig) -> optax.Schedule:
+    warmup = int(round(cfg.warmup_ratio * cfg.total_steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(cfg.total_steps, warmup + 1),
+        end_value=peak * cfg.min_lr_ratio)
+
+
+def _path(keypath) -> tuple:
+    """Attribute path of a leaf of an nnx.State (or pure dict), without the Variable's `.value` key."""
+    keys = []
+    for k in keypath:
+        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+            continue
+        keys.append(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+    return tuple(keys)
+
+
+def _decays(path, leaf) -> bool:
+    return getattr(leaf, "ndim", 0) >= 2 and str(path[-1]) not in ("bias", "scale")
+
+
+def decay_mask(params):
+    """True for the leaves that get weight decay: matrices and embeddings, not biases, norms or vectors."""
+    return jax.tree_util.tree_map_with_path(lambda kp, leaf: _decays(_path(kp), leaf), params)
+
+
+def group_labels(params):
+    """A pytree like `params` (an nnx.State of trainable params) holding each leaf's group name."""
+    return jax.tree_util.tree_map_with_path(lambda kp, _: param_group(_path(kp)), params)
+
+
+def make_optimizer(recipe: StageRecipe, params, cfg: OptimConfig) -> optax.GradientTransformation:
+    """The optimizer for the trainable `params` of `recipe` (frozen groups must already be split off)."""
+    labels = group_labels(params)
+    present = set(jax.tree.leaves(labels))
+    missing = present - recipe.trainable_groups
+    if missing:
+        raise ValueError(f"stage {recipe.name!r}: trainable params of frozen group(s) {sorted(missing)}")
+    transforms = {
+        group: optax.adamw(schedule(lr * cfg.lr_scale, cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask)
+        for group, lr in recipe.learning_rates.items() if group in present
+    }
+    chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    return optax.chain(*chain, optax.multi_transform(transforms, labels))
+
+
+def learning_rates(recipe: StageRecipe, cfg: OptimConfig, step) -> dict[str, jax.Array]:
+    """Current LR of every trainable group (for logging)."""
+    return {f"lr/{g}": schedule(lr * cfg.lr_scale, cfg)(step) for g, lr in recipe.learning_rates.items()}
