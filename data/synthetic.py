@@ -33,12 +33,14 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def _clip(rng, num_frames: int, size: int):
-    """Frames (T, H, W, 3) normalised, the per-frame boxes (T, 4) and visibility (T,), the colour name."""
+def _clip(rng, num_frames: int, size: int, always_visible: bool):
+    """Frames (T, H, W, 3) normalised, the per-frame boxes (T, 4) and visibility (T,), the colour name.
+
+    The square is visible in every frame (`always_visible`) or in one random run of frames."""
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     side = int(rng.integers(max(2, size // 5), max(3, size // 2)))
-    start = int(rng.integers(0, num_frames))
-    end = int(rng.integers(start, num_frames))  # visible in frames start..end inclusive
+    start = 0 if always_visible else int(rng.integers(0, num_frames))
+    end = num_frames - 1 if always_visible else int(rng.integers(start, num_frames))  # inclusive
     x0, y0 = rng.integers(0, size - side, 2)
     vx, vy = rng.integers(-2, 3, 2)
     frames = np.full((num_frames, size, size, 3), 0.5, np.float32)
@@ -80,7 +82,7 @@ def synthetic_batch(cfg: TPOConfig, batch_size: int, *, seq_len: int = 64, seed:
     }
     for i in range(b):
         task = tasks[i % len(tasks)]
-        frames, boxes, visible, colour = _clip(rng, t_frames, size)
+        frames, boxes, visible, colour = _clip(rng, t_frames, size, always_visible=task != "temporal")
         question = QUESTIONS[task]
         answer = ANSWERS.get(task, colour)
         prompt = tok.encode_demo_prompt(question)

@@ -144,3 +144,14 @@ def test_bad_train_config_names_the_field():
         TrainConfig(micro_batches=0).validate()
     with pytest.raises(C.ConfigError, match="'train.loss_weights'"):
         TrainConfig(loss_weights={"lm": 1.0, "boxes": 1.0}).validate()
+
+
+def test_bf16_compute_keeps_float32_trainable_params():
+    cfg = C.replace(CFG, dtype="bfloat16")
+    train_cfg = TrainConfig(stage="stage2_region", dropout=False, optim=OptimConfig(total_steps=4))
+    graphdef, state, frozen, tx = init_train_state(TPOModel(cfg, rngs=nnx.Rngs(0)), train_cfg)
+    step = make_train_step(graphdef, tx, cfg, train_cfg)
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(cfg, 2, tasks=("region",)).items()}
+    state, metrics = step(state, frozen, batch, jax.random.key(0))
+    assert np.isfinite(float(metrics["loss/total"])) and float(metrics["loss/region"]) > 0
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}

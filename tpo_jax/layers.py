@@ -19,7 +19,10 @@ from flax import nnx
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 Axes = tuple[str | None, ...]
 
-default_kernel_init = nnx.initializers.normal(stddev=0.02)
+# Fan-in scaled (LeCun normal): keeps activations O(1) at any width, so small models built from
+# scratch (the tiny preset) pass signal from pixels to the heads; real runs load pretrained weights.
+default_kernel_init = nnx.initializers.lecun_normal()
+embedding_init = nnx.initializers.normal(stddev=0.02)
 
 
 def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], axes: Axes,
@@ -71,7 +74,7 @@ class Embed(nnx.Module):
     def __init__(self, num_embeddings: int, features: int, *, axes: Axes = ("vocab", "embed"),
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dtype = dtype
-        self.embedding = param(rngs, default_kernel_init, (num_embeddings, features), axes, param_dtype)
+        self.embedding = param(rngs, embedding_init, (num_embeddings, features), axes, param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
