@@ -33,7 +33,7 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def _clip(rng, num_frames: int, size: int, always_visible: bool):
+def synthetic_clip(rng: np.random.Generator, num_frames: int, size: int, always_visible: bool = True):
     """Frames (T, H, W, 3) normalised, the per-frame boxes (T, 4) and visibility (T,), the colour name.
 
     The square is visible in every frame (`always_visible`) or in one random run of frames."""
@@ -82,7 +82,7 @@ def synthetic_batch(cfg: TPOConfig, batch_size: int, *, seq_len: int = 64, seed:
     }
     for i in range(b):
         task = tasks[i % len(tasks)]
-        frames, boxes, visible, colour = _clip(rng, t_frames, size, always_visible=task != "temporal")
+        frames, boxes, visible, colour = synthetic_clip(rng, t_frames, size, always_visible=task != "temporal")
         question = QUESTIONS[task]
         answer = ANSWERS.get(task, colour)
         prompt = tok.encode_demo_prompt(question)

@@ -5,7 +5,8 @@
 
 It builds the demo prompt (MODEL-SPEC §4.3) with the shipped tokenizer, appends a planted
 `<box_begin><boxes>` so a task-token hidden state exists, runs one jitted forward pass, then greedy-
-decodes a few tokens with the KV cache. With random weights the words are noise; the point is to
+decodes a few tokens with the KV cache. The clip is `data.synthetic.synthetic_clip`: a coloured square
+moving over a grey background. With random weights the words are noise; the point is to
 show every stage running end to end with the shapes the real model uses.
 """
 
@@ -20,25 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data.synthetic import synthetic_clip
 from tpo_jax import config as C
 from tpo_jax.llm import KVCache
 from tpo_jax.model import TPOModel, gather_task_hidden
 from tpo_jax.tokenizer import MultimodalTokenizer
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-def synthetic_clip(num_frames: int, size: int, seed: int = 0) -> np.ndarray:
-    """A red square moving left to right on a grey background, normalised: (T, H, W, 3) float32."""
-    rng = np.random.default_rng(seed)
-    frames = np.full((num_frames, size, size, 3), 0.5, np.float32) + rng.normal(0, 0.02, (num_frames, size, size, 3))
-    side = max(2, size // 4)
-    for t in range(num_frames):
-        x0 = int(t * (size - side) / max(1, num_frames - 1))
-        frames[t, size // 3:size // 3 + side, x0:x0 + side] = (0.9, 0.1, 0.1)
-    return ((frames.clip(0, 1) - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +43,7 @@ def main(argv=None):
     planted = tok.encode("<box_begin><boxes>", add_bos=False)
     ids = np.concatenate([prompt.input_ids, planted])[None]
     visual_mask = np.concatenate([prompt.visual_index, np.zeros(len(planted), bool)])[None]
-    frames = synthetic_clip(cfg.vit.num_frames, cfg.vit.img_size, args.seed)[None]
+    frames = synthetic_clip(np.random.default_rng(args.seed), cfg.vit.num_frames, cfg.vit.img_size)[0][None]
 
     graphdef, state = nnx.split(model)
     max_len = ids.shape[1] + args.new_tokens

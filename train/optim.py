@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import optax
 
+from tpo_jax.config import ConfigError
 from train.stages import StageRecipe, param_group
 
 
@@ -28,8 +29,6 @@ class OptimConfig:
     lr_scale: float = 1.0  # multiplies every group's peak LR
 
     def validate(self, prefix: str = "optim.") -> None:
-        from tpo_jax.config import ConfigError
-
         if not (isinstance(self.total_steps, int) and self.total_steps > 0):
             raise ConfigError(f"config field '{prefix}total_steps': must be a positive integer, got {self.total_steps!r}")
         for name in ("warmup_ratio", "min_lr_ratio"):
