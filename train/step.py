@@ -22,7 +22,7 @@ import optax
 from flax import nnx, struct
 
 from tpo_jax.config import ConfigError, TPOConfig
-from tpo_jax.losses import loss_counts, total_loss
+from tpo_jax.losses import HEADS, loss_counts, total_loss
 from train.optim import OptimConfig, learning_rates, make_optimizer
 from train.stages import StageRecipe, get_recipe, param_group
 
@@ -40,9 +40,9 @@ class TrainConfig:
 
     def validate(self, prefix: str = "train.") -> "TrainConfig":
         get_recipe(self.stage)
-        if self.heads is not None and set(self.heads) - {"region", "temporal", "mask"}:
+        if self.heads is not None and set(self.heads) - set(HEADS):
             raise ConfigError(f"config field '{prefix}heads': unknown head(s) "
-                              f"{sorted(set(self.heads) - {'region', 'temporal', 'mask'})}")
+                              f"{sorted(set(self.heads) - set(HEADS))}; known: {list(HEADS)}")
         if not (isinstance(self.micro_batches, int) and self.micro_batches > 0):
             raise ConfigError(f"config field '{prefix}micro_batches': must be a positive integer, "
                               f"got {self.micro_batches!r}")
@@ -144,7 +144,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: TPOCo
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(graphdef, model_cfg: TPOConfig, heads=("region", "temporal", "mask"),
+def make_eval_step(graphdef, model_cfg: TPOConfig, heads=HEADS,
                    weights: Mapping[str, float] | None = None):
     """Jitted `eval_step(params, frozen, batch) -> metrics` (deterministic, no update)."""
     weights = dict(DEFAULT_LOSS_WEIGHTS if weights is None else weights)
