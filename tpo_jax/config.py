@@ -28,15 +28,17 @@ class ConfigError(ValueError):
     """A config field holds a value the model cannot use."""
 
 
-def _check(ok: bool, path: str, message: str) -> None:
+def check_field(ok: bool, path: str, message: str) -> None:
+    """Raise one ConfigError naming the field at dotted `path` unless `ok`."""
     if not ok:
         raise ConfigError(f"config field '{path}': {message}")
 
 
-def _positive(cfg: Any, prefix: str, *names: str) -> None:
+def check_positive(cfg: Any, prefix: str, *names: str) -> None:
+    """Each named field of `cfg` must be a positive integer."""
     for name in names:
         value = getattr(cfg, name)
-        _check(isinstance(value, int) and value > 0, f"{prefix}{name}", f"must be a positive integer, got {value!r}")
+        check_field(isinstance(value, int) and value > 0, f"{prefix}{name}", f"must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -66,13 +68,13 @@ class ViTConfig:
         return self.grid * self.grid
 
     def validate(self, prefix: str = "vit.") -> None:
-        _positive(self, prefix, "img_size", "patch_size", "tubelet_size", "in_chans", "num_frames",
+        check_positive(self, prefix, "img_size", "patch_size", "tubelet_size", "in_chans", "num_frames",
                   "ckpt_num_frames", "width", "depth", "num_heads", "mlp_dim")
-        _check(self.img_size % self.patch_size == 0, prefix + "patch_size",
+        check_field(self.img_size % self.patch_size == 0, prefix + "patch_size",
                f"{self.patch_size} must divide img_size {self.img_size}")
-        _check(self.width % self.num_heads == 0, prefix + "num_heads",
+        check_field(self.width % self.num_heads == 0, prefix + "num_heads",
                f"{self.num_heads} must divide width {self.width}")
-        _check(self.num_frames % self.tubelet_size == 0, prefix + "tubelet_size",
+        check_field(self.num_frames % self.tubelet_size == 0, prefix + "tubelet_size",
                f"{self.tubelet_size} must divide num_frames {self.num_frames}")
 
 
@@ -99,13 +101,13 @@ class QFormerConfig:
         return self.num_query_tokens + self.num_extra_query_tokens
 
     def validate(self, prefix: str = "qformer.") -> None:
-        _positive(self, prefix, "hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size",
+        check_positive(self, prefix, "hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size",
                   "max_position", "cross_attention_freq", "encoder_width", "num_query_tokens")
-        _check(self.num_extra_query_tokens >= 0, prefix + "num_extra_query_tokens", "must be >= 0")
-        _check(self.hidden_size % self.num_heads == 0, prefix + "num_heads",
+        check_field(self.num_extra_query_tokens >= 0, prefix + "num_extra_query_tokens", "must be >= 0")
+        check_field(self.hidden_size % self.num_heads == 0, prefix + "num_heads",
                f"{self.num_heads} must divide hidden_size {self.hidden_size}")
         for name in ("hidden_dropout", "attention_dropout"):
-            _check(0.0 <= getattr(self, name) < 1.0, prefix + name, "must be in [0, 1)")
+            check_field(0.0 <= getattr(self, name) < 1.0, prefix + name, "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -125,10 +127,10 @@ class LoRAConfig:
     def validate(self, prefix: str = "lora.") -> None:
         if not self.enabled:
             return
-        _positive(self, prefix, "rank")
-        _check(0.0 <= self.dropout < 1.0, prefix + "dropout", "must be in [0, 1)")
+        check_positive(self, prefix, "rank")
+        check_field(0.0 <= self.dropout < 1.0, prefix + "dropout", "must be in [0, 1)")
         unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        _check(not unknown, prefix + "targets", f"unknown target(s) {unknown}; known: {list(LORA_TARGETS)}")
+        check_field(not unknown, prefix + "targets", f"unknown target(s) {unknown}; known: {list(LORA_TARGETS)}")
 
 
 @dataclass(frozen=True)
@@ -153,19 +155,19 @@ class LLMConfig:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
     def validate(self, prefix: str = "llm.") -> None:
-        _positive(self, prefix, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+        check_positive(self, prefix, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                   "intermediate_size", "max_position")
         if self.head_dim is None:
-            _check(self.hidden_size % self.num_heads == 0, prefix + "num_heads",
+            check_field(self.hidden_size % self.num_heads == 0, prefix + "num_heads",
                    f"{self.num_heads} must divide hidden_size {self.hidden_size} (or set head_dim)")
         else:
-            _positive(self, prefix, "head_dim")
-        _check(self.resolved_head_dim % 2 == 0, prefix + "head_dim", "must be even for rotary embeddings")
-        _check(self.num_heads % self.num_kv_heads == 0, prefix + "num_kv_heads",
+            check_positive(self, prefix, "head_dim")
+        check_field(self.resolved_head_dim % 2 == 0, prefix + "head_dim", "must be even for rotary embeddings")
+        check_field(self.num_heads % self.num_kv_heads == 0, prefix + "num_kv_heads",
                f"{self.num_kv_heads} must divide num_heads {self.num_heads}")
-        _check(self.rope_theta > 0, prefix + "rope_theta", "must be positive")
+        check_field(self.rope_theta > 0, prefix + "rope_theta", "must be positive")
         if self.sliding_window is not None:
-            _positive(self, prefix, "sliding_window")
+            check_positive(self, prefix, "sliding_window")
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,8 @@ class RegionHeadConfig:
     max_slots: int = 1  # `<boxes>` tokens per sample that carry a target
 
     def validate(self, prefix: str = "heads.region.") -> None:
-        _positive(self, prefix, "hidden", "max_slots")
-        _check(self.loss in ("l1_giou", "mse"), prefix + "loss", f"{self.loss!r} is not one of ['l1_giou', 'mse']")
+        check_positive(self, prefix, "hidden", "max_slots")
+        check_field(self.loss in ("l1_giou", "mse"), prefix + "loss", f"{self.loss!r} is not one of ['l1_giou', 'mse']")
 
 
 @dataclass(frozen=True)
@@ -220,17 +222,17 @@ class TemporalHeadConfig:
     loss_scale: float = 0.05  # TPO multiplies the weighted CG-DETR loss by this
 
     def validate(self, prefix: str = "heads.temporal.") -> None:
-        _positive(self, prefix, "hidden_dim", "num_heads", "ffn_dim", "enc_layers", "dec_layers", "t2v_layers", "dummy_layers",
+        check_positive(self, prefix, "hidden_dim", "num_heads", "ffn_dim", "enc_layers", "dec_layers", "t2v_layers", "dummy_layers",
                   "num_queries", "num_dummies", "total_prompts", "num_prompts", "txt_dim", "vid_dim",
                   "max_text_len", "max_spans")
-        _check(self.hidden_dim % self.num_heads == 0, prefix + "num_heads",
+        check_field(self.hidden_dim % self.num_heads == 0, prefix + "num_heads",
                f"{self.num_heads} must divide hidden_dim {self.hidden_dim}")
-        _check(self.max_spans <= self.num_queries, prefix + "max_spans",
+        check_field(self.max_spans <= self.num_queries, prefix + "max_spans",
                f"{self.max_spans} targets cannot be matched to {self.num_queries} queries")
-        _check(self.feature_source in ("batch", "model"), prefix + "feature_source",
+        check_field(self.feature_source in ("batch", "model"), prefix + "feature_source",
                f"{self.feature_source!r} is not one of ['batch', 'model']")
         for name in ("dropout", "input_dropout"):
-            _check(0.0 <= getattr(self, name) < 1.0, prefix + name, "must be in [0, 1)")
+            check_field(0.0 <= getattr(self, name) < 1.0, prefix + name, "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -244,8 +246,8 @@ class MaskHeadConfig:
     box_weight: float = 1.0
 
     def validate(self, prefix: str = "heads.mask.") -> None:
-        _positive(self, prefix, "prompt_dim", "num_prompt_tokens", "sam_image_size")
-        _check(self.prompt_dim % 2 == 0, prefix + "prompt_dim", "must be even (sin/cos halves)")
+        check_positive(self, prefix, "prompt_dim", "num_prompt_tokens", "sam_image_size")
+        check_field(self.prompt_dim % 2 == 0, prefix + "prompt_dim", "must be even (sin/cos halves)")
 
 
 @dataclass(frozen=True)
@@ -283,18 +285,18 @@ class TPOConfig:
         self.llm.validate()
         self.lora.validate()
         self.heads.validate()
-        _positive(self, "", "loc_hidden")
+        check_positive(self, "", "loc_hidden")
         for name in ("dtype", "param_dtype"):
-            _check(getattr(self, name) in DTYPES, name, f"{getattr(self, name)!r} is not one of {list(DTYPES)}")
-        _check(self.qformer.encoder_width == self.vit.width, "qformer.encoder_width",
+            check_field(getattr(self, name) in DTYPES, name, f"{getattr(self, name)!r} is not one of {list(DTYPES)}")
+        check_field(self.qformer.encoder_width == self.vit.width, "qformer.encoder_width",
                f"{self.qformer.encoder_width} must equal vit.width {self.vit.width}")
         tmp = self.heads.temporal
         if tmp.feature_source == "model":
-            _check(tmp.txt_dim == self.llm.hidden_size, "heads.temporal.txt_dim",
+            check_field(tmp.txt_dim == self.llm.hidden_size, "heads.temporal.txt_dim",
                    f"{tmp.txt_dim} must equal llm.hidden_size {self.llm.hidden_size} with feature_source 'model'")
-            _check(tmp.vid_dim == self.vit.width + 2, "heads.temporal.vid_dim",
+            check_field(tmp.vid_dim == self.vit.width + 2, "heads.temporal.vid_dim",
                    f"{tmp.vid_dim} must equal vit.width + 2 = {self.vit.width + 2} with feature_source 'model'")
-        _check(self.llm.vocab_size > TRACK_BOX_ID, "llm.vocab_size",
+        check_field(self.llm.vocab_size > TRACK_BOX_ID, "llm.vocab_size",
                f"{self.llm.vocab_size} must hold the task-token ids (at least {TRACK_BOX_ID + 1})")
         return self
 

@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import optax
 
-from tpo_jax.config import ConfigError
+from tpo_jax.config import check_field, check_positive
 from train.stages import StageRecipe, param_group
 
 
@@ -29,11 +29,9 @@ class OptimConfig:
     lr_scale: float = 1.0  # multiplies every group's peak LR
 
     def validate(self, prefix: str = "optim.") -> None:
-        if not (isinstance(self.total_steps, int) and self.total_steps > 0):
-            raise ConfigError(f"config field '{prefix}total_steps': must be a positive integer, got {self.total_steps!r}")
+        check_positive(self, prefix, "total_steps")
         for name in ("warmup_ratio", "min_lr_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"config field '{prefix}{name}': must be in [0, 1], got {getattr(self, name)!r}")
+            check_field(0.0 <= getattr(self, name) <= 1.0, prefix + name, f"must be in [0, 1], got {getattr(self, name)!r}")
 
 
 def schedule(peak: float, cfg: OptimConfig) -> optax.Schedule:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from tpo_jax.config import ConfigError, TPOConfig
+from tpo_jax.config import ConfigError, TPOConfig, check_positive
 from tpo_jax.losses import HEADS, loss_counts, total_loss
 from train.optim import OptimConfig, learning_rates, make_optimizer
 from train.stages import StageRecipe, get_recipe, param_group
@@ -43,9 +43,7 @@ class TrainConfig:
         if self.heads is not None and set(self.heads) - set(HEADS):
             raise ConfigError(f"config field '{prefix}heads': unknown head(s) "
                               f"{sorted(set(self.heads) - set(HEADS))}; known: {list(HEADS)}")
-        if not (isinstance(self.micro_batches, int) and self.micro_batches > 0):
-            raise ConfigError(f"config field '{prefix}micro_batches': must be a positive integer, "
-                              f"got {self.micro_batches!r}")
+        check_positive(self, prefix, "micro_batches")
         unknown = set(self.loss_weights) - set(DEFAULT_LOSS_WEIGHTS)
         if unknown:
             raise ConfigError(f"config field '{prefix}loss_weights': unknown term(s) {sorted(unknown)}; "
