@@ -1,0 +1,601 @@
+"""Parsers of the real-data annotation formats → `Record`s (see docs/data.md for a tiny example of each).
+
+`iter_records(path, fmt, media_root, **options)` yields, per entry, either a validated `Record` or the
+`RecordError` of a bad entry (named `file:line` for line-based files, `file[i]` for JSON lists), so the
+caller can skip and count. A file that cannot be read at all (missing, not JSON) raises `RecordError`.
+
+| fmt            | input                                                                    | task         |
+|----------------|--------------------------------------------------------------------------|--------------|
+| `videochat2`   | JSON list / JSONL of {"video" or "image", "QA": [{"i", "q", "a"}]}        | conversation |
+| `llava`        | JSON list / JSONL of {"video" or "image", "conversations": [{"from", "value"}]} | conversation |
+| `mc`           | JSON list / JSONL of {"video", "question", "candidates", "answer"}        | mc           |
+| `charades_sta` | text lines `vid start end##query`, plus `durations` (dict / CSV / JSON)   | temporal     |
+| `activitynet`  | JSON {vid: {"duration", "timestamps", "sentences"}}                      | temporal     |
+| `qvhighlights` | JSONL {qid, query, vid, duration, relevant_windows, relevant_clip_ids, saliency_scores} | temporal |
+| `refcoco`      | JSONL {image, expression(s), bbox (pixels, xywh), width, height}         | region       |
+| `track`        | JSONL, one object track: {video, width, height, masks and/or boxes per annotated frame} | mask |
+| `sav`          | SA-V `*_manual.json` (a file or a folder of them): one record per masklet | mask         |
+| `mevis`        | MeViS `meta_expressions.json` (+ `mask_dict.json` beside it)             | mask         |
+
+Media paths are joined to `media_root` (absolute paths are kept); files are not opened here
+(`data.video.load_media` raises `MediaError` for missing or corrupt media) except to read an image's size
+when a `refcoco` entry has no width/height.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from data import rle as R
+from data.records import Record, RecordError
+
+_MISSING = object()
+
+
+class _Bad(Exception):
+    """Internal: a bad field in one entry (turned into a RecordError naming the file and line)."""
+
+
+def _get(entry: dict, key: str, types, default: Any = _MISSING):
+    if not isinstance(entry, dict):
+        raise _Bad(f"entry must be a JSON object, got {type(entry).__name__}")
+    if key not in entry or entry[key] is None:
+        if default is _MISSING:
+            raise _Bad(f"missing field {key!r}")
+        return default
+    value = entry[key]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise _Bad(f"field {key!r} must be {_type_names(types)}, got bool")
+    if not isinstance(value, types):
+        raise _Bad(f"field {key!r} must be {_type_names(types)}, got {type(value).__name__} {str(value)[:60]!r}")
+    return value
+
+
+def _type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in types)
+
+
+def _first_key(entry: dict, keys: tuple[str, ...], types) -> tuple[str, Any]:
+    for k in keys:
+        if isinstance(entry, dict) and entry.get(k) is not None:
+            return k, _get(entry, k, types)
+    raise _Bad(f"missing field {' / '.join(repr(k) for k in keys)}")
+
+
+def _media_path(media_root: str | None, rel: str) -> str:
+    if not rel:
+        raise _Bad("empty media path")
+    return rel if (media_root is None or os.path.isabs(rel)) else os.path.join(media_root, rel)
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _Bad(f"{what} must be a number, got {value!r}")
+    try:
+        x = float(value)
+    except ValueError:
+        raise _Bad(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise _Bad(f"{what} must be finite, got {value!r}")
+    return x
+
+
+# --- reading entries -------------------------------------------------------------------------------------------
+
+
+def _check_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise RecordError(f"{path}: annotation file not found")
+
+
+def _load_json(path: str):
+    _check_file(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{path}: not UTF-8 text ({e.reason})") from None
+
+
+def _json_entries(path: str) -> Iterator[tuple[str, Any]]:
+    """(location, entry) of a JSONL file (one object per line) or a JSON list; a bad line → (loc, RecordError)."""
+    if path.endswith(".jsonl"):
+        _check_file(path)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                loc = f"{path}:{lineno}"
+                try:
+                    yield loc, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield loc, RecordError(f"{loc}: not valid JSON ({e.msg}, column {e.colno})")
+        return
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise RecordError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+    for i, entry in enumerate(data):
+        yield f"{path}[{i}]", entry
+
+
+def _run(entries: Iterator[tuple[str, Any]], parse: Callable[[str, Any], Iterator[Record]]):
+    """Parse every entry; yield validated Records, or one RecordError (named by location) per bad entry."""
+    for loc, entry in entries:
+        if isinstance(entry, RecordError):
+            yield entry
+            continue
+        try:
+            records = list(parse(loc, entry))
+            for r in records:
+                r.validate()
+        except (_Bad, RecordError) as e:
+            yield RecordError(f"{loc}: {e}")
+            continue
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            yield RecordError(f"{loc}: malformed entry ({type(e).__name__}: {e})")
+            continue
+        yield from records
+
+
+def _default_id(loc: str) -> str:
+    base = os.path.basename(loc)
+    return base.replace(".jsonl:", "-").replace(".json[", "-").replace(".txt:", "-").rstrip("]")
+
+
+def _media_fields(entry: dict, media_root: str | None) -> dict:
+    key, rel = _first_key(entry, ("video", "image"), str)
+    return {key: _media_path(media_root, rel)}
+
+
+# --- conversations and multiple choice -------------------------------------------------------------------------
+
+
+def _videochat2(path, media_root, **_):
+    """VideoChat2-IT: {"video"|"image", "QA": [{"i": instruction, "q": question, "a": answer}]}.
+
+    The first turn's instruction `i` is prefixed to its question (joined by a newline; the instruction
+    alone when `q` is empty), since a `Record` has no separate instruction field."""
+    def parse(loc, e):
+        qa = _get(e, "QA", list)
+        if not qa:
+            raise _Bad("'QA' is empty")
+        turns = []
+        for k, turn in enumerate(qa):
+            if not isinstance(turn, dict):
+                raise _Bad(f"QA[{k}] must be an object")
+            q, a = _get(turn, "q", str, ""), _get(turn, "a", str)
+            if k == 0:
+                q = "\n".join(s for s in (_get(turn, "i", str, "").strip(), q.strip()) if s)
+            if not q.strip():
+                raise _Bad(f"QA[{k}] has neither a question 'q' nor an instruction 'i'")
+            turns.append((q.strip(), a.strip()))
+        yield Record(id=str(e.get("id", _default_id(loc))), task="conversation", turns=turns,
+                     **_media_fields(e, media_root))
+    return _run(_json_entries(path), parse)
+
+
+_MEDIA_TAGS = ("<video>", "<image>")
+
+
+def _llava(path, media_root, **_):
+    """LLaVA / ShareGPT style: {"video"|"image", "conversations": [{"from": "human"|"gpt", "value"}]}."""
+    def parse(loc, e):
+        conv = _get(e, "conversations", list)
+        if len(conv) < 2 or len(conv) % 2:
+            raise _Bad(f"'conversations' must hold human/gpt pairs, got {len(conv)} messages")
+        turns = []
+        for k in range(0, len(conv), 2):
+            h, g = conv[k], conv[k + 1]
+            if not (isinstance(h, dict) and isinstance(g, dict)):
+                raise _Bad(f"conversations[{k}] must be objects")
+            if h.get("from") not in ("human", "user") or g.get("from") not in ("gpt", "assistant"):
+                raise _Bad(f"conversations[{k}:{k + 2}] must be from human then gpt, "
+                           f"got {h.get('from')!r}, {g.get('from')!r}")
+            q = _get(h, "value", str)
+            for tag in _MEDIA_TAGS:
+                q = q.replace(tag, "")
+            turns.append((q.strip(), _get(g, "value", str).strip()))
+        yield Record(id=str(e.get("id", _default_id(loc))), task="conversation", turns=turns,
+                     **_media_fields(e, media_root))
+    return _run(_json_entries(path), parse)
+
+
+def _mc(path, media_root, **_):
+    """Multiple choice (MVBench style): {"video", "question", "candidates": [...], "answer": text or index}."""
+    def parse(loc, e):
+        options = _get(e, "candidates", list)
+        if len(options) < 2 or not all(isinstance(o, str) for o in options):
+            raise _Bad(f"'candidates' must be a list of >= 2 strings, got {options!r}")
+        answer = _get(e, "answer", (str, int))
+        if isinstance(answer, int):
+            index = answer
+        elif answer in options:
+            index = options.index(answer)
+        else:
+            raise _Bad(f"answer {answer!r} is not one of the candidates {options!r}")
+        yield Record(id=str(e.get("id", _default_id(loc))), task="mc", question=_get(e, "question", str).strip(),
+                     options=tuple(options), mc_answer=index, **_media_fields(e, media_root))
+    return _run(_json_entries(path), parse)
+
+
+# --- temporal grounding ----------------------------------------------------------------------------------------
+
+
+def _load_durations(source) -> dict[str, float]:
+    """Video durations in seconds from a dict, a JSON {vid: seconds} or a CSV with columns id + length/duration."""
+    if isinstance(source, dict):
+        return {str(k): float(v) for k, v in source.items()}
+    if source is None:
+        raise RecordError("charades_sta needs durations=<dict | JSON | CSV with id and length columns>")
+    path = os.fspath(source)
+    if path.endswith(".json"):
+        data = _load_json(path)
+        if not isinstance(data, dict):
+            raise RecordError(f"{path}: expected a JSON object {{video id: seconds}}")
+        return {str(k): float(v) for k, v in data.items()}
+    _check_file(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        col = next((c for c in ("length", "duration") if c in fields), None)
+        if "id" not in fields or col is None:
+            raise RecordError(f"{path}: durations CSV needs columns 'id' and 'length' (or 'duration'), got {fields}")
+        out = {}
+        for lineno, row in enumerate(reader, 2):
+            try:
+                out[row["id"]] = float(row[col])
+            except (TypeError, ValueError):
+                raise RecordError(f"{path}:{lineno}: {col} {row[col]!r} is not a number") from None
+        return out
+
+
+def _clip_span(start: float, end: float, duration: float) -> list[float]:
+    """A span in seconds inside [0, duration]: the end is clipped to the duration; start must lie inside."""
+    if start < 0 or end < start:
+        raise _Bad(f"span [{start}, {end}] must have 0 <= start <= end")
+    if start >= duration:
+        raise _Bad(f"span [{start}, {end}] starts after the video's duration {duration}")
+    return [start, min(end, duration)]
+
+
+def _charades_sta(path, media_root, durations=None, video_ext=".mp4", **_):
+    """Charades-STA lines `vid start end##query`; the end is clipped to the video's duration."""
+    table = _load_durations(durations)
+    _check_file(path)
+
+    def entries():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield f"{path}:{lineno}", line.rstrip("\n")
+
+    def parse(loc, line):
+        head, sep, query = line.partition("##")
+        parts = head.split()
+        if not sep or len(parts) != 3 or not query.strip():
+            raise _Bad(f"expected 'vid start end##query', got {line[:80]!r}")
+        vid = parts[0]
+        start, end = _number(parts[1], "start"), _number(parts[2], "end")
+        if vid not in table:
+            raise _Bad(f"no duration for video {vid!r}")
+        duration = table[vid]
+        yield Record(id=f"{vid}_{_default_id(loc)}", task="temporal", video=_media_path(media_root, vid + video_ext),
+                     question=query.strip(), duration=duration,
+                     spans=np.array([_clip_span(start, end, duration)], np.float64))
+    return _run(entries(), parse)
+
+
+def _activitynet(path, media_root, video_ext=".mp4", **_):
+    """ActivityNet Captions: {vid: {"duration", "timestamps": [[s, e], ...], "sentences": [...]}}, one record
+    per sentence; ends clipped to the duration."""
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: expected a JSON object {{video id: annotation}}")
+
+    def entries():
+        for vid, entry in data.items():
+            yield f"{path}[{vid}]", (vid, entry)
+
+    def parse(loc, item):
+        vid, e = item
+        duration = _number(_get(e, "duration", (int, float)), "duration")
+        stamps, sentences = _get(e, "timestamps", list), _get(e, "sentences", list)
+        if len(stamps) != len(sentences):
+            raise _Bad(f"{len(stamps)} timestamps but {len(sentences)} sentences")
+        for k, (span, sentence) in enumerate(zip(stamps, sentences)):
+            if not (isinstance(span, list) and len(span) == 2) or not isinstance(sentence, str):
+                raise _Bad(f"timestamps[{k}] must be [start, end] with a sentence string")
+            s = _clip_span(_number(span[0], "start"), _number(span[1], "end"), duration)
+            yield Record(id=f"{vid}_{k}", task="temporal", video=_media_path(media_root, vid + video_ext),
+                         question=sentence.strip(), duration=duration, spans=np.array([s], np.float64))
+    return _run(entries(), parse)
+
+
+def _qvhighlights(path, media_root, video_ext=".mp4", clip_seconds=2.0, saliency_reduce="sum", **_):
+    """QVHighlights JSONL. Saliency per `clip_seconds` clip: the annotators' 0-4 scores summed (0-12, the
+    Moment-DETR / CG-DETR convention; `saliency_reduce="mean"` keeps 0-4); 0 outside `relevant_clip_ids`."""
+    if saliency_reduce not in ("sum", "mean"):
+        raise RecordError(f"saliency_reduce must be 'sum' or 'mean', got {saliency_reduce!r}")
+
+    def parse(loc, e):
+        vid, query = _get(e, "vid", str), _get(e, "query", str)
+        duration = _number(_get(e, "duration", (int, float)), "duration")
+        windows = _get(e, "relevant_windows", list)
+        if not windows:
+            raise _Bad("'relevant_windows' is empty (a test-split line without labels?)")
+        spans = []
+        for k, w in enumerate(windows):
+            if not (isinstance(w, list) and len(w) == 2):
+                raise _Bad(f"relevant_windows[{k}] must be [start, end], got {w!r}")
+            spans.append(_clip_span(_number(w[0], "start"), _number(w[1], "end"), duration))
+        clip_ids = _get(e, "relevant_clip_ids", list, [])
+        scores = _get(e, "saliency_scores", list, [])
+        if len(clip_ids) != len(scores):
+            raise _Bad(f"{len(clip_ids)} relevant_clip_ids but {len(scores)} saliency_scores")
+        num_clips = int(math.ceil(duration / clip_seconds - 1e-6))
+        saliency = np.zeros(num_clips, np.float32)
+        for cid, s in zip(clip_ids, scores):
+            if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < num_clips:
+                raise _Bad(f"relevant clip id {cid!r} not in [0, {num_clips}) for duration {duration}")
+            if not isinstance(s, list) or not s:
+                raise _Bad(f"saliency_scores of clip {cid} must be a list of annotator scores, got {s!r}")
+            values = [_number(x, "saliency score") for x in s]
+            saliency[cid] = sum(values) / (len(values) if saliency_reduce == "mean" else 1)
+        qid = e.get("qid", _default_id(loc))
+        yield Record(id=str(qid), task="temporal", video=_media_path(media_root, vid + video_ext),
+                     question=query.strip(), duration=duration, spans=np.array(spans, np.float64),
+                     saliency=saliency, clip_seconds=float(clip_seconds))
+    return _run(_json_entries(path), parse)
+
+
+# --- spatial grounding -----------------------------------------------------------------------------------------
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError  # only needed when an entry lacks width/height
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise _Bad(f"no width/height given and the image size cannot be read from {path} ({e})") from None
+
+
+def normalise_box(box, width: float, height: float, box_format: str = "xywh", tolerance: float = 1.0) -> list[float]:
+    """A pixel box → normalised xyxy in [0, 1]. Overshoot up to `tolerance` pixels is clipped; beyond that,
+    or an empty box, is an error (a box outside the frame)."""
+    if not (isinstance(box, (list, tuple)) and len(box) == 4):
+        raise _Bad(f"box must be 4 numbers, got {box!r}")
+    x0, y0, a, b = (_number(v, "box coordinate") for v in box)
+    if box_format == "xywh":
+        x1, y1 = x0 + a, y0 + b
+    elif box_format == "xyxy":
+        x1, y1 = a, b
+    else:
+        raise _Bad(f"box_format must be 'xywh' or 'xyxy', got {box_format!r}")
+    if not (width > 0 and height > 0):
+        raise _Bad(f"image width/height must be positive, got {width}x{height}")
+    if x1 <= x0 or y1 <= y0:
+        raise _Bad(f"empty box {box} ({box_format})")
+    if x0 < -tolerance or y0 < -tolerance or x1 > width + tolerance or y1 > height + tolerance:
+        raise _Bad(f"box {box} ({box_format}) outside the {width}x{height} frame")
+    return [min(max(x0, 0.0), width) / width, min(max(y0, 0.0), height) / height,
+            min(max(x1, 0.0), width) / width, min(max(y1, 0.0), height) / height]
+
+
+def _refcoco(path, media_root, box_format="xywh", **_):
+    """RefCOCO-style JSONL: {"image", "expression" (str) or "expressions"/"sentences" (list), "bbox", "width",
+    "height"}; one record per expression, box normalised to xyxy."""
+    def parse(loc, e):
+        image = _media_path(media_root, _get(e, "image", str))
+        _, expr = _first_key(e, ("expression", "expressions", "sentences"), (str, list))
+        exprs = [expr] if isinstance(expr, str) else expr
+        if not exprs or not all(isinstance(x, str) and x.strip() for x in exprs):
+            raise _Bad(f"expressions must be non-empty strings, got {expr!r}")
+        if "width" in e or "height" in e:
+            width, height = _number(_get(e, "width", (int, float)), "width"), \
+                _number(_get(e, "height", (int, float)), "height")
+        else:
+            width, height = _image_size(image)
+        box = normalise_box(_get(e, "bbox", list), width, height, box_format)
+        base = str(e.get("id", _default_id(loc)))
+        for k, x in enumerate(exprs):
+            yield Record(id=base if len(exprs) == 1 else f"{base}_{k}", task="region", image=image,
+                         question=x.strip(), boxes=np.array([box], np.float64), box_frames=np.zeros(1, np.int64))
+    return _run(_json_entries(path), parse)
+
+
+# --- tracking / segmentation -----------------------------------------------------------------------------------
+
+
+def _track_record(rid: str, media: dict, masks: list | None, boxes: list | None, frames: list[int],
+                  width: float, height: float, question: str = "", fps: float | None = None) -> Record:
+    """A mask-task Record from per-frame RLEs (None = object absent) and/or pixel xywh boxes.
+
+    Boxes come from the masks when given (tight box), else from `boxes`; `box_frames` holds the source frame
+    index of each entry; absent frames get a zero box, `track_visible` False and an all-zero RLE."""
+    n = len(masks) if masks is not None else len(boxes)
+    if masks is not None and boxes is not None and len(boxes) != n:
+        raise _Bad(f"{n} masks but {len(boxes)} boxes")
+    if len(frames) != n:
+        raise _Bad(f"{n} annotated entries but {len(frames)} frame indices")
+    if n == 0:
+        raise _Bad("track has no annotated frames")
+    if any(b > a for a, b in zip(frames[1:], frames[:-1])):
+        raise _Bad("frame indices must be increasing")
+    h, w = int(height), int(width)
+    track_boxes = np.zeros((n, 4), np.float64)
+    visible = np.zeros(n, bool)
+    rles = []
+    for k in range(n):
+        if masks is not None:
+            m = masks[k]
+            if m is None:
+                rles.append(R.rle_encode(np.zeros((h, w), bool)))
+                continue
+            if not isinstance(m, dict):
+                raise _Bad(f"mask {k} must be an RLE object, got {type(m).__name__}")
+            if R.rle_size(m) != (h, w):
+                raise _Bad(f"mask {k} has size {R.rle_size(m)}, the video is {h}x{w}")
+            box = R.rle_to_box(m)
+            rles.append(m)
+            if box is None:
+                continue
+            track_boxes[k] = box / np.array([w, h, w, h], np.float64)
+        else:
+            if boxes[k] is None:
+                continue
+            track_boxes[k] = normalise_box(boxes[k], width, height, "xywh")
+        visible[k] = True
+    if not visible.any():
+        raise _Bad("the object is not visible in any annotated frame")
+    return Record(id=rid, task="mask", question=question, track_boxes=track_boxes, track_visible=visible,
+                  track_masks=rles if masks is not None else None, box_frames=np.asarray(frames, np.int64),
+                  fps=fps, **media)
+
+
+def _track(path, media_root, **_):
+    """Generic track JSONL: {"video" (file or frame folder), "width", "height", optional "fps", "expression",
+    "frames" (source frame index per entry; default 0, 1, ...), "masks" (RLE or null per entry) and/or
+    "boxes" (pixel xywh or null per entry)}."""
+    def parse(loc, e):
+        masks, boxes = _get(e, "masks", list, None), _get(e, "boxes", list, None)
+        if masks is None and boxes is None:
+            raise _Bad("needs 'masks' or 'boxes'")
+        n = len(masks) if masks is not None else len(boxes)
+        frames = _get(e, "frames", list, list(range(n)))
+        if not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in frames):
+            raise _Bad(f"'frames' must be non-negative integers, got {frames[:8]!r}")
+        width = _number(_get(e, "width", (int, float)), "width")
+        height = _number(_get(e, "height", (int, float)), "height")
+        fps = e.get("fps")
+        yield _track_record(str(e.get("id", _default_id(loc))), _media_fields(e, media_root), masks, boxes, frames,
+                            width, height, _get(e, "expression", str, "").strip(),
+                            None if fps is None else _number(fps, "fps"))
+    return _run(_json_entries(path), parse)
+
+
+def _sav(path, media_root, frame_stride=4, video_ext=".mp4", **_):
+    """SA-V `*_manual.json`: "masklet" [annotated frame][object] RLEs, annotated every `frame_stride`-th
+    video frame (6 fps of 24 fps videos); one record per masklet, video `<video_id>.mp4`, no expression."""
+    files = sorted(glob.glob(os.path.join(path, "*_manual.json"))) if os.path.isdir(path) else [path]
+    if not files:
+        raise RecordError(f"{path}: no *_manual.json files")
+
+    def entries():
+        for f in files:
+            data = _load_json(f)
+            if not isinstance(data, dict):
+                yield f, RecordError(f"{f}: expected an SA-V annotation object")
+                continue
+            yield f, data
+
+    def parse(loc, e):
+        vid = _get(e, "video_id", str)
+        height = _number(_get(e, "video_height", (int, float)), "video_height")
+        width = _number(_get(e, "video_width", (int, float)), "video_width")
+        masklet = _get(e, "masklet", list)
+        if not masklet or not all(isinstance(fr, list) for fr in masklet):
+            raise _Bad("'masklet' must be a non-empty list (frames) of lists (objects)")
+        n_obj = {len(fr) for fr in masklet}
+        if len(n_obj) != 1:
+            raise _Bad(f"annotated frames hold different numbers of masklets {sorted(n_obj)}")
+        ids = _get(e, "masklet_id", list, list(range(n_obj.pop())))
+        if len(ids) != len(masklet[0]):
+            raise _Bad(f"{len(ids)} masklet ids for {len(masklet[0])} masklets")
+        frames = [k * int(frame_stride) for k in range(len(masklet))]
+        video = {"video": _media_path(media_root, vid + video_ext)}
+        for j, mid in enumerate(ids):
+            masks = [fr[j] for fr in masklet]
+            yield _track_record(f"{vid}_{mid}", video, masks, None, frames, width, height)
+    return _run(entries(), parse)
+
+
+def _mevis(path, media_root, mask_dict=None, fps=6.0, **_):
+    """MeViS `meta_expressions.json` {"videos": {vid: {"expressions": {eid: {"exp", "anno_id"}}, "frames"}}}
+    with `mask_dict.json` {anno_id: [RLE or null per frame]} (default: beside the meta file); media is the
+    frame folder `<media_root>/<vid>`; masks of an expression's several objects are merged."""
+    meta = _load_json(path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("videos"), dict):
+        raise RecordError(f"{path}: expected {{\"videos\": {{...}}}}")
+    masks_all = _load_json(mask_dict or os.path.join(os.path.dirname(path), "mask_dict.json"))
+    if not isinstance(masks_all, dict):
+        raise RecordError(f"{mask_dict}: expected an object {{anno_id: [RLE per frame]}}")
+
+    def entries():
+        for vid, v in meta["videos"].items():
+            exprs = v.get("expressions") if isinstance(v, dict) else None
+            if not isinstance(exprs, dict):
+                yield f"{path}[{vid}]", RecordError(f"{path}[{vid}]: missing 'expressions'")
+                continue
+            for eid, e in exprs.items():
+                yield f"{path}[{vid}/{eid}]", (vid, eid, v, e)
+
+    def parse(loc, item):
+        vid, eid, v, e = item
+        frames = _get(v, "frames", list)
+        anno_ids = _get(e, "anno_id", list)
+        if not anno_ids:
+            raise _Bad("'anno_id' is empty")
+        per_object = []
+        for a in anno_ids:
+            if str(a) not in masks_all:
+                raise _Bad(f"anno_id {a} not in the mask dict")
+            m = masks_all[str(a)]
+            if not isinstance(m, list) or len(m) != len(frames):
+                raise _Bad(f"anno_id {a}: expected {len(frames)} per-frame masks")
+            per_object.append(m)
+        present = [[o[k] for o in per_object if o[k] is not None] for k in range(len(frames))]
+        sizes = {tuple(R.rle_size(m)) for ms in present for m in ms}
+        if len(sizes) != 1:
+            raise _Bad(f"masks of sizes {sorted(sizes)} (need one size, and at least one mask)")
+        h, w = sizes.pop()
+        masks = [None if not ms else (ms[0] if len(ms) == 1 else R.rle_union(ms)) for ms in present]
+        yield _track_record(f"{vid}_{eid}", {"video": _media_path(media_root, vid)}, masks, None,
+                            list(range(len(frames))), w, h, _get(e, "exp", str).strip(), float(fps))
+    return _run(entries(), parse)
+
+
+FORMATS: dict[str, Callable] = {
+    "videochat2": _videochat2, "llava": _llava, "mc": _mc, "charades_sta": _charades_sta,
+    "activitynet": _activitynet, "qvhighlights": _qvhighlights, "refcoco": _refcoco, "track": _track,
+    "sav": _sav, "mevis": _mevis,
+}
+
+
+def iter_records(path: str | os.PathLike, fmt: str, media_root: str | os.PathLike | None = None,
+                 **options) -> Iterator[Record | RecordError]:
+    """Records of an annotation file: a validated `Record` per good entry, the `RecordError` of each bad one.
+
+    Options: charades_sta `durations` (dict | JSON | CSV), `video_ext` (".mp4"); qvhighlights `clip_seconds`
+    (2.0), `saliency_reduce` ("sum" | "mean"); refcoco `box_format` ("xywh" | "xyxy"); sav `frame_stride` (4);
+    mevis `mask_dict` (path), `fps` (6.0).
+    Raises RecordError when the file itself cannot be read or `fmt` is unknown.
+    """
+    if fmt not in FORMATS:
+        raise RecordError(f"unknown annotation format {fmt!r}; known: {sorted(FORMATS)}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise RecordError(f"{path}: annotation file not found")
+    root = None if media_root is None else os.fspath(media_root)
+    return FORMATS[fmt](os.fspath(path), root, **options)
+
+
+def read_records(path, fmt: str, media_root=None, **options) -> tuple[list[Record], list[RecordError]]:
+    """All records of a file, split into the good ones and the errors of the bad ones."""
+    good, bad = [], []
+    for r in iter_records(path, fmt, media_root, **options):
+        (bad if isinstance(r, RecordError) else good).append(r)
+    return good, bad
+
+
+__all__ = ["FORMATS", "iter_records", "read_records", "normalise_box"]

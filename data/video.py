@@ -1,0 +1,417 @@
+"""Media decoding: videos (PyAV), images and frame folders (PIL) → normalised float32 frames.
+
+Video path of the reference (MODEL-SPEC §8.2):
+* frame count `vlen` = number of video packets (what decord counts), fps = the stream's average rate,
+  duration = vlen / fps;
+* 16 frames, "middle" sampling (:func:`sample_indices`), timestamps index / fps;
+* bicubic resize of the uint8 RGB frames to `size` (aspect ratio not kept, no crop), antialiased as
+  torchvision's `Resize(antialias=True)` on uint8 tensors, rounded back to uint8 (:func:`resize_frames`);
+* /255 then ImageNet mean/std (:func:`normalize`).
+Images are one frame (T = 1) through the same resize and normalisation.
+
+Every failure to read media raises :class:`MediaError` naming the file (or the record) and what failed.
+Also here: :func:`encode_mp4`, :func:`encode_jpeg_frames`, :func:`decode_jpeg_frames` for fixtures and storage.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from fractions import Fraction
+from typing import NamedTuple, Sequence
+
+import av
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from data.records import Record, RecordError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SAMPLING_MODES = ("middle", "rand")
+
+
+class MediaError(RecordError):
+    """A video / image that cannot be read: missing, truncated, corrupt, or with no usable frames."""
+
+
+class Media(NamedTuple):
+    """Decoded media of one example."""
+    frames: np.ndarray  # (T, H, W, 3) float32, ImageNet-normalised
+    timestamps: np.ndarray  # (T,) seconds of each sampled frame (index / fps); zeros for images
+    duration: float  # seconds (vlen / fps); 0 for images
+    fps: float  # average frame rate; 0 for images
+    indices: np.ndarray  # (T,) frame index of each sampled frame in the source
+    source_size: tuple[int, int]  # (height, width) of the source frames
+
+
+# --- sampling ----------------------------------------------------------------------------------------------------
+
+
+def sample_indices(num_video_frames: int, num_samples: int = 16, fps: float = 1.0, *, mode: str = "middle",
+                   rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Frame indices and their timestamps (index / fps, seconds) of the reference's uniform sampling.
+
+    edges = int(linspace(0, n, k + 1)) with k = min(num_samples, n); segment i is [edges[i], edges[i+1] - 1];
+    "middle" takes ⌊(a + b) / 2⌋, "rand" a uniform integer in [a, b] (training augmentation, needs `rng`).
+    With fewer frames than samples (n < num_samples) every frame is taken once and the last index
+    repeats to fill `num_samples`.
+    """
+    if num_video_frames < 1:
+        raise ValueError(f"num_video_frames must be >= 1, got {num_video_frames}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"sampling mode must be one of {SAMPLING_MODES}, got {mode!r}")
+    k = min(num_samples, num_video_frames)
+    edges = np.linspace(0, num_video_frames, k + 1).astype(np.int64)
+    starts, ends = edges[:-1], edges[1:] - 1
+    if mode == "middle":
+        idx = (starts + ends) // 2
+    else:
+        if rng is None:
+            raise ValueError('mode "rand" needs an rng (np.random.Generator)')
+        idx = rng.integers(starts, ends + 1)
+    if k < num_samples:
+        idx = np.concatenate([idx, np.full(num_samples - k, idx[-1])])
+    return idx.astype(np.int64), idx / float(fps)
+
+
+# --- resize and normalisation ------------------------------------------------------------------------------------
+
+
+def _hw(size: int | Sequence[int]) -> tuple[int, int]:
+    h, w = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    return int(h), int(w)
+
+
+def resize_frames(frames: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """(T, h, w, 3) uint8 → (T, H, W, 3) uint8 by antialiased bicubic interpolation (a = -0.5).
+
+    Computed in float32 per channel with PIL (mode "F") and rounded half-to-even, i.e. what torchvision's
+    `Resize((H, W), BICUBIC, antialias=True)` does to a uint8 tensor (interpolate in float, clamp, round).
+    Frames already at the target size are returned unchanged.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    h, w = _hw(size)
+    if frames.shape[1:3] == (h, w):
+        return frames
+    out = np.empty((len(frames), h, w, 3), np.float32)
+    for t, frame in enumerate(frames):
+        for c in range(3):
+            channel = Image.fromarray(frame[..., c].astype(np.float32), mode="F")
+            out[t, ..., c] = np.asarray(channel.resize((w, h), Image.Resampling.BICUBIC))
+    return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
+
+
+def normalize(frames: np.ndarray) -> np.ndarray:
+    """uint8 RGB → float32 (x / 255 − mean) / std with the ImageNet mean/std (any leading shape)."""
+    x = np.asarray(frames, np.float32) / 255.0
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+# --- sources -----------------------------------------------------------------------------------------------------
+
+
+def _why(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _name(src, name: str | None) -> str:
+    if name:
+        return name
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return f"<{len(src)} bytes>"
+    return os.fspath(src)
+
+
+def _open_video(src, name: str):
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise MediaError(f"{name}: empty video bytes")
+        handle = io.BytesIO(bytes(src))
+    else:
+        if not os.path.isfile(src):
+            raise MediaError(f"{name}: video file not found")
+        handle = os.fspath(src)
+    try:
+        container = av.open(handle, mode="r")
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise MediaError(f"{name}: cannot open video ({_why(e)})") from e
+    if not container.streams.video:
+        container.close()
+        raise MediaError(f"{name}: no video stream")
+    return container
+
+
+class _Index(NamedTuple):
+    pts: np.ndarray | None  # (vlen,) presentation timestamps in frame order; None when the stream has none
+    key_pts: np.ndarray  # presentation timestamps of the key frames, sorted
+    num_frames: int
+
+
+def _index_packets(container, stream, name: str) -> _Index:
+    """One demux pass: the packets' pts (→ frame order) and key frames, as decord indexes a video."""
+    pts, keys, missing = [], [], False
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the demuxer's final flush packet
+                continue
+            p = packet.pts if packet.pts is not None else packet.dts
+            if p is None:
+                missing = True
+                pts.append(len(pts))
+            else:
+                pts.append(p)
+            if packet.is_keyframe:
+                keys.append(pts[-1])
+    except av.FFmpegError as e:
+        raise MediaError(f"{name}: corrupt video stream after {len(pts)} packets ({_why(e)})") from e
+    declared = stream.frames
+    if declared and len(pts) < declared:
+        raise MediaError(f"{name}: truncated video: header lists {declared} frames, only {len(pts)} readable")
+    if not pts:
+        raise MediaError(f"{name}: video has no frames")
+    order = np.sort(np.asarray(pts, np.int64))
+    key_pts = np.sort(np.asarray(keys or [order[0]], np.int64))
+    return _Index(None if missing else order, key_pts, len(pts))
+
+
+def _decode_targets(container, stream, index: _Index, targets: np.ndarray, name: str) -> dict[int, np.ndarray]:
+    """RGB uint8 frames at the sorted unique frame indices `targets`, seeking forward to key frames."""
+    got: dict[int, np.ndarray] = {}
+    try:
+        if index.pts is None:  # no timestamps: decode from the start and count frames
+            container.seek(0)
+            wanted = set(targets.tolist())
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    got[i] = frame.to_ndarray(format="rgb24")
+                    if len(got) == len(wanted):
+                        break
+        else:
+            target_pts = index.pts[targets]
+            key_of = index.key_pts[np.maximum(np.searchsorted(index.key_pts, target_pts, side="right") - 1, 0)]
+            j, sought = 0, None
+            while j < len(targets):
+                sought = int(key_of[j])
+                container.seek(sought, stream=stream, backward=True)
+                exhausted = True
+                for frame in container.decode(stream):
+                    fpts = frame.pts
+                    if fpts is None:
+                        continue
+                    while j < len(targets) and fpts >= target_pts[j]:
+                        got[int(targets[j])] = frame.to_ndarray(format="rgb24")
+                        j += 1
+                    if j == len(targets) or (key_of[j] > sought and key_of[j] > fpts):
+                        exhausted = False  # done, or the next target is past a later key frame: seek there
+                        break
+                if exhausted:
+                    break
+    except av.FFmpegError as e:
+        raise MediaError(f"{name}: decoding failed ({_why(e)})") from e
+    if len(got) < len(targets):
+        missing = sorted(set(targets.tolist()) - set(got))
+        raise MediaError(f"{name}: could not decode frames {missing[:5]} of {index.num_frames} "
+                         "(truncated or corrupt video)")
+    return got
+
+
+def read_video_frames(src: str | os.PathLike | bytes, num_frames: int = 16, *, mode: str = "middle",
+                      rng: np.random.Generator | None = None, threads: int = 1, name: str | None = None):
+    """Sampled uint8 RGB frames of a video: (frames (T, h, w, 3) uint8, indices, timestamps, duration, fps)."""
+    name = _name(src, name)
+    container = _open_video(src, name)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_count = threads
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate or float(rate) <= 0:
+            raise MediaError(f"{name}: video has no frame rate")
+        fps = float(rate)
+        index = _index_packets(container, stream, name)
+        indices, timestamps = sample_indices(index.num_frames, num_frames, fps, mode=mode, rng=rng)
+        targets = np.unique(indices)
+        got = _decode_targets(container, stream, index, targets, name)
+    finally:
+        container.close()
+    frames = np.stack([got[int(i)] for i in indices])
+    return frames, indices, timestamps, index.num_frames / fps, fps
+
+
+def decode_video(src: str | os.PathLike | bytes, num_frames: int = 16, size: int | Sequence[int] = 224, *,
+                 mode: str = "middle", rng: np.random.Generator | None = None, threads: int = 1,
+                 name: str | None = None) -> Media:
+    """Decode, sample (§8.2), resize and normalise a video file or its encoded bytes."""
+    frames, indices, timestamps, duration, fps = read_video_frames(src, num_frames, mode=mode, rng=rng,
+                                                                   threads=threads, name=name)
+    return Media(normalize(resize_frames(frames, size)), timestamps, duration, fps, indices,
+                 tuple(frames.shape[1:3]))
+
+
+def _read_image(src, name: str) -> np.ndarray:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        handle = io.BytesIO(bytes(src))
+    else:
+        if not os.path.isfile(src):
+            raise MediaError(f"{name}: image file not found")
+        handle = os.fspath(src)
+    try:
+        with Image.open(handle) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise MediaError(f"{name}: cannot decode image ({e})") from e
+
+
+def decode_image(src: str | os.PathLike | bytes, size: int | Sequence[int] = 224, *,
+                 name: str | None = None) -> Media:
+    """One image as a single frame (T = 1): resized and normalised like video frames."""
+    name = _name(src, name)
+    rgb = _read_image(src, name)
+    return Media(normalize(resize_frames(rgb[None], size)), np.zeros(1), 0.0, 0.0, np.zeros(1, np.int64),
+                 tuple(rgb.shape[:2]))
+
+
+def list_frame_files(directory: str | os.PathLike) -> list[str]:
+    """The image files of a frame folder (MeViS / SA-V JPEG layout), sorted by name."""
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def decode_frame_dir(directory: str | os.PathLike, fps: float, num_frames: int = 16,
+                     size: int | Sequence[int] = 224, *, mode: str = "middle",
+                     rng: np.random.Generator | None = None, name: str | None = None) -> Media:
+    """A folder of frame images at `fps`, sampled like a video of that many frames."""
+    name = _name(directory, name)
+    if not os.path.isdir(directory):
+        raise MediaError(f"{name}: frame folder not found")
+    files = list_frame_files(directory)
+    if not files:
+        raise MediaError(f"{name}: frame folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    indices, timestamps = sample_indices(len(files), num_frames, fps, mode=mode, rng=rng)
+    decoded = {int(i): _read_image(files[i], f"{name}/{os.path.basename(files[i])}") for i in np.unique(indices)}
+    shapes = {d.shape for d in decoded.values()}
+    if len(shapes) != 1:
+        raise MediaError(f"{name}: frames of different sizes {sorted(shapes)}")
+    frames = np.stack([decoded[int(i)] for i in indices])
+    return Media(normalize(resize_frames(frames, size)), timestamps, len(files) / fps, float(fps), indices,
+                 tuple(frames.shape[1:3]))
+
+
+def load_media(record: Record, num_frames: int = 16, size: int | Sequence[int] = 224, *, mode: str = "middle",
+               rng: np.random.Generator | None = None, threads: int = 1) -> Media:
+    """The media of a `Record`, decoded: video file / bytes / frame folder, image, or given frames.
+
+    Given `frames` (uint8 (T, H, W, 3)) are only resized and normalised when T is 1 or `num_frames`;
+    otherwise they are sampled like a video of T frames at `record.fps` (1 if unset).
+    A frame folder needs `record.fps`. Errors name the record and the file.
+    """
+    tag = f"record {record.id!r}"
+    if record.frames is not None:
+        frames = np.asarray(record.frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+            raise MediaError(f"{tag}: frames must be (T>0, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+        fps = float(record.fps or 1.0)
+        if len(frames) in (1, num_frames):
+            indices = np.arange(len(frames))
+            timestamps = indices / fps
+        else:
+            indices, timestamps = sample_indices(len(frames), num_frames, fps, mode=mode, rng=rng)
+        return Media(normalize(resize_frames(frames[indices], size)), timestamps, len(frames) / fps, fps,
+                     indices, tuple(frames.shape[1:3]))
+    if record.image is not None:
+        src = record.image
+        return decode_image(src, size, name=f"{tag}: {_name(src, None)}")
+    if record.video is not None:
+        src = record.video
+        name = f"{tag}: {_name(src, None)}"
+        if isinstance(src, (str, os.PathLike)) and os.path.isdir(src):
+            if not record.fps:
+                raise MediaError(f"{name}: a frame folder needs the record's fps")
+            return decode_frame_dir(src, record.fps, num_frames, size, mode=mode, rng=rng, name=name)
+        return decode_video(src, num_frames, size, mode=mode, rng=rng, threads=threads, name=name)
+    raise MediaError(f"{tag}: no media (video, image or frames)")
+
+
+# --- encoding (fixtures and storage) -----------------------------------------------------------------------------
+
+
+def encode_mp4(frames: np.ndarray, fps: float, *, codec: str = "libx264", crf: int = 18,
+               pix_fmt: str = "yuv420p", keyint: int | None = None, faststart: bool = False) -> bytes:
+    """(T, H, W, 3) uint8 RGB → mp4 bytes. libx264 at `crf` (mpeg4: qscale ≈ crf / 6).
+
+    yuv420p needs an even height and width. `keyint`: frames between key frames (codec default if None).
+    `faststart` moves the index (moov atom) to the front of the file.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise ValueError(f"frames must be (T>0, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    h, w = frames.shape[1:3]
+    if pix_fmt == "yuv420p" and (h % 2 or w % 2):
+        raise ValueError(f"yuv420p needs even height and width, got {h}x{w}")
+    if codec not in av.codecs_available:
+        raise ValueError(f"codec {codec!r} not in this PyAV build")
+    if faststart:  # the muxer's second pass re-opens the output by name: go through a temporary file
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "clip.mp4")
+            _write_mp4(path, frames, fps, codec, crf, pix_fmt, keyint, {"movflags": "faststart"})
+            with open(path, "rb") as f:
+                return f.read()
+    buf = io.BytesIO()
+    _write_mp4(buf, frames, fps, codec, crf, pix_fmt, keyint, {})
+    return buf.getvalue()
+
+
+def _write_mp4(target, frames, fps, codec, crf, pix_fmt, keyint, options):
+    h, w = frames.shape[1:3]
+    with av.open(target, mode="w", format="mp4", options=options) as out:
+        stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        if keyint:
+            stream.codec_context.gop_size = keyint
+        if codec == "libx264":
+            stream.options = {"crf": str(crf), "preset": "medium"}
+        else:
+            stream.codec_context.qscale = max(1, round(crf / 6))
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+
+
+def encode_jpeg_frames(frames: np.ndarray, quality: int = 90) -> list[bytes]:
+    """(T, H, W, 3) uint8 RGB → one JPEG per frame (PIL, 4:2:0 chroma)."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    out = []
+    for f in frames:
+        buf = io.BytesIO()
+        Image.fromarray(f).save(buf, format="JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_jpeg_frames(jpegs: Sequence[bytes], *, name: str | None = None) -> np.ndarray:
+    """JPEG bytes per frame → (T, H, W, 3) uint8 RGB; all frames must share one size."""
+    name = name or f"<{len(jpegs)} JPEG frames>"
+    if len(jpegs) == 0:
+        raise MediaError(f"{name}: no frames")
+    frames = [_read_image(b, f"{name} frame {i}") for i, b in enumerate(jpegs)]
+    shapes = {f.shape for f in frames}
+    if len(shapes) != 1:
+        raise MediaError(f"{name}: frames of different sizes {sorted(shapes)}")
+    return np.stack(frames)
+
+
+__all__ = ["MediaError", "Media", "IMAGENET_MEAN", "IMAGENET_STD", "sample_indices", "resize_frames", "normalize",
+           "read_video_frames", "decode_video", "decode_image", "decode_frame_dir", "list_frame_files", "load_media",
+           "encode_mp4", "encode_jpeg_frames", "decode_jpeg_frames"]
