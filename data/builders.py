@@ -1,0 +1,406 @@
+"""TFDS dataset builders that store `Record`s as ArrayRecord files, and the readers the pipeline uses.
+
+TFDS 4.9 builds `array_record` datasets without TensorFlow as long as every feature is a
+`Tensor` / `Scalar` / `Text` / `Sequence` of those (the `Image` / `Video` features need TF to encode),
+so media are encoded here (JPEG per frame with PIL, MP4 with PyAV, or the source file's bytes) and
+stored as byte strings. Reading needs no TF either: `tfds.builder_from_directory(dir).as_data_source()`.
+
+Layout: `<data_dir>/<name>/<version>/` with `dataset_info.json`, `features.json`, `metadata.json`
+(bad-record counts) and one ArrayRecord file set per split *and task*, named `<split>_<task>`
+(e.g. `train_region`), so the pipeline can mix tasks with its own weights.
+
+| builder        | records from                                   | media stored as (option `storage`)              |
+|----------------|------------------------------------------------|-------------------------------------------------|
+| `TpoSynthetic` | `data.synthetic` (`SyntheticConfig`, sizes)    | "jpeg" (default), "video" (MP4) or "raw" (uint8) |
+| `TpoRecords`   | annotation files via `data.formats.iter_records` | "video" (default: the file's bytes), "jpeg" (every frame), "raw" |
+
+Images are stored as their file bytes and frame folders (MeViS / SA-V JPEG layout) as their JPEG
+files, whatever the option. Bad records (parse errors, unreadable media) are skipped, counted in
+`metadata.json` and logged; above `max_bad_fraction` the build stops with one error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import io
+import json
+import logging
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import av
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from data.formats import iter_records
+from data.records import TASKS, Record, RecordError
+from data.synthetic import SyntheticConfig, SyntheticSource
+from data.video import (MediaError, decode_jpeg_frames, encode_jpeg_frames, encode_mp4, list_frame_files,
+                        read_video_frames)
+
+log = logging.getLogger(__name__)
+
+VERSION = "1.0.0"
+STORAGES = ("jpeg", "video", "raw")
+_F32, _I64, _BOOL = np.float32, np.int64, np.bool_
+
+
+def features() -> tfds.features.FeaturesDict:
+    """The stored form of a Record (TF-free feature types only)."""
+    f = tfds.features
+    blob = f.Tensor(shape=(), dtype=np.object_)
+    return f.FeaturesDict({
+        "id": f.Text(), "task": f.Text(),
+        "media_kind": f.Text(),  # "frames_jpeg" | "frames_raw" | "video" | "image"
+        "media": f.Sequence(blob),  # JPEG per frame, or one element: MP4 / image bytes / raw uint8 frames
+        "frames_shape": f.Tensor(shape=(4,), dtype=_I64),  # (T, H, W, 3) of raw frames, else zeros
+        "fps": f.Scalar(dtype=_F32),  # 0: unknown
+        "question": f.Text(), "answer": f.Text(),
+        "turn_questions": f.Sequence(f.Text()), "turn_answers": f.Sequence(f.Text()),
+        "options": f.Sequence(f.Text()), "mc_answer": f.Scalar(dtype=_I64),
+        "duration": f.Scalar(dtype=_F32),  # -1: none
+        "spans": f.Tensor(shape=(None, 2), dtype=_F32), "saliency": f.Tensor(shape=(None,), dtype=_F32),
+        "clip_seconds": f.Scalar(dtype=_F32),
+        "boxes": f.Tensor(shape=(None, 4), dtype=_F32), "box_frames": f.Tensor(shape=(None,), dtype=_I64),
+        "track_boxes": f.Tensor(shape=(None, 4), dtype=_F32), "track_visible": f.Tensor(shape=(None,), dtype=_BOOL),
+        "track_masks": f.Text(),  # JSON list of COCO RLEs, "" for none
+    })
+
+
+# --- media --------------------------------------------------------------------------------------------------------
+
+
+def _read_bytes(path: str, what: str, rid: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise MediaError(f"record {rid!r}: cannot read {what} {path} ({e.strerror or e})") from None
+    if not data:
+        raise MediaError(f"record {rid!r}: {what} {path} is empty")
+    return data
+
+
+def _open(src: str | bytes):
+    return av.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+
+
+def _all_video_frames(src: str | bytes, rid: str) -> tuple[np.ndarray, float]:
+    """Every frame of a video, RGB uint8 (T, H, W, 3), and its fps; corrupt streams raise MediaError."""
+    read_video_frames(src, 16, name=f"record {rid!r}")  # the training-time checks (truncation, decoding)
+    try:
+        with _open(src) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    except av.FFmpegError as e:
+        raise MediaError(f"record {rid!r}: decoding failed ({e})") from e
+    return np.stack(frames), fps
+
+
+def _store_frames(frames: np.ndarray, storage: str, fps: float, quality: int) -> tuple[str, list[bytes], tuple]:
+    frames = np.ascontiguousarray(frames, np.uint8)
+    if storage == "raw":
+        return "frames_raw", [frames.tobytes()], frames.shape
+    if storage == "video" and len(frames) > 1:
+        return "video", [encode_mp4(frames, fps or 1.0)], (0, 0, 0, 0)
+    return "frames_jpeg", encode_jpeg_frames(frames, quality), (0, 0, 0, 0)
+
+
+def encode_media(record: Record, storage: str, quality: int = 90) -> dict[str, Any]:
+    """The media fields of a stored record (MediaError when the media cannot be read)."""
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    fps = float(record.fps or 0.0)
+    zero = (0, 0, 0, 0)
+    if record.frames is not None:
+        kind, media, shape = _store_frames(record.frames, storage, fps, quality)
+    elif record.image is not None:
+        img = record.image
+        kind, media, shape = "image", [img if isinstance(img, bytes) else _read_bytes(img, "image", record.id)], zero
+    elif record.video is not None:
+        src = record.video
+        if isinstance(src, str) and os.path.isdir(src):  # frame folder: keep its image files
+            files = list_frame_files(src)
+            if not files:
+                raise MediaError(f"record {record.id!r}: frame folder {src} has no images")
+            kind, media, shape = "frames_jpeg", [_read_bytes(f, "frame", record.id) for f in files], zero
+        elif storage == "video":
+            data = src if isinstance(src, bytes) else _read_bytes(src, "video", record.id)
+            read_video_frames(data, 16, name=f"record {record.id!r}")  # fail at build time on a corrupt video
+            kind, media, shape = "video", [data], zero
+        else:
+            frames, video_fps = _all_video_frames(src, record.id)
+            fps = fps or video_fps
+            kind, media, shape = _store_frames(frames, storage, fps, quality)
+    else:
+        raise MediaError(f"record {record.id!r}: no media")
+    return {"media_kind": kind, "media": media, "frames_shape": np.asarray(shape, np.int64), "fps": fps}
+
+
+def record_to_example(record: Record, storage: str = "jpeg", quality: int = 90) -> dict[str, Any]:
+    """A validated Record → the feature dict of `features()`."""
+    record.validate()
+
+    def arr(x, shape, dtype):
+        return np.zeros(shape, dtype) if x is None else np.asarray(x, dtype).reshape((-1,) + shape[1:])
+
+    return {
+        "id": record.id, "task": record.task, **encode_media(record, storage, quality),
+        "question": record.question, "answer": record.answer,
+        "turn_questions": [q for q, _ in record.turns], "turn_answers": [a for _, a in record.turns],
+        "options": list(record.options), "mc_answer": int(record.mc_answer),
+        "duration": -1.0 if record.duration is None else float(record.duration),
+        "spans": arr(record.spans, (0, 2), _F32), "saliency": arr(record.saliency, (0,), _F32),
+        "clip_seconds": float(record.clip_seconds),
+        "boxes": arr(record.boxes, (0, 4), _F32), "box_frames": arr(record.box_frames, (0,), _I64),
+        "track_boxes": arr(record.track_boxes, (0, 4), _F32), "track_visible": arr(record.track_visible, (0,), _BOOL),
+        "track_masks": "" if record.track_masks is None else json.dumps(record.track_masks),
+    }
+
+
+def _text(x) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def example_to_record(ex: Mapping[str, Any]) -> Record:
+    """A stored example → Record (JPEG frames decoded; videos and images stay encoded bytes).
+    A stored example that cannot be decoded raises RecordError naming it."""
+    rid = _text(ex.get("id", "?"))
+    try:
+        return _example_to_record(ex, rid)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise RecordError(f"stored record {rid!r}: malformed ({type(e).__name__}: {e})") from e
+
+
+def _example_to_record(ex: Mapping[str, Any], rid: str) -> Record:
+    kind = _text(ex["media_kind"])
+    media = list(ex["media"])
+    fps = float(ex["fps"]) or None
+    m: dict[str, Any] = {}
+    if kind == "frames_jpeg":
+        m["frames"] = decode_jpeg_frames(media, name=f"record {rid!r}")
+    elif kind == "frames_raw":
+        shape = tuple(int(s) for s in ex["frames_shape"])
+        m["frames"] = np.frombuffer(media[0], np.uint8).reshape(shape)
+    elif kind == "video":
+        m["video"] = bytes(media[0])
+    elif kind == "image":
+        m["image"] = bytes(media[0])
+    else:
+        raise RecordError(f"stored record {rid!r}: unknown media kind {kind!r}")
+
+    def opt(a):
+        a = np.asarray(a)
+        return None if a.shape[0] == 0 else a
+
+    task = _text(ex["task"])
+    duration = float(ex["duration"])
+    masks = _text(ex["track_masks"])
+    return Record(
+        id=rid, task=task, fps=fps, **m, question=_text(ex["question"]), answer=_text(ex["answer"]),
+        turns=[(_text(q), _text(a)) for q, a in zip(ex["turn_questions"], ex["turn_answers"])],
+        options=tuple(_text(o) for o in ex["options"]), mc_answer=int(ex["mc_answer"]),
+        duration=None if duration < 0 else duration, spans=opt(ex["spans"]), saliency=opt(ex["saliency"]),
+        clip_seconds=float(ex["clip_seconds"]), boxes=opt(ex["boxes"]), box_frames=opt(ex["box_frames"]),
+        track_boxes=opt(ex["track_boxes"]),
+        track_visible=opt(ex["track_visible"]),
+        track_masks=json.loads(masks) if masks else None,
+    )
+
+
+# --- builders -----------------------------------------------------------------------------------------------------
+
+
+class _BadCounter:
+    def __init__(self, max_bad_fraction: float, check_after: int):
+        self.max_bad_fraction, self.check_after = max_bad_fraction, check_after
+        self.seen, self.bad = 0, 0
+
+    def good(self):
+        self.seen += 1
+
+    def fail(self, where: str, error: Exception):
+        self.seen += 1
+        self.bad += 1
+        log.warning("skipping bad record %s: %s", where, error)
+        if self.bad > self.max_bad_fraction * max(self.seen, self.check_after):
+            raise RecordError(f"{self.bad} of {self.seen} records were bad, more than max_bad_fraction="
+                              f"{self.max_bad_fraction}; last: {where}: {error}")
+
+
+class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Shared machinery: per (split, task) generators of stored records, bad-record accounting."""
+
+    VERSION = tfds.core.Version(VERSION)
+
+    # tfds' default looks the module up with `importlib_resources` (not installed); the file is enough.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return epath.Path(inspect.getfile(cls))
+
+    def __init__(self, *, storage: str, quality: int = 90, max_bad_fraction: float = 0.05,
+                 bad_check_after: int = 100, data_dir: str, **kwargs):
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        self.storage, self.quality = storage, quality
+        self._bad = _BadCounter(max_bad_fraction, bad_check_after)
+        super().__init__(data_dir=data_dir, file_format="array_record", **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=features(), metadata=tfds.core.MetadataDict(),
+                                     description=(self.__doc__ or "").strip().splitlines()[0])
+
+    def _records(self) -> dict[tuple[str, str], Iterable[Record]]:
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        groups = self._records()
+        return {f"{split}_{task}": self._generate_examples(records) for (split, task), records in groups.items()}
+
+    def _generate_examples(self, records: Iterable[Record]):
+        for record in records:
+            try:
+                ex = record_to_example(record, self.storage, self.quality)
+            except RecordError as e:
+                self._bad.fail(record.id, e)
+                continue
+            self._bad.good()
+            yield record.id, ex
+        self.info.metadata.update(records_seen=self._bad.seen, bad_records=self._bad.bad)
+
+
+class TpoSynthetic(_RecordBuilder, skip_registration=True):
+    """The synthetic TPO dataset (`data.synthetic`) stored as ArrayRecord."""
+
+    def __init__(self, synthetic=None, *, sizes: Mapping[str, int] | None = None, tasks: Sequence[str] = TASKS,
+                 seed: int = 0, storage: str = "jpeg", **kwargs):
+        self.synthetic = (synthetic or SyntheticConfig()).validate()
+        self.sizes = dict(sizes or {"train": 1000, "validation": 64})
+        self.tasks, self.seed = tuple(tasks), seed
+        super().__init__(storage=storage, **kwargs)
+
+    def _records(self):
+        def records(src, n):
+            return (src[i] for i in range(min(n, len(src))))
+
+        return {(split, task): records(SyntheticSource(self.synthetic, task, split, self.seed), n)
+                for split, n in self.sizes.items() for task in self.tasks}
+
+
+class TpoRecords(_RecordBuilder, skip_registration=True):
+    """Real annotation files (`data.formats`) stored as ArrayRecord."""
+
+    def __init__(self, inputs: Sequence[Mapping[str, Any]], *, storage: str = "video", **kwargs):
+        """inputs: dicts {"path", "format", "split" ("train"), "media_root" (None), "options" ({})}."""
+        self.inputs = [dict(i) for i in inputs]
+        for i in self.inputs:
+            if "path" not in i or "format" not in i:
+                raise ValueError(f"each input needs 'path' and 'format', got {i}")
+        super().__init__(storage=storage, **kwargs)
+
+    def _records(self):
+        groups: dict[tuple[str, str], list[Record]] = {}
+        for spec in self.inputs:
+            split = spec.get("split", "train")
+            for r in iter_records(spec["path"], spec["format"], spec.get("media_root"), **spec.get("options", {})):
+                if isinstance(r, RecordError):
+                    self._bad.fail(f"{spec['path']}", r)
+                else:
+                    groups.setdefault((split, r.task), []).append(r)
+        return groups
+
+
+def build(builder: _RecordBuilder) -> str:
+    """Build (if not built yet) and return the dataset directory `<data_dir>/<name>/<version>`."""
+    builder.download_and_prepare()
+    return os.fspath(builder.data_dir)
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+
+class StoredSource:
+    """Random-access Records of one `<split>_<task>` over one or more built datasets."""
+
+    def __init__(self, sources: Sequence[Any]):
+        self.sources = list(sources)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> Record:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range [0, {len(self)})")
+        k = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return example_to_record(self.sources[k][int(index - self.offsets[k])])
+
+
+def open_task_sources(paths: Sequence[str], split: str, tasks: Sequence[str]) -> dict[str, StoredSource]:
+    """{task: StoredSource} of `split` over the dataset directories `paths`; a task none of them holds
+    is an error naming what they do hold."""
+    from data.pipeline import DataError  # noqa: PLC0415
+
+    per_task: dict[str, list] = {t: [] for t in tasks}
+    available: set[str] = set()
+    for path in paths:
+        try:
+            builder = tfds.builder_from_directory(os.fspath(path))
+        except Exception as e:  # tfds raises several types for a missing / malformed directory
+            raise DataError(f"{path}: not a built dataset directory (dataset_info.json, features.json) ({e})") from e
+        splits = builder.as_data_source()
+        available |= set(splits)
+        for t in tasks:
+            if f"{split}_{t}" in splits:
+                per_task[t].append(splits[f"{split}_{t}"])
+    missing = [t for t, s in per_task.items() if not s]
+    if missing:
+        raise DataError(f"no {split!r} records of task(s) {missing} in {list(paths)} (splits there: "
+                        f"{sorted(available)}); set data.weights to the tasks you have")
+    return {t: StoredSource(s) for t, s in per_task.items()}
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    """`python -m data.builders synthetic|records --data-dir DIR ...`: build and print the dataset directory."""
+    p = argparse.ArgumentParser(description="Build a TPO dataset as ArrayRecord files (TFDS layout).")
+    sub = p.add_subparsers(dest="kind", required=True)
+    syn = sub.add_parser("synthetic", help="the synthetic dataset (data.synthetic)")
+    syn.add_argument("--preset", default="default", help="SyntheticConfig preset: default, easy, hard")
+    syn.add_argument("--size", type=int, help="frame side in pixels (default: the preset's)")
+    syn.add_argument("--num-frames", type=int, help="frames per clip (default: the preset's)")
+    syn.add_argument("--train", type=int, default=10000, help="train records per task")
+    syn.add_argument("--validation", type=int, default=256, help="validation records per task")
+    syn.add_argument("--seed", type=int, default=0)
+    rec = sub.add_parser("records", help="annotation files read by data.formats")
+    rec.add_argument("--inputs", required=True,
+                     help='JSON file: a list of {"path", "format", "split", "media_root", "options"}')
+    for q in (syn, rec):
+        q.add_argument("--data-dir", required=True)
+        q.add_argument("--storage", choices=STORAGES, help="media storage (synthetic: jpeg, records: video)")
+        q.add_argument("--max-bad-fraction", type=float, default=0.05)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    common = dict(data_dir=args.data_dir, max_bad_fraction=args.max_bad_fraction)
+    if args.storage:
+        common["storage"] = args.storage
+    if args.kind == "synthetic":
+        from data.synthetic import get_synthetic_config  # noqa: PLC0415
+
+        overrides = {k: v for k, v in (("size", args.size), ("num_frames", args.num_frames)) if v is not None}
+        builder = TpoSynthetic(get_synthetic_config(args.preset, **overrides),
+                               sizes={"train": args.train, "validation": args.validation}, seed=args.seed, **common)
+    else:
+        with open(args.inputs, encoding="utf-8") as fh:
+            builder = TpoRecords(json.load(fh), **common)
+    print(build(builder))
+
+
+if __name__ == "__main__":
+    main()

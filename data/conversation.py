@@ -1,0 +1,297 @@
+"""One decoded `Record` → the fixed-shape arrays of one training example (the batch format of
+`tpo_jax.losses`, plus `task_id`, `mc_options`, `mc_answer`, `answer_start`).
+
+Token layout (MODEL-SPEC §4.3, demo form, as `MultimodalTokenizer.encode_demo_prompt` builds it):
+
+    [BOS] "[INST] <Video>"  ×num_visual_tokens placeholder ids 0  [BOS] "</Video>[/INST]"
+    [BOS] " [INST] " user_1 " [/INST] "   answer_1 </s>
+    [BOS] " [INST] " user_2 " [/INST] "   answer_2 </s>  ...                 (further turns, same form)
+    pad (id 0, attention 0) to `seq_len`
+
+Images use `<Image>` and their one frame is repeated to the model's frame count. A user text with
+"timestamp" gets the frame-time sentence of the demo. Labels are the answer ids (incl. `</s>`) and
+-100 everywhere else (prompt, placeholders, padding); each answer is tokenised on its own (its first
+piece carries the SentencePiece dummy prefix, as after the demo prompt's trailing space).
+
+What each task puts in the user text / answer (templates in `data.templates`):
+
+| task         | user text                              | answer                         | targets                         |
+|--------------|----------------------------------------|--------------------------------|---------------------------------|
+| conversation | each turn's question                   | each turn's answer             | —                               |
+| mc           | question + "A. …" option lines         | "B. text" (letter first)       | mc_options, mc_answer           |
+| region       | Tab. 22 template with the expression   | `<box_begin><boxes>` per box   | region_boxes / region_valid     |
+| temporal     | Tab. 20 template with the query        | `<time_begin><temp>`           | spans (center, width)/duration, saliency per clip |
+| mask         | Tab. 21 (`<track_box>`) or Tab. 23     | `<track_begin><tracking>`      | mask_boxes; track_boxes input   |
+
+Fixed length: an example longer than `seq_len` drops whole trailing conversation turns (never
+part of a turn, so a placeholder block or a task-token pair is never cut); if even the first turn
+does not fit, or a target does not fit its static slots (more spans than `max_spans`, more
+`<track_box>` than `track_slots`, more options than `max_options`), `RecordError` is raised so the
+pipeline skips and counts the record. Extra boxes beyond `region_slots` keep their `<boxes>` tokens
+(LM loss) without a head target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from data.records import TASKS, Record, RecordError
+from data.templates import OPTION_LETTERS, TASK_ANSWERS, mc_answer_text, mc_question, task_instruction
+from tpo_jax import config as C
+from tpo_jax.tokenizer import EOS_ID, MultimodalTokenizer, demo_prompt
+
+IGNORE = -100
+SALIENCY_MAX = 4.0  # saliency label of a clip fully inside a ground-truth span (QVHighlights scale 0..4)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSpec:
+    """Static shapes of one example."""
+
+    seq_len: int
+    num_frames: int
+    img_size: int
+    num_clips: int  # Lv: temporal positions of the video (frames / tubelet)
+    num_visual_tokens: int
+    region_slots: int = 1
+    max_spans: int = 2
+    max_text_len: int = 16
+    track_slots: int = 1
+    max_options: int = 5
+    saliency_pairs: int = 2
+
+    @classmethod
+    def from_model(cls, cfg: C.TPOConfig, seq_len: int, *, track_slots: int = 1, max_options: int = 5):
+        return cls(seq_len=seq_len, num_frames=cfg.vit.num_frames, img_size=cfg.vit.img_size,
+                   num_clips=cfg.vit.num_frames // cfg.vit.tubelet_size, num_visual_tokens=cfg.num_visual_tokens,
+                   region_slots=cfg.heads.region.max_slots, max_spans=cfg.heads.temporal.max_spans,
+                   max_text_len=cfg.heads.temporal.max_text_len, track_slots=track_slots, max_options=max_options)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shape and dtype of every key of one example."""
+        L, T, S = self.seq_len, self.num_frames, self.img_size
+        return {
+            "input_ids": ((L,), np.int32), "attention_mask": ((L,), np.int32), "labels": ((L,), np.int32),
+            "visual_mask": ((L,), np.bool_), "frames": ((T, S, S, 3), np.float32),
+            "track_boxes": ((self.track_slots, 4), np.float32),
+            "region_boxes": ((self.region_slots, 4), np.float32), "region_valid": ((self.region_slots,), np.bool_),
+            "mask_boxes": ((4,), np.float32), "mask_valid": ((), np.bool_),
+            "temporal_valid": ((), np.bool_), "spans": ((self.max_spans, 2), np.float32),
+            "span_valid": ((self.max_spans,), np.bool_), "saliency_labels": ((self.num_clips,), np.float32),
+            "saliency_pos": ((self.saliency_pairs,), np.int32), "saliency_neg": ((self.saliency_pairs,), np.int32),
+            "vid_mask": ((self.num_clips,), np.float32),
+            "temporal_text_ids": ((self.max_text_len,), np.int32), "text_mask": ((self.max_text_len,), np.float32),
+            "task_id": ((), np.int32), "mc_options": ((self.max_options,), np.int32), "mc_answer": ((), np.int32),
+            "answer_start": ((), np.int32),
+        }
+
+    def empty(self) -> dict[str, np.ndarray]:
+        out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.shapes().items()}
+        out["labels"][:] = IGNORE
+        out["vid_mask"][:] = 1.0
+        out["mc_options"][:] = -1
+        out["mc_answer"][...] = -1
+        return out
+
+
+def collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack examples into a batch (leading axis B)."""
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def _fail(record: Record, msg: str):
+    raise RecordError(f"record {record.id!r} ({record.task}): {msg}")
+
+
+def _is_video(record: Record) -> bool:
+    if record.image is not None:
+        return False
+    return not (record.frames is not None and len(record.frames) == 1)
+
+
+def dialogue(record: Record, seed: int) -> list[tuple[str, str]]:
+    """(user text, answer) turns of a record, with the task templates and task-token answers."""
+    task = record.task
+    if task == "conversation":
+        return [(q, a) for q, a in record.turns]
+    if task == "mc":
+        return [(mc_question(record.question, record.options), mc_answer_text(record.options, record.mc_answer))]
+    pair = TASK_ANSWERS[task]
+    if record.answer and pair in record.answer:
+        answer = record.answer
+    elif task == "region":
+        answer = ", ".join([pair] * len(record.boxes))
+    else:
+        answer = pair
+    return [(task_instruction(task, record.question, seed), answer)]
+
+
+def tokenize_dialogue(tok: MultimodalTokenizer, turns: list[tuple[str, str]], *, is_video: bool,
+                      frame_times: Sequence[float] | None):
+    """Per turn: (prompt ids, prompt visual flags, answer ids incl. </s>)."""
+    out = []
+    for k, (question, answer) in enumerate(turns):
+        if k == 0:
+            p = tok.encode_demo_prompt(question, is_video=is_video, frame_times=frame_times, max_length=None)
+        else:
+            p = tok.build_input_ids(demo_prompt(question, is_video=is_video)[1], is_video=is_video)
+        out.append((p.input_ids, p.visual_index, np.asarray(tok.encode(answer, add_bos=False) + [EOS_ID], np.int32)))
+    return out
+
+
+def _interval_overlap(a0, a1, b0, b1):
+    return np.maximum(0.0, np.minimum(a1, b1) - np.maximum(a0, b0))
+
+
+def clip_saliency(record: Record, duration: float, num_clips: int) -> np.ndarray:
+    """Saliency label of each of the model's `num_clips` equal clips of [0, duration].
+
+    From `record.saliency` (clips of `record.clip_seconds`): the overlap-weighted mean of the record
+    clips a model clip covers. Without it: SALIENCY_MAX × the fraction of the clip inside the spans.
+    """
+    edges = np.linspace(0.0, duration, num_clips + 1)
+    a, b = edges[:-1, None], edges[1:, None]
+    if record.saliency is not None and len(record.saliency):
+        sal = np.asarray(record.saliency, np.float64)
+        c = float(record.clip_seconds)
+        r0 = np.arange(len(sal))[None] * c
+        w = _interval_overlap(a, b, r0, r0 + c)
+        total = w.sum(axis=1)
+        return np.where(total > 0, (w * sal[None]).sum(axis=1) / np.maximum(total, 1e-12), 0.0).astype(np.float32)
+    spans = np.asarray(record.spans, np.float64)
+    inside = np.zeros(num_clips)
+    for s, e in spans:  # spans may overlap: take the union by clipping each clip's coverage at 1
+        inside += _interval_overlap(a[:, 0], b[:, 0], s, e)
+    frac = np.minimum(inside / np.maximum(b[:, 0] - a[:, 0], 1e-12), 1.0)
+    return (SALIENCY_MAX * frac).astype(np.float32)
+
+
+def _saliency_pairs(labels: np.ndarray, spans_cw: np.ndarray, n: int, rng: np.random.Generator):
+    """`n` positive clips (drawn from the highest-labelled) and `n` negatives (label 0; else the lowest)."""
+    top = labels.max()
+    if top > 0:
+        pos = np.flatnonzero(labels == top)
+    else:  # a span shorter than any overlap: the clip holding its centre
+        pos = np.minimum((spans_cw[:, 0] * len(labels)).astype(int), len(labels) - 1)
+    neg = np.flatnonzero(labels == 0)
+    if len(neg) == 0:
+        neg = np.flatnonzero(labels == labels.min())
+    return rng.choice(pos, n).astype(np.int32), rng.choice(neg, n).astype(np.int32)
+
+
+def _record_frame_index(record: Record, media, num_entries: int) -> np.ndarray:
+    """Index into the record's per-frame annotation (`track_boxes`) of each sampled frame: the entry
+    whose source frame (`box_frames`) is nearest; without `box_frames`, entries spread uniformly over
+    the source frames (one per frame when their counts agree)."""
+    idx = np.asarray(media.indices, np.float64)
+    if record.box_frames is not None and len(record.box_frames) == num_entries:
+        annotated = np.asarray(record.box_frames, np.float64)
+        return np.abs(idx[:, None] - annotated[None]).argmin(axis=1)
+    source = len(record.frames) if record.frames is not None else round(media.duration * media.fps)
+    if source and source != num_entries:
+        idx = np.floor(idx * num_entries / source)
+    return np.clip(idx.astype(np.int64), 0, num_entries - 1)
+
+
+def build_example(record: Record, media, spec: ExampleSpec, tok: MultimodalTokenizer, *, seed: int = 0) -> dict:
+    """The arrays of one example (keys and shapes of `spec.shapes()`).
+
+    `media` is the record's decoded media (`data.video.Media`: normalised float32 frames (T, H, W, 3)
+    with T = 1 for an image, timestamps, duration, fps, indices). `seed` picks the template and the
+    saliency pairs. Raises RecordError when the record cannot become an example of this shape.
+    """
+    record.validate()
+    task = record.task
+    out = spec.empty()
+    out["task_id"][...] = TASKS.index(task)
+    rng = np.random.default_rng([int(seed), 7])
+    is_video = _is_video(record)
+
+    frames = np.asarray(media.frames, np.float32)
+    if frames.ndim != 4 or frames.shape[1:] != (spec.img_size, spec.img_size, 3):
+        _fail(record, f"frames of shape {frames.shape}, expected (T, {spec.img_size}, {spec.img_size}, 3)")
+    if not is_video and len(frames) == 1:
+        frames = np.repeat(frames, spec.num_frames, axis=0)
+    if len(frames) != spec.num_frames:
+        _fail(record, f"{len(frames)} frames, the model takes {spec.num_frames}")
+    out["frames"][:] = frames
+
+    # --- tokens: drop whole trailing turns until the example fits ---------------------------------------------------
+    turns = dialogue(record, seed)
+    times = np.asarray(media.timestamps, np.float64).tolist() if is_video else None
+    pieces = tokenize_dialogue(tok, turns, is_video=is_video, frame_times=times)
+    lengths = np.cumsum([len(p) + len(a) for p, _, a in pieces])
+    keep = int(np.sum(lengths <= spec.seq_len))
+    if keep == 0:
+        _fail(record, f"{int(lengths[0])} tokens (first turn) do not fit seq_len {spec.seq_len}")
+    pos, answer_start = 0, 0
+    for prompt_ids, visual, answer_ids in pieces[:keep]:
+        n, m = len(prompt_ids), len(answer_ids)
+        out["input_ids"][pos:pos + n] = prompt_ids
+        out["visual_mask"][pos:pos + n] = visual
+        answer_start = pos + n
+        out["input_ids"][answer_start:answer_start + m] = answer_ids
+        out["labels"][answer_start:answer_start + m] = answer_ids
+        pos = answer_start + m
+    out["attention_mask"][:pos] = 1
+    out["answer_start"][...] = answer_start
+    ids = out["input_ids"][:pos]
+
+    # --- task targets ----------------------------------------------------------------------------------------------
+    n_track = int(np.sum(ids == C.TRACK_BOX_ID))
+    if n_track > spec.track_slots:
+        _fail(record, f"{n_track} <track_box> tokens, the example has {spec.track_slots} track box slot(s)")
+    if n_track and task != "mask":
+        _fail(record, "<track_box> in the prompt of a record without track boxes")
+
+    if task == "mc":
+        k = len(record.options)
+        if k > spec.max_options or k > len(OPTION_LETTERS):
+            _fail(record, f"{k} options, at most {min(spec.max_options, len(OPTION_LETTERS))} supported")
+        letters = [tok.encode(f"{L}. x", add_bos=False)[0] for L in OPTION_LETTERS[:k]]
+        out["mc_options"][:k] = letters
+        out["mc_answer"][...] = record.mc_answer
+    elif task == "region":
+        boxes = np.asarray(record.boxes, np.float32)
+        n = min(len(boxes), spec.region_slots)
+        out["region_boxes"][:n] = boxes[:n]
+        out["region_valid"][:n] = True
+    elif task == "temporal":
+        if not is_video:
+            _fail(record, "temporal grounding needs a video, got an image")
+        spans = np.asarray(record.spans, np.float64)
+        if len(spans) > spec.max_spans:
+            _fail(record, f"{len(spans)} spans, the model takes at most max_spans={spec.max_spans}")
+        d = float(record.duration)
+        cw = np.stack([(spans[:, 0] + spans[:, 1]) / 2 / d, (spans[:, 1] - spans[:, 0]) / d], axis=-1).clip(0, 1)
+        out["spans"][:len(cw)] = cw
+        out["span_valid"][:len(cw)] = True
+        out["temporal_valid"][...] = True
+        labels = clip_saliency(record, d, spec.num_clips)
+        out["saliency_labels"][:] = labels
+        out["saliency_pos"][:], out["saliency_neg"][:] = _saliency_pairs(labels, cw, spec.saliency_pairs, rng)
+        q = tok.encode(record.question, add_bos=False)[:spec.max_text_len]
+        out["temporal_text_ids"][:len(q)] = q
+        out["text_mask"][:len(q)] = 1.0
+    elif task == "mask":
+        if not is_video:
+            _fail(record, "tracking needs a video, got an image")
+        boxes = np.asarray(record.track_boxes, np.float32)
+        visible = (np.ones(len(boxes), bool) if record.track_visible is None
+                   else np.asarray(record.track_visible, bool))
+        if len(visible) != len(boxes):
+            _fail(record, f"track_visible has {len(visible)} entries for {len(boxes)} track_boxes")
+        idx = _record_frame_index(record, media, len(boxes))
+        seen = np.flatnonzero(visible[idx])
+        if len(seen) == 0:
+            _fail(record, "the tracked object is not visible in any sampled frame")
+        if n_track and seen[0] != 0:
+            _fail(record, "tracking prompt, but the object is not visible in the first sampled frame")
+        box = boxes[idx[seen[0]]]
+        out["mask_boxes"][:] = box
+        out["mask_valid"][...] = True
+        out["track_boxes"][:n_track] = box
+    return out

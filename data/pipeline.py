@@ -1,0 +1,310 @@
+"""grain input pipeline: data sources → per-task mixture → examples → fixed-shape batches.
+
+    per task k:  MapDataset.range(len(source_k)).shuffle(seed_k).repeat()     (reshuffled every epoch)
+    MapDataset.mix(tasks, stage weights)   → (task, index) stream, deterministic interleave
+    .map_with_index(+ global position)     → the position seeds the template / saliency choice
+    [process_index::process_count]         → this host's share
+    .map(Prepare)                          → read record, decode media, build_example (or a Bad marker)
+    .to_iter_dataset(ReadOptions) [.mp_prefetch(workers)]
+    TrainIterator (this process)           → skip + count bad records, collate `batch_size` examples
+
+The iterator's `get_state()` is a JSON-serialisable dict (grain's iterator state plus the skip
+counters); `set_state()` restores it, after which the iterator yields exactly the batches an
+uninterrupted run yields from that point. Sources: the built-in synthetic dataset
+(`source="synthetic"`, generated on demand) or datasets written by `data.builders`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+from absl import flags
+
+from data.conversation import ExampleSpec, build_example, collate
+from data.records import TASKS, Record, RecordError
+from data.synthetic import SyntheticConfig, SyntheticSource
+from tpo_jax.config import ConfigError, TPOConfig, check_field
+from tpo_jax.tokenizer import MultimodalTokenizer
+
+log = logging.getLogger(__name__)
+
+#: Default task weights of each training stage (train/stages.py recipe names).
+STAGE_WEIGHTS: dict[str, dict[str, float]] = {
+    "stage1": {"conversation": 0.125, "mc": 0.125, "temporal": 0.25, "region": 0.25, "mask": 0.25},
+    "stage2": {"temporal": 1 / 3, "region": 1 / 3, "mask": 1 / 3},
+    "stage2_region": {"region": 1.0},
+    "stage2_temporal": {"temporal": 1.0},
+    "stage2_mask": {"mask": 1.0},
+    "stage3": {"conversation": 0.2, "mc": 0.2, "temporal": 0.2, "region": 0.2, "mask": 0.2},
+}
+
+
+class DataError(RuntimeError):
+    """Too many bad records, or a data source that cannot be used at all."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str | tuple[str, ...] = "synthetic"  # "synthetic" or built dataset directories (data.builders)
+    batch_size: int = 8  # per host
+    seq_len: int = 128
+    seed: int = 0
+    workers: int = 0  # grain worker processes (0: read in this process)
+    threads: int = 1  # reader threads per process (ReadOptions.num_threads)
+    prefetch: int = 8  # elements buffered per worker / reader
+    weights: Mapping[str, float] | None = None  # task weights; None: STAGE_WEIGHTS[stage]
+    max_bad_fraction: float = 0.05
+    bad_check_after: int = 100  # bad records tolerated before this many were read: max_bad_fraction × this
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    track_slots: int = 1
+    max_options: int = 5
+    eval_examples: int = 64  # per task, rounded up to whole batches
+
+    def validate(self, prefix: str = "data.") -> "DataConfig":
+        for name in ("batch_size", "seq_len", "threads", "prefetch", "bad_check_after", "track_slots",
+                     "max_options", "eval_examples"):
+            v = getattr(self, name)
+            check_field(isinstance(v, int) and v > 0, prefix + name, f"must be a positive integer, got {v!r}")
+        check_field(isinstance(self.workers, int) and self.workers >= 0, prefix + "workers", "must be >= 0")
+        check_field(0 <= self.max_bad_fraction < 1, prefix + "max_bad_fraction", "must be in [0, 1)")
+        if self.weights is not None:
+            unknown = sorted(set(self.weights) - set(TASKS))
+            check_field(not unknown, prefix + "weights", f"unknown task(s) {unknown}; known: {TASKS}")
+            check_field(all(w >= 0 for w in self.weights.values()) and sum(self.weights.values()) > 0,
+                        prefix + "weights", f"must be >= 0 with a positive sum, got {dict(self.weights)}")
+        self.synthetic.validate(prefix + "synthetic.")
+        return self
+
+    def task_weights(self, stage: str) -> dict[str, float]:
+        if self.weights is not None:
+            w = dict(self.weights)
+        elif stage in STAGE_WEIGHTS:
+            w = STAGE_WEIGHTS[stage]
+        else:
+            raise ConfigError(f"config field 'stage': no default task weights for {stage!r}; "
+                              f"known: {sorted(STAGE_WEIGHTS)} (or set data.weights)")
+        total = sum(w.values())
+        return {t: w[t] / total for t in TASKS if w.get(t, 0) > 0}
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.source == "synthetic"
+
+
+def example_spec(data_cfg: DataConfig, model_cfg: TPOConfig) -> ExampleSpec:
+    return ExampleSpec.from_model(model_cfg, data_cfg.seq_len, track_slots=data_cfg.track_slots,
+                                  max_options=data_cfg.max_options)
+
+
+def synthetic_config(data_cfg: DataConfig, model_cfg: TPOConfig) -> SyntheticConfig:
+    """The synthetic config rendered at the model's resolution and frame count."""
+    return dataclasses.replace(data_cfg.synthetic, size=model_cfg.vit.img_size,
+                               num_frames=model_cfg.vit.num_frames).validate()
+
+
+def task_sources(data_cfg: DataConfig, model_cfg: TPOConfig, split: str, tasks: Sequence[str]) -> dict[str, Any]:
+    """A random-access source of `Record`s per task."""
+    if data_cfg.is_synthetic:
+        cfg = synthetic_config(data_cfg, model_cfg)
+        return {t: SyntheticSource(cfg, t, split, data_cfg.seed) for t in tasks}
+    from data.builders import open_task_sources  # noqa: PLC0415  (optional dependency on array_record)
+
+    paths = (data_cfg.source,) if isinstance(data_cfg.source, str) else tuple(data_cfg.source)
+    return open_task_sources(paths, split, tasks)
+
+
+# --- per-element transforms (picklable: they travel to grain worker processes) -------------------------------------
+
+
+class _Tag(grain.transforms.Map):
+    def __init__(self, task: int):
+        self.task = task
+
+    def map(self, index):
+        return self.task, int(index)
+
+
+class _Position(grain.transforms.MapWithIndex):
+    def map_with_index(self, position, element):
+        return element[0], element[1], int(position)
+
+
+@dataclasses.dataclass
+class Bad:
+    """A record that could not become an example (kept in the stream so it is counted in order)."""
+    record_id: str
+    message: str
+
+
+class Prepare(grain.transforms.Map):
+    """(task index, record index, position) → example dict, or `Bad`."""
+
+    def __init__(self, sources: Mapping[str, Any], spec: ExampleSpec, seed: int):
+        self.sources, self.spec, self.seed = dict(sources), spec, seed
+        self._tok = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tok": None}
+
+    @property
+    def tokenizer(self) -> MultimodalTokenizer:
+        if self._tok is None:
+            self._tok = MultimodalTokenizer(num_visual_tokens=self.spec.num_visual_tokens)
+        return self._tok
+
+    def example(self, task: str, index: int, position: int):
+        from data.video import load_media  # noqa: PLC0415  (PyAV import only where media is read)
+
+        rid = f"{task}[{index}]"
+        try:
+            record = self.sources[task][index]
+            rid = record.id if isinstance(record, Record) else rid
+            if isinstance(record, Bad):
+                return record
+            media = load_media(record, self.spec.num_frames, self.spec.img_size)
+            return build_example(record, media, self.spec, self.tokenizer, seed=hash_seed(self.seed, position))
+        except RecordError as e:
+            return Bad(rid, str(e))
+
+    def map(self, element):
+        task, index, position = element
+        return self.example(TASKS[task], index, position)
+
+
+def hash_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+# --- the dataset ---------------------------------------------------------------------------------------------------
+
+
+def index_dataset(data_cfg: DataConfig, sizes: Mapping[str, int], weights: Mapping[str, float], *,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """The infinite (task index, record index, position) stream of one host, before any record is read."""
+    parts, w = [], []
+    for task, weight in weights.items():
+        k = TASKS.index(task)
+        if sizes[task] <= 0:
+            raise DataError(f"task {task!r} has weight {weight} but its source is empty")
+        ds = grain.MapDataset.range(sizes[task]).shuffle(seed=hash_seed(data_cfg.seed, k)).repeat()
+        parts.append(ds.map(_Tag(k)))
+        w.append(weight)
+    mixed = grain.MapDataset.mix(parts, w) if len(parts) > 1 else parts[0]
+    mixed = mixed.map_with_index(_Position())
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return mixed[process_index::process_count]
+
+
+class TrainIterator:
+    """Batches of one host; skips and counts bad records; `get_state` / `set_state` for checkpoints."""
+
+    def __init__(self, dataset: grain.IterDataset, batch_size: int, max_bad_fraction: float, bad_check_after: int):
+        self._it = iter(dataset)
+        self.batch_size = batch_size
+        self.max_bad_fraction, self.bad_check_after = max_bad_fraction, bad_check_after
+        self.seen = 0
+        self.bad = 0
+
+    def __iter__(self):
+        return self
+
+    def _count_bad(self, bad: Bad):
+        self.bad += 1
+        log.warning("skipping bad record %s: %s (%d bad of %d read)", bad.record_id, bad.message, self.bad, self.seen)
+        if self.bad > self.max_bad_fraction * max(self.seen, self.bad_check_after):
+            raise DataError(f"{self.bad} of {self.seen} records were bad, more than max_bad_fraction="
+                            f"{self.max_bad_fraction}; last: {bad.record_id}: {bad.message}")
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        examples = []
+        while len(examples) < self.batch_size:
+            element = next(self._it)
+            self.seen += 1
+            if isinstance(element, Bad):
+                self._count_bad(element)
+            else:
+                examples.append(element)
+        return collate(examples)
+
+    def get_state(self) -> dict:
+        return {"grain": self._it.get_state(), "seen": self.seen, "bad": self.bad}
+
+    def set_state(self, state: Mapping) -> None:
+        self._it.set_state(state["grain"])
+        self.seen, self.bad = int(state["seen"]), int(state["bad"])
+
+    def close(self):
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+def make_dataset(data_cfg: DataConfig, model_cfg: TPOConfig, stage: str, *, split: str = "train",
+                 process_index: int = 0, process_count: int = 1,
+                 sources: Mapping[str, Any] | None = None) -> grain.IterDataset:
+    """The grain dataset of examples (and `Bad` markers) of one host. `sources` ({task: random-access
+    source of Records}) replaces the ones `data_cfg.source` names."""
+    data_cfg.validate()
+    weights = data_cfg.task_weights(stage)
+    if sources is None:
+        sources = task_sources(data_cfg, model_cfg, split, list(weights))
+    ds = index_dataset(data_cfg, {t: len(s) for t, s in sources.items()}, weights,
+                       process_index=process_index, process_count=process_count)
+    ds = ds.map(Prepare(sources, example_spec(data_cfg, model_cfg), data_cfg.seed))
+    read = grain.ReadOptions(num_threads=data_cfg.threads, prefetch_buffer_size=data_cfg.prefetch)
+    it = ds.to_iter_dataset(read)
+    if data_cfg.workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain reads absl flags when it starts workers; keep their defaults
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers,
+                                                         per_worker_buffer_size=data_cfg.prefetch))
+    return it
+
+
+def make_train_iterator(data_cfg: DataConfig, model_cfg: TPOConfig, stage: str, process_index: int = 0,
+                        process_count: int = 1, *, sources: Mapping[str, Any] | None = None) -> TrainIterator:
+    """Endless per-host batches (dict of numpy arrays, keys of `ExampleSpec.shapes`, leading axis batch_size)."""
+    ds = make_dataset(data_cfg, model_cfg, stage, process_index=process_index, process_count=process_count,
+                      sources=sources)
+    return TrainIterator(ds, data_cfg.batch_size, data_cfg.max_bad_fraction, data_cfg.bad_check_after)
+
+
+def eval_batches(data_cfg: DataConfig, model_cfg: TPOConfig, split: str = "validation",
+                 num_examples: int | None = None, tasks: Sequence[str] | None = None, *,
+                 sources: Mapping[str, Any] | None = None) -> dict[str, list[dict]]:
+    """Deterministic evaluation batches per task: records 0, 1, 2, … of each task's `split` source (bad
+    ones skipped and counted as in training), `ceil(num_examples / batch_size)` full batches each."""
+    data_cfg.validate()
+    tasks = list(tasks or TASKS)
+    n = data_cfg.eval_examples if num_examples is None else num_examples
+    if sources is None:
+        sources = task_sources(data_cfg, model_cfg, split, tasks)
+    prep = Prepare(sources, example_spec(data_cfg, model_cfg), data_cfg.seed)
+    out = {}
+    for task in tasks:
+        size = len(sources[task])
+        want = math.ceil(n / data_cfg.batch_size) * data_cfg.batch_size
+        examples, bad, i = [], 0, 0
+        while len(examples) < want and i < size:
+            ex = prep.example(task, i, i)
+            i += 1
+            if isinstance(ex, Bad):
+                bad += 1
+                log.warning("skipping bad %s record %s: %s", split, ex.record_id, ex.message)
+                if bad > data_cfg.max_bad_fraction * max(i, data_cfg.bad_check_after):
+                    raise DataError(f"{bad} of {i} {split} records of task {task!r} were bad, more than "
+                                    f"max_bad_fraction={data_cfg.max_bad_fraction}; last: {ex.record_id}: {ex.message}")
+            else:
+                examples.append(ex)
+        if not examples:
+            continue
+        examples = [examples[j % len(examples)] for j in range(want)]  # a small split: repeat from the start
+        bs = data_cfg.batch_size
+        out[task] = [collate(examples[j:j + bs]) for j in range(0, len(examples) - bs + 1, bs)]
+    return out
