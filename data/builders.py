@@ -11,12 +11,17 @@ Layout: `<data_dir>/<name>/<version>/` with `dataset_info.json`, `features.json`
 
 | builder        | records from                                   | media stored as (option `storage`)              |
 |----------------|------------------------------------------------|-------------------------------------------------|
-| `TpoSynthetic` | `data.synthetic` (`SyntheticConfig`, sizes)    | "jpeg" (default), "video" (MP4) or "raw" (uint8) |
-| `TpoRecords`   | annotation files via `data.formats.iter_records` | "video" (default: the file's bytes), "jpeg" (every frame), "raw" |
+| `TpoSynthetic` | `data.synthetic` (`SyntheticConfig`, sizes)    | "jpeg" (default), "sampled_jpeg", "video" (MP4), "raw" (uint8) |
+| `TpoRecords`   | annotation files via `data.formats.iter_records` | "sampled_jpeg" (default), "video" (the file's bytes), "jpeg" (every frame), "raw" |
 
-Images are stored as their file bytes and frame folders (MeViS / SA-V JPEG layout) as their JPEG
-files, whatever the option. Bad records (parse errors, unreadable media) are skipped, counted in
-`metadata.json` and logged; above `max_bad_fraction` the build stops with one error.
+"sampled_jpeg" decodes each clip once at build time with `data.video` (MODEL-SPEC §8.2 "middle"
+sampling of `num_frames` frames, bicubic resize to `size`) and stores those frames as JPEG (`quality`)
+with their source times (`frame_times`), the source fps and duration: 7-32x cheaper to read than the
+source mp4 and ~20 kB per frame whatever the source (docs/benchmarks.md, "Data path"); the sampling,
+frame count and size are then fixed. Images are stored as their file bytes, whatever the option; frame
+folders (MeViS / SA-V JPEG layout) as their JPEG files, or, with "sampled_jpeg", sampled like a video.
+Bad records (parse errors, unreadable media) are skipped, counted in `metadata.json` and logged; above
+`max_bad_fraction` the build stops with one error.
 """
 
 from __future__ import annotations
@@ -38,12 +43,13 @@ from data.formats import iter_records
 from data.records import TASKS, Record, RecordError
 from data.synthetic import SyntheticConfig, SyntheticSource
 from data.video import (MediaError, decode_jpeg_frames, encode_jpeg_frames, encode_mp4, list_frame_files,
-                        read_video_frames)
+                        read_video_frames, resize_frames, sample_indices)
 
 log = logging.getLogger(__name__)
 
-VERSION = "1.0.0"
-STORAGES = ("jpeg", "video", "raw")
+VERSION = "1.1.0"  # 1.1.0: "sampling" (sampled_jpeg storage) and "instruction" features
+STORAGES = ("sampled_jpeg", "jpeg", "video", "raw")
+DEFAULT_NUM_FRAMES, DEFAULT_SIZE = 16, 224  # MODEL-SPEC §8.2 (the 7B model's vit.num_frames, vit.img_size)
 _F32, _I64, _BOOL = np.float32, np.int64, np.bool_
 
 
@@ -66,6 +72,10 @@ def features() -> tfds.features.FeaturesDict:
         "boxes": f.Tensor(shape=(None, 4), dtype=_F32), "box_frames": f.Tensor(shape=(None,), dtype=_I64),
         "track_boxes": f.Tensor(shape=(None, 4), dtype=_F32), "track_visible": f.Tensor(shape=(None,), dtype=_BOOL),
         "track_masks": f.Text(),  # JSON list of COCO RLEs, "" for none
+        # frames sampled at build time: JSON {"fps", "frame_times", "source_duration"} (exact float64; tfds
+        # stores float features as float32), "" for none
+        "sampling": f.Text(),
+        "instruction": f.Text(),
     })
 
 
@@ -100,6 +110,43 @@ def _all_video_frames(src: str | bytes, rid: str) -> tuple[np.ndarray, float]:
     return np.stack(frames), fps
 
 
+def _sampling(fps: float, times, duration: float | None) -> str:
+    return json.dumps({"fps": float(fps), "frame_times": [float(t) for t in np.asarray(times, np.float64)],
+                       "source_duration": None if duration is None else float(duration)})
+
+
+def _sampled(frames: np.ndarray, times: np.ndarray, duration: float, fps: float, size, quality: int) -> dict[str, Any]:
+    """Media fields of frames sampled at build time: resized uint8 frames as JPEG + their source times."""
+    resized = resize_frames(np.ascontiguousarray(frames, np.uint8), size)
+    return {"media_kind": "frames_jpeg", "media": encode_jpeg_frames(resized, quality),
+            "frames_shape": np.zeros(4, np.int64), "fps": float(fps), "sampling": _sampling(fps, times, duration)}
+
+
+def _store_sampled(record: Record, num_frames: int, size, quality: int) -> dict[str, Any]:
+    """"sampled_jpeg": what `data.video.load_media` would decode ("middle" sampling), stored as JPEG."""
+    tag = f"record {record.id!r}"
+    src = record.video
+    if record.frames is not None:
+        frames = np.asarray(record.frames)
+        fps = float(record.fps or 1.0)
+        idx, times = sample_indices(len(frames), num_frames, fps)
+        return _sampled(frames[idx], times, len(frames) / fps, fps, size, quality)
+    if isinstance(src, str) and os.path.isdir(src):  # frame folder at record.fps, like data.video.decode_frame_dir
+        files = list_frame_files(src)
+        if not files:
+            raise MediaError(f"{tag}: frame folder {src} has no images")
+        if not record.fps:
+            raise MediaError(f"{tag}: {src}: a frame folder needs the record's fps")
+        idx, times = sample_indices(len(files), num_frames, record.fps)
+        unique = np.unique(idx)
+        decoded = decode_jpeg_frames([_read_bytes(files[i], "frame", record.id) for i in unique], name=f"{tag}: {src}")
+        frames = decoded[np.searchsorted(unique, idx)]
+        return _sampled(frames, times, len(files) / record.fps, record.fps, size, quality)
+    name = f"{tag}: {src if isinstance(src, str) else f'<{len(src)} bytes>'}"
+    frames, _, times, duration, fps = read_video_frames(src, num_frames, name=name)
+    return _sampled(frames, times, duration, fps, size, quality)
+
+
 def _store_frames(frames: np.ndarray, storage: str, fps: float, quality: int) -> tuple[str, list[bytes], tuple]:
     frames = np.ascontiguousarray(frames, np.uint8)
     if storage == "raw":
@@ -109,12 +156,25 @@ def _store_frames(frames: np.ndarray, storage: str, fps: float, quality: int) ->
     return "frames_jpeg", encode_jpeg_frames(frames, quality), (0, 0, 0, 0)
 
 
-def encode_media(record: Record, storage: str, quality: int = 90) -> dict[str, Any]:
-    """The media fields of a stored record (MediaError when the media cannot be read)."""
+def encode_media(record: Record, storage: str, quality: int = 90, *, num_frames: int = DEFAULT_NUM_FRAMES,
+                 size: int | Sequence[int] = DEFAULT_SIZE) -> dict[str, Any]:
+    """The media fields of a stored record (MediaError when the media cannot be read). `num_frames` and
+    `size` are used by "sampled_jpeg" only."""
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     fps = float(record.fps or 0.0)
     zero = (0, 0, 0, 0)
+    if record.frame_times is not None:  # already sampled (a stored record): keep its frames and times
+        if record.frames is None:
+            raise MediaError(f"record {record.id!r}: frame_times without frames")
+        return {"media_kind": "frames_jpeg", "media": encode_jpeg_frames(record.frames, quality),
+                "frames_shape": np.zeros(4, np.int64), "fps": fps,
+                "sampling": _sampling(fps, record.frame_times, record.source_duration)}
+    single = record.image is not None or (record.frames is not None and len(record.frames) == 1)
+    if storage == "sampled_jpeg" and not single:
+        return _store_sampled(record, num_frames, size, quality)
+    if storage == "sampled_jpeg":  # images (and one-frame clips) stay one frame: file bytes / one JPEG
+        storage = "jpeg"
     if record.frames is not None:
         kind, media, shape = _store_frames(record.frames, storage, fps, quality)
     elif record.image is not None:
@@ -137,18 +197,20 @@ def encode_media(record: Record, storage: str, quality: int = 90) -> dict[str, A
             kind, media, shape = _store_frames(frames, storage, fps, quality)
     else:
         raise MediaError(f"record {record.id!r}: no media")
-    return {"media_kind": kind, "media": media, "frames_shape": np.asarray(shape, np.int64), "fps": fps}
+    return {"media_kind": kind, "media": media, "frames_shape": np.asarray(shape, np.int64), "fps": fps, "sampling": ""}
 
 
-def record_to_example(record: Record, storage: str = "jpeg", quality: int = 90) -> dict[str, Any]:
-    """A validated Record → the feature dict of `features()`."""
+def record_to_example(record: Record, storage: str = "jpeg", quality: int = 90, *,
+                      num_frames: int = DEFAULT_NUM_FRAMES, size: int | Sequence[int] = DEFAULT_SIZE) -> dict[str, Any]:
+    """A validated Record → the feature dict of `features()` (`num_frames`, `size`: "sampled_jpeg" only)."""
     record.validate()
 
     def arr(x, shape, dtype):
         return np.zeros(shape, dtype) if x is None else np.asarray(x, dtype).reshape((-1,) + shape[1:])
 
     return {
-        "id": record.id, "task": record.task, **encode_media(record, storage, quality),
+        "id": record.id, "task": record.task,
+        **encode_media(record, storage, quality, num_frames=num_frames, size=size),
         "question": record.question, "answer": record.answer,
         "turn_questions": [q for q, _ in record.turns], "turn_answers": [a for _, a in record.turns],
         "options": list(record.options), "mc_answer": int(record.mc_answer),
@@ -158,6 +220,7 @@ def record_to_example(record: Record, storage: str = "jpeg", quality: int = 90) 
         "boxes": arr(record.boxes, (0, 4), _F32), "box_frames": arr(record.box_frames, (0,), _I64),
         "track_boxes": arr(record.track_boxes, (0, 4), _F32), "track_visible": arr(record.track_visible, (0,), _BOOL),
         "track_masks": "" if record.track_masks is None else json.dumps(record.track_masks),
+        "instruction": record.instruction,
     }
 
 
@@ -199,6 +262,9 @@ def _example_to_record(ex: Mapping[str, Any], rid: str) -> Record:
     task = _text(ex["task"])
     duration = float(ex["duration"])
     masks = _text(ex["track_masks"])
+    sampling = json.loads(_text(ex.get("sampling", "")) or "{}")  # absent from datasets built before 1.1.0
+    if sampling:
+        fps = float(sampling["fps"])
     return Record(
         id=rid, task=task, fps=fps, **m, question=_text(ex["question"]), answer=_text(ex["answer"]),
         turns=[(_text(q), _text(a)) for q, a in zip(ex["turn_questions"], ex["turn_answers"])],
@@ -208,6 +274,9 @@ def _example_to_record(ex: Mapping[str, Any], rid: str) -> Record:
         track_boxes=opt(ex["track_boxes"]),
         track_visible=opt(ex["track_visible"]),
         track_masks=json.loads(masks) if masks else None,
+        frame_times=np.asarray(sampling["frame_times"], np.float64) if sampling else None,
+        source_duration=sampling.get("source_duration"),
+        instruction=_text(ex.get("instruction", "")),
     )
 
 
@@ -242,10 +311,18 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def code_path(cls):
         return epath.Path(inspect.getfile(cls))
 
-    def __init__(self, *, storage: str, quality: int = 90, max_bad_fraction: float = 0.05,
+    def __init__(self, *, storage: str, quality: int = 90, num_frames: int | None = None,
+                 size: int | Sequence[int] | None = None, model_config=None, max_bad_fraction: float = 0.05,
                  bad_check_after: int = 100, data_dir: str, **kwargs):
+        """`num_frames` / `size` of "sampled_jpeg": given, else the model config's `vit.num_frames` /
+        `vit.img_size`, else 16 / 224 (MODEL-SPEC §8.2)."""
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        vit = getattr(model_config, "vit", None)
+        self.num_frames = int(num_frames or (vit.num_frames if vit else DEFAULT_NUM_FRAMES))
+        self.size = size or (vit.img_size if vit else DEFAULT_SIZE)
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         self.storage, self.quality = storage, quality
         self._bad = _BadCounter(max_bad_fraction, bad_check_after)
         super().__init__(data_dir=data_dir, file_format="array_record", **kwargs)
@@ -264,7 +341,8 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, records: Iterable[Record]):
         for record in records:
             try:
-                ex = record_to_example(record, self.storage, self.quality)
+                ex = record_to_example(record, self.storage, self.quality, num_frames=self.num_frames,
+                                       size=self.size)
             except RecordError as e:
                 self._bad.fail(record.id, e)
                 continue
@@ -294,8 +372,9 @@ class TpoSynthetic(_RecordBuilder, skip_registration=True):
 class TpoRecords(_RecordBuilder, skip_registration=True):
     """Real annotation files (`data.formats`) stored as ArrayRecord."""
 
-    def __init__(self, inputs: Sequence[Mapping[str, Any]], *, storage: str = "video", **kwargs):
-        """inputs: dicts {"path", "format", "split" ("train"), "media_root" (None), "options" ({})}."""
+    def __init__(self, inputs: Sequence[Mapping[str, Any]], *, storage: str = "sampled_jpeg", **kwargs):
+        """inputs: dicts {"path", "format", "split" ("train"), "media_root" (None), "options" ({})}.
+        kwargs: `num_frames`, `size`, `model_config` (for "sampled_jpeg"), `quality`, `max_bad_fraction`, …"""
         self.inputs = [dict(i) for i in inputs]
         for i in self.inputs:
             if "path" not in i or "format" not in i:
@@ -381,9 +460,13 @@ def main(argv=None) -> None:
     rec = sub.add_parser("records", help="annotation files read by data.formats")
     rec.add_argument("--inputs", required=True,
                      help='JSON file: a list of {"path", "format", "split", "media_root", "options"}')
+    rec.add_argument("--model-config", help="tpo_jax.config preset whose vit.num_frames / vit.img_size the "
+                     "sampled frames take (default: 16 frames of 224x224)")
+    rec.add_argument("--frames", type=int, help="sampled_jpeg: frames per clip (overrides --model-config)")
+    rec.add_argument("--frame-size", type=int, help="sampled_jpeg: frame side in pixels (overrides --model-config)")
     for q in (syn, rec):
         q.add_argument("--data-dir", required=True)
-        q.add_argument("--storage", choices=STORAGES, help="media storage (synthetic: jpeg, records: video)")
+        q.add_argument("--storage", choices=STORAGES, help="media storage (synthetic: jpeg, records: sampled_jpeg)")
         q.add_argument("--max-bad-fraction", type=float, default=0.05)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -397,8 +480,12 @@ def main(argv=None) -> None:
         builder = TpoSynthetic(get_synthetic_config(args.preset, **overrides),
                                sizes={"train": args.train, "validation": args.validation}, seed=args.seed, **common)
     else:
+        from tpo_jax.config import get_config  # noqa: PLC0415
+
+        model_cfg = get_config(args.model_config) if args.model_config else None
         with open(args.inputs, encoding="utf-8") as fh:
-            builder = TpoRecords(json.load(fh), **common)
+            builder = TpoRecords(json.load(fh), num_frames=args.frames, size=args.frame_size, model_config=model_cfg,
+                                 **common)
     print(build(builder))
 
 

@@ -8,6 +8,10 @@ Token layout (MODEL-SPEC §4.3, demo form, as `MultimodalTokenizer.encode_demo_p
     [BOS] " [INST] " user_2 " [/INST] "   answer_2 </s>  ...                 (further turns, same form)
     pad (id 0, attention 0) to `seq_len`
 
+A record's `instruction` (system text, e.g. VideoChat2's "i") is put before the first "[INST]", in the
+first segment, followed by a newline: `[BOS] instruction "\n[INST] <Video>" …` (the `[instruction]` slot
+of MODEL-SPEC §4.3's library form; the demo form has none, so without an instruction the ids are the demo's).
+
 Images use `<Image>` and their one frame is repeated to the model's frame count. A user text with
 "timestamp" gets the frame-time sentence of the demo. Labels are the answer ids (incl. `</s>`) and
 -100 everywhere else (prompt, placeholders, padding); each answer is tokenised on its own (its first
@@ -41,7 +45,7 @@ import numpy as np
 from data.records import TASKS, Record, RecordError
 from data.templates import OPTION_LETTERS, TASK_ANSWERS, mc_answer_text, mc_question, task_instruction
 from tpo_jax import config as C
-from tpo_jax.tokenizer import EOS_ID, MultimodalTokenizer, demo_prompt
+from tpo_jax.tokenizer import EOS_ID, MultimodalTokenizer, TokenizedPrompt, demo_prompt
 
 IGNORE = -100
 SALIENCY_MAX = 4.0  # saliency label of a clip fully inside a ground-truth span (QVHighlights scale 0..4)
@@ -129,12 +133,25 @@ def dialogue(record: Record, seed: int) -> list[tuple[str, str]]:
     return [(task_instruction(task, record.question, seed), answer)]
 
 
+def instruction_prefix(instruction: str) -> str:
+    """The text put before the first "[INST] <Video>": the instruction (trailing whitespace stripped) + "\n",
+    or "" without one (MODEL-SPEC §4.3, library form: `[instruction] + "[INST] " + …`)."""
+    instruction = instruction.rstrip()
+    return instruction + "\n" if instruction else ""
+
+
 def tokenize_dialogue(tok: MultimodalTokenizer, turns: list[tuple[str, str]], *, is_video: bool,
-                      frame_times: Sequence[float] | None):
-    """Per turn: (prompt ids, prompt visual flags, answer ids incl. </s>)."""
+                      frame_times: Sequence[float] | None, instruction: str = ""):
+    """Per turn: (prompt ids, prompt visual flags, answer ids incl. </s>). `instruction` goes before the
+    first turn's "[INST] <Video>" (same segment, so no extra BOS)."""
     out = []
     for k, (question, answer) in enumerate(turns):
-        if k == 0:
+        if k == 0 and instruction_prefix(instruction):
+            part1, part2 = demo_prompt(question, is_video=is_video, frame_times=frame_times)
+            p = TokenizedPrompt.concatenate([tok.build_input_ids(instruction_prefix(instruction) + part1,
+                                                                 is_video=is_video),
+                                             tok.build_input_ids(part2, is_video=is_video)], is_video=is_video)
+        elif k == 0:
             p = tok.encode_demo_prompt(question, is_video=is_video, frame_times=frame_times, max_length=None)
         else:
             p = tok.build_input_ids(demo_prompt(question, is_video=is_video)[1], is_video=is_video)
@@ -222,7 +239,7 @@ def build_example(record: Record, media, spec: ExampleSpec, tok: MultimodalToken
     # --- tokens: drop whole trailing turns until the example fits ---------------------------------------------------
     turns = dialogue(record, seed)
     times = np.asarray(media.timestamps, np.float64).tolist() if is_video else None
-    pieces = tokenize_dialogue(tok, turns, is_video=is_video, frame_times=times)
+    pieces = tokenize_dialogue(tok, turns, is_video=is_video, frame_times=times, instruction=record.instruction)
     lengths = np.cumsum([len(p) + len(a) for p, _, a in pieces])
     keep = int(np.sum(lengths <= spec.seq_len))
     if keep == 0:

@@ -163,24 +163,25 @@ def _media_fields(entry: dict, media_root: str | None) -> dict:
 def _videochat2(path, media_root, **_):
     """VideoChat2-IT: {"video"|"image", "QA": [{"i": instruction, "q": question, "a": answer}]}.
 
-    The first turn's instruction `i` is prefixed to its question (joined by a newline; the instruction
-    alone when `q` is empty), since a `Record` has no separate instruction field."""
+    The first turn's instruction `i` becomes `Record.instruction` (the conversation builder places it
+    before the first `[INST]`, MODEL-SPEC §4.3); later turns' `i` are ignored. A turn needs a question
+    `q`, except the first one when it has an instruction (the question is then empty)."""
     def parse(loc, e):
         qa = _get(e, "QA", list)
         if not qa:
             raise _Bad("'QA' is empty")
-        turns = []
+        turns, instruction = [], ""
         for k, turn in enumerate(qa):
             if not isinstance(turn, dict):
                 raise _Bad(f"QA[{k}] must be an object")
-            q, a = _get(turn, "q", str, ""), _get(turn, "a", str)
+            q, a = _get(turn, "q", str, "").strip(), _get(turn, "a", str)
             if k == 0:
-                q = "\n".join(s for s in (_get(turn, "i", str, "").strip(), q.strip()) if s)
-            if not q.strip():
+                instruction = _get(turn, "i", str, "").strip()
+            if not q and not (k == 0 and instruction):
                 raise _Bad(f"QA[{k}] has neither a question 'q' nor an instruction 'i'")
-            turns.append((q.strip(), a.strip()))
+            turns.append((q, a.strip()))
         yield Record(id=str(e.get("id", _default_id(loc))), task="conversation", turns=turns,
-                     **_media_fields(e, media_root))
+                     instruction=instruction, **_media_fields(e, media_root))
     return _run(_json_entries(path), parse)
 
 

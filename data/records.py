@@ -13,6 +13,9 @@ Units: times in seconds, boxes normalised xyxy in [0, 1] of the frame they refer
 | `temporal`     | `question` (the query), `duration`, `spans` (N, 2) start/end, `saliency`     |
 | `region`       | `question` (the expression), `boxes` (K, 4), `box_frames` (K,) frame indices |
 | `mask`         | `question`, `track_boxes` (T, 4), `track_visible` (T,), `track_masks` (RLE)  |
+
+Any task may carry an `instruction` (system text before the first turn). Frames sampled from a video at
+build time carry their source times in `frame_times` (with `fps` and `source_duration` of the source).
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ class Record:
     track_boxes: np.ndarray | None = None  # (T, 4)
     track_visible: np.ndarray | None = None  # (T,)
     track_masks: list[dict[str, Any]] | None = None  # per frame COCO RLE {"size": [h, w], "counts": ...}
+    # media sampled at build time (data.builders storage "sampled_jpeg"): `frames` are the sampled frames
+    frame_times: np.ndarray | None = None  # (T,) seconds of each frame of `frames` in the source video
+    source_duration: float | None = None  # seconds of the source video (frame count / fps)
+    instruction: str = ""  # system / instruction text before the first turn (VideoChat2 "i")
 
     def validate(self) -> "Record":
         """Raise one RecordError naming this record and the bad field; return self when usable."""

@@ -313,6 +313,9 @@ def load_media(record: Record, num_frames: int = 16, size: int | Sequence[int] =
 
     Given `frames` (uint8 (T, H, W, 3)) are only resized and normalised when T is 1 or `num_frames`;
     otherwise they are sampled like a video of T frames at `record.fps` (1 if unset).
+    Frames sampled at build time (`record.frame_times` set) are used as stored: timestamps = `frame_times`,
+    indices = round(time × fps), duration = `record.source_duration`; they must be `num_frames` frames of
+    `size` (the sampling is fixed when the dataset is built), else MediaError.
     A frame folder needs `record.fps`. Errors name the record and the file.
     """
     tag = f"record {record.id!r}"
@@ -320,6 +323,8 @@ def load_media(record: Record, num_frames: int = 16, size: int | Sequence[int] =
         frames = np.asarray(record.frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
             raise MediaError(f"{tag}: frames must be (T>0, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+        if record.frame_times is not None:
+            return _presampled(record, frames, num_frames, _hw(size), tag)
         fps = float(record.fps or 1.0)
         if len(frames) in (1, num_frames):
             indices = np.arange(len(frames))
@@ -340,6 +345,23 @@ def load_media(record: Record, num_frames: int = 16, size: int | Sequence[int] =
             return decode_frame_dir(src, record.fps, num_frames, size, mode=mode, rng=rng, name=name)
         return decode_video(src, num_frames, size, mode=mode, rng=rng, threads=threads, name=name)
     raise MediaError(f"{tag}: no media (video, image or frames)")
+
+
+def _presampled(record: Record, frames: np.ndarray, num_frames: int, hw: tuple[int, int], tag: str) -> Media:
+    """Media of frames sampled and resized when the dataset was built (`Record.frame_times` set)."""
+    times = np.asarray(record.frame_times, np.float64).reshape(-1)
+    if len(times) != len(frames) or not np.all(np.isfinite(times)) or times.min() < 0:
+        raise MediaError(f"{tag}: frame_times must be {len(frames)} finite times >= 0, got {times.tolist()}")
+    if not record.fps or not record.fps > 0:
+        raise MediaError(f"{tag}: frames sampled at build time need the source fps, got {record.fps}")
+    if len(frames) != num_frames or frames.shape[1:3] != hw:
+        raise MediaError(f"{tag}: stored {len(frames)} sampled frames of {frames.shape[1]}x{frames.shape[2]}, "
+                         f"the model takes {num_frames} of {hw[0]}x{hw[1]}; the sampling is fixed when the "
+                         "dataset is built: rebuild it with this num_frames and size")
+    fps = float(record.fps)
+    duration = float(record.source_duration) if record.source_duration is not None else 0.0
+    return Media(normalize(frames), times, duration, fps, np.rint(times * fps).astype(np.int64),
+                 tuple(frames.shape[1:3]))
 
 
 # --- encoding (fixtures and storage) -----------------------------------------------------------------------------

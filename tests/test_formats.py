@@ -112,9 +112,9 @@ def test_videochat2_json(tmp_path):
     recs, bad = read_records(path, "videochat2", "/data")
     assert not bad and [r.id for r in recs] == ["it-0", "it-1"]
     assert recs[0].video == "/data/clips/v1.mp4" and recs[0].task == "conversation"
-    assert recs[0].turns == [("Watch the video carefully.\nWhat is the man doing?", "He is slicing bread."),
-                             ("With what?", "A knife.")]
-    assert recs[1].turns == [("Describe the video in detail.", "A dog runs on a beach.")]
+    assert recs[0].instruction == "Watch the video carefully."
+    assert recs[0].turns == [("What is the man doing?", "He is slicing bread."), ("With what?", "A knife.")]
+    assert recs[1].instruction == "Describe the video in detail." and recs[1].turns == [("", "A dog runs on a beach.")]
 
 
 def test_bad_json_line_is_one_error_naming_file_and_line(tmp_path):

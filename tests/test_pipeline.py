@@ -177,7 +177,7 @@ def test_records_builder_stores_video_bytes_and_counts_bad_entries(tmp_path, cap
     ann.write_text("v1 0.5 1.5##a person opens a door\nv2 0.0 1.0##missing video\nv1 oops##bad line\n")
     inputs = [{"path": str(ann), "format": "charades_sta", "media_root": str(tmp_path),
                "options": {"durations": {"v1": 2.0, "v2": 2.0}}}]
-    builder = TpoRecords(inputs, data_dir=str(tmp_path / "out"), max_bad_fraction=0.7)
+    builder = TpoRecords(inputs, storage="video", data_dir=str(tmp_path / "out"), max_bad_fraction=0.7)
     with caplog.at_level(logging.WARNING, logger="data.builders"):
         path = build(builder)
     assert builder.info.metadata["bad_records"] == 2 and builder.info.metadata["records_seen"] == 3
