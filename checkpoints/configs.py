@@ -1,0 +1,146 @@
+"""Configs at the conversion boundary: our dataclass configs <-> JSON, Hugging Face config.json <-> LLMConfig,
+and PEFT adapter_config.json -> LoRA settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tpo_jax.config import LLMConfig, LoRAConfig
+
+from checkpoints.errors import ConversionError
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict, *, file: str = "config", prefix: str = ""):
+    """Rebuild a (nested, frozen) config dataclass from `to_dict` output."""
+    default = cls()
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConversionError(f"unknown config field(s) {[prefix + u for u in unknown]} for {cls.__name__}", file=file)
+    kw = {}
+    for name, value in data.items():
+        current = getattr(default, name)
+        if dataclasses.is_dataclass(current):
+            value = from_dict(type(current), value, file=file, prefix=f"{prefix}{name}.")
+        elif isinstance(current, tuple):
+            value = tuple(value)
+        kw[name] = value
+    return cls(**kw)
+
+
+def read_json(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConversionError("file not found", file=str(path)) from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"not valid JSON ({e})", file=str(path)) from None
+
+
+def llm_config_from_hf(hf: dict[str, Any], *, file: str = "config.json") -> LLMConfig:
+    """A Hugging Face Mistral / Llama config.json -> LLMConfig; features our decoder lacks are rejected."""
+    model_type = hf.get("model_type")
+    if model_type not in ("mistral", "llama"):
+        raise ConversionError(f"field 'model_type' is {model_type!r}; only 'mistral' and 'llama' are supported",
+                              file=file)
+    for name in ("attention_bias", "mlp_bias"):
+        if hf.get(name):
+            raise ConversionError(f"field '{name}' is true; our decoder has no projection biases", file=file)
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"field 'hidden_act' is {hf.get('hidden_act')!r}; expected 'silu'", file=file)
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    rope_type = rope.get("rope_type", "default")
+    if scaling or rope_type != "default":
+        raise ConversionError(f"rope scaling {scaling or rope} is not supported (plain RoPE only)", file=file)
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    try:
+        cfg = LLMConfig(
+            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+            num_layers=int(hf["num_hidden_layers"]), num_heads=int(hf["num_attention_heads"]),
+            num_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+            head_dim=None if hf.get("head_dim") is None else int(hf["head_dim"]),
+            intermediate_size=int(hf["intermediate_size"]), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta), max_position=int(hf.get("max_position_embeddings", 32768)),
+            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        raise ConversionError(f"missing field {e.args[0]!r}", file=file) from None
+    if cfg.head_dim is not None and cfg.head_dim == cfg.hidden_size // cfg.num_heads:
+        cfg = dataclasses.replace(cfg, head_dim=None)
+    cfg.validate()
+    return cfg
+
+
+def hf_config_from_llm(cfg: LLMConfig, dtype: str) -> dict[str, Any]:
+    """config.json of a Hugging Face MistralForCausalLM with the shapes of `cfg`."""
+    return {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.resolved_head_dim, "intermediate_size": cfg.intermediate_size,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position, "sliding_window": cfg.sliding_window,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "torch_dtype": dtype,
+        "dtype": dtype, "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """The LoRA settings of a PEFT adapter_config.json."""
+
+    rank: int
+    alpha: float
+    scaling: float
+    targets: tuple[str, ...]
+    dropout: float
+
+    def lora_config(self) -> LoRAConfig:
+        # LoRAConfig.scaling is alpha / rank; rsLoRA's alpha / sqrt(rank) is expressed through alpha.
+        return LoRAConfig(enabled=True, rank=self.rank, alpha=self.scaling * self.rank, dropout=self.dropout,
+                          targets=self.targets)
+
+
+SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def adapter_info(path: str | Path) -> AdapterInfo:
+    file = str(path)
+    data = read_json(path)
+    if data.get("peft_type", "LORA") != "LORA":
+        raise ConversionError(f"field 'peft_type' is {data.get('peft_type')!r}; only LORA is supported", file=file)
+    for name, ok in (("use_dora", not data.get("use_dora")), ("modules_to_save", not data.get("modules_to_save")),
+                     ("bias", data.get("bias", "none") == "none"), ("fan_in_fan_out", not data.get("fan_in_fan_out")),
+                     ("rank_pattern", not data.get("rank_pattern")), ("alpha_pattern", not data.get("alpha_pattern"))):
+        if not ok:
+            raise ConversionError(f"field '{name}' = {data.get(name)!r} is not supported (plain LoRA only)", file=file)
+    targets = data.get("target_modules") or []
+    if isinstance(targets, str):
+        raise ConversionError(f"field 'target_modules' is a regex {targets!r}; list the module names", file=file)
+    unknown = sorted(set(targets) - set(SUPPORTED_TARGETS))
+    if unknown:
+        raise ConversionError(f"field 'target_modules' has {unknown}; supported: {list(SUPPORTED_TARGETS)}", file=file)
+    try:
+        rank, alpha = int(data["r"]), float(data["lora_alpha"])
+    except KeyError as e:
+        raise ConversionError(f"missing field {e.args[0]!r}", file=file) from None
+    scaling = alpha / math.sqrt(rank) if data.get("use_rslora") else alpha / rank
+    return AdapterInfo(rank, alpha, scaling, tuple(t for t in SUPPORTED_TARGETS if t in targets),
+                       float(data.get("lora_dropout", 0.0)))
+
+
+def peft_adapter_config(lora: LoRAConfig, targets) -> dict[str, Any]:
+    """adapter_config.json for our kept LoRA weights (scaling alpha / r, no rsLoRA)."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout, "target_modules": list(targets), "bias": "none", "fan_in_fan_out": False,
+            "modules_to_save": None, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "inference_mode": True, "base_model_name_or_path": None, "revision": None}

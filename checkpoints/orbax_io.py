@@ -1,0 +1,280 @@
+"""Streaming writes into an Orbax checkpoint, and restoring it as the model's parameter tree.
+
+Writing: `write_streaming(directory, tree)` saves a nested dict whose leaves are `LazyArray`s through Orbax's
+own `PyTreeCheckpointHandler` (OCDBT + zarr, the standard layout). A private type handler materialises each
+leaf (reads and transforms one source tensor) only when Orbax asks to serialize it, writes it with
+TensorStore, and drops it; a byte budget bounds how much is materialised at once (one tensor larger than the
+budget runs alone). Peak memory is therefore about max(largest tensor, budget) plus its transform, not the
+checkpoint size. With `sharding` set on the leaves, each tensor is placed on the mesh
+(`jax.make_array_from_callback`) and written by Orbax's jax.Array handler (each process writes its shards).
+
+Reading: `load_params(path, abstract_state, shardings=None)` restores the saved tree into the structure of
+`abstract_state` (an `nnx.State`, e.g. `nnx.state(nnx.eval_shape(lambda: TPOModel(cfg, rngs=...)), nnx.Param)`,
+or a nested dict), cast to each abstract leaf's dtype and placed with `shardings` (same structure), or the
+abstract leaf's own `.sharding`, or on the first local device. `read_arrays(directory, paths)` returns a
+subset as NumPy arrays (used by the exporters, group by group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from orbax.checkpoint import future as ocp_future
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
+
+from checkpoints.errors import ConversionError
+
+DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
+
+
+class LazyArray:
+    """A leaf that is produced only when written: `load()` -> np.ndarray of `shape`/`dtype`."""
+
+    __slots__ = ("load", "shape", "dtype", "cost", "sharding")
+
+    def __init__(self, load: Callable[[], np.ndarray], shape, dtype, cost: int, sharding=None):
+        self.load, self.shape, self.dtype = load, tuple(shape), np.dtype(dtype)
+        self.cost, self.sharding = cost, sharding
+
+
+class _Budget:
+    """At most `limit` bytes materialised at once (an item larger than the limit runs alone)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond: asyncio.Condition | None = None
+
+    @contextlib.asynccontextmanager
+    async def take(self, n: int):
+        if self.cond is None:
+            self.cond = asyncio.Condition()
+        async with self.cond:
+            await self.cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self.cond:
+                self.used -= n
+                self.cond.notify_all()
+
+
+def _write_all(values, infos, args, budget: _Budget, write_one) -> list:
+    args = args or [ocp.SaveArgs()] * len(values)
+
+    async def one(value: LazyArray, info, arg):
+        async with budget.take(value.cost):
+            array = await asyncio.to_thread(value.load)
+            if tuple(array.shape) != value.shape:
+                raise ConversionError(f"produced shape {array.shape}, expected {value.shape}", key=info.name)
+            await write_one(array, value, info, arg)
+            del array
+
+    async def run():
+        await asyncio.gather(*[one(v, i, a) for v, i, a in zip(values, infos, args)])
+
+    return [ocp_future.CommitFutureAwaitingContractedSignals(run(), name="tpo_convert_stream")]
+
+
+class _LazyNumpyHandler(type_handlers.NumpyHandler):
+    """Writes `LazyArray` leaves as NumPy arrays (restored like any np.ndarray / jax.Array leaf)."""
+
+    def __init__(self, budget: _Budget):
+        super().__init__(deepcopy_host_arrays=False)
+        self._budget = budget
+
+    async def serialize(self, values, infos, args=None):
+        async def write_one(array, value, info, arg):
+            await self._background_serialize([array], [info], [arg])
+        return _write_all(values, infos, args, self._budget, write_one)
+
+
+class _SerialStore(array_metadata_store.Store):
+    """Orbax's array-metadata store appends by read-modify-write of one file per process; with one serialize call
+    per array, concurrent calls must take turns or entries are lost."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()  # Orbax runs each array's write on its own thread and event loop
+
+    async def write(self, checkpoint_dir, array_metadatas, process_index):
+        await asyncio.to_thread(self._lock.acquire)
+        try:
+            await super().write(checkpoint_dir, array_metadatas, process_index)
+        finally:
+            self._lock.release()
+
+
+class _LazyShardedHandler(type_handlers.ArrayHandler):
+    """Writes `LazyArray` leaves as jax.Arrays placed with the leaf's sharding."""
+
+    def __init__(self, budget: _Budget):
+        super().__init__(array_metadata_store=_SerialStore())
+        self._budget = budget
+
+    async def serialize(self, values, infos, args=None):
+        async def write_one(array, value, info, arg):
+            placed = jax.make_array_from_callback(array.shape, value.sharding, lambda idx: array[idx])
+            futures = await type_handlers.ArrayHandler.serialize(self, [placed], [info], [arg])
+            for f in futures or []:
+                await asyncio.to_thread(f.result)
+        return _write_all(values, infos, args, self._budget, write_one)
+
+
+def write_streaming(directory: str | Path, tree: Mapping[str, Any], *, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                    sharded: bool = False, compression: bool = False) -> None:
+    """Save a nested dict of `LazyArray` leaves as an Orbax PyTree checkpoint at `directory`.
+
+    Arrays are stored as zarr3 in OCDBT (Orbax's own format; restore detects it). compression: Orbax's zstd
+    compression of each array; weights barely compress and it costs most of the write time, so it is off by
+    default (restores are identical either way)."""
+    budget = _Budget(budget_bytes)
+    handler = _LazyShardedHandler(budget) if sharded else _LazyNumpyHandler(budget)
+    registry = type_handler_registry.create_type_handler_registry(
+        *type_handler_registry._DEFAULT_TYPE_HANDLERS, (LazyArray, handler))
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
+                                                         use_compression=compression, use_zarr3=True))
+    ckptr.save(Path(directory).absolute(), args=ocp.args.PyTreeSave(dict(tree)))
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+def nest(flat: Mapping[str, Any], sep: str = ".") -> dict:
+    """{"a.b.c": x} -> {"a": {"b": {"c": x}}}."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split(sep)
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def flatten(tree: Mapping, sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        p = f"{prefix}{sep}{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, sep, p))
+        else:
+            out[p] = v
+    return out
+
+
+def saved_arrays(directory: str | Path, sep: str = ".") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """path -> (shape, dtype) of every array in the Orbax checkpoint at `directory` (reads metadata only)."""
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise ConversionError("no Orbax checkpoint here (directory not found)", file=str(directory))
+    meta = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(directory)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+    if tree is None:
+        tree = meta.item_metadata
+    return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in flatten(tree, sep).items()}
+
+
+def read_arrays(directory: str | Path, paths: Iterable[str], sep: str = ".") -> dict[str, np.ndarray]:
+    """The arrays at `paths` as NumPy arrays (a partial restore: other leaves are not read)."""
+    paths = list(paths)
+    if not paths:
+        return {}
+    item = nest({p: 0 for p in paths}, sep)
+    rargs = nest({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths}, sep)
+    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+        Path(directory).absolute(), args=ocp.args.PyTreeRestore(item=item, restore_args=rargs, partial_restore=True))
+    flat = flatten(restored, sep)
+    return {p: np.asarray(flat[p]) for p in paths}
+
+
+def _flat_state(tree) -> tuple[dict[str, Any], Callable[[Mapping[str, Any]], Any]]:
+    """(path -> leaf, rebuild(path -> new value)) for an nnx.State or a nested dict."""
+    if isinstance(tree, nnx.State):
+        items = list(nnx.to_flat_state(tree))
+        flat = {".".join(map(str, p)): v for p, v in items}
+
+        def rebuild(values):
+            return nnx.from_flat_state([(p, v.replace(values[".".join(map(str, p))])) for p, v in items])
+        return flat, rebuild
+    if isinstance(tree, Mapping):
+        flat = flatten(tree)
+        return flat, nest
+    raise TypeError(f"expected an nnx.State or a nested dict, got {type(tree).__name__}")
+
+
+def _leaf_value(leaf):
+    return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def load_params(path: str | Path, abstract_state, shardings=None, *, prefix: str = "", strict: bool = True):
+    """Restore a converted checkpoint into the structure of `abstract_state`.
+
+    path: the conversion output directory (its `params/` is read) or an Orbax checkpoint directory.
+    abstract_state: nnx.State or nested dict whose leaves have `.shape`/`.dtype` (ShapeDtypeStructs or arrays);
+      values are restored in each leaf's dtype.
+    shardings: same structure, leaves `jax.sharding.Sharding` (e.g. from `tpo_jax.sharding.tree_shardings`);
+      default: each abstract leaf's `.sharding` if it has one, else the first local device.
+    prefix: checkpoint path prefix of `abstract_state` (e.g. "llm" to restore into `nnx.state(model.llm)`).
+    strict: every leaf must be in the checkpoint and every checkpoint array in `abstract_state`; with
+      strict=False, leaves not in the checkpoint are returned unchanged (use it to overlay converted weights
+      onto an initialised state).
+    Returns the same structure with jax.Array values.
+    """
+    root = Path(path)
+    directory = root / "params" if (root / "params").is_dir() else root
+    saved = saved_arrays(directory)
+    flat, rebuild = _flat_state(abstract_state)
+    flat_sh = _flat_state(shardings)[0] if shardings is not None else {}
+    pre = f"{prefix}." if prefix else ""
+    wanted = {}
+    for p, leaf in flat.items():
+        value = _leaf_value(leaf)
+        cp = pre + p
+        if cp not in saved:
+            if strict:
+                raise ConversionError(f"the checkpoint has no array for parameter '{cp}'", file=str(directory), key=cp)
+            continue
+        if tuple(saved[cp][0]) != tuple(value.shape):
+            raise ConversionError(f"shape mismatch: checkpoint has {saved[cp][0]}, the model expects "
+                                  f"{tuple(value.shape)}", file=str(directory), key=cp)
+        sharding = _leaf_value(flat_sh[p]) if p in flat_sh else getattr(value, "sharding", None)
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        wanted[cp] = jax.ShapeDtypeStruct(tuple(value.shape), value.dtype, sharding=sharding)
+    if strict:
+        extra = sorted(k for k in saved if k.startswith(pre) and k[len(pre):] not in flat)
+        if extra:
+            raise ConversionError(f"the model has no parameter for this checkpoint array ({len(extra)} such arrays)",
+                                  file=str(directory), key=extra[0])
+    if wanted:
+        item = nest(wanted)
+        restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+            directory.absolute(), args=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        got = flatten(restored)
+    else:
+        got = {}
+    return rebuild({p: got[pre + p] if pre + p in got else _leaf_value(leaf) for p, leaf in flat.items()})
+
+
+def load_extras(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """The tensors kept unchanged at conversion (`extras/`), as {group: {name: np.ndarray}} (PyTorch layout)."""
+    directory = Path(path) / "extras"
+    if not directory.is_dir():
+        return {}
+    paths = list(saved_arrays(directory, sep="/"))
+    arrays = read_arrays(directory, paths, sep="/")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for p, a in arrays.items():
+        group, name = p.split("/", 1)
+        out.setdefault(group, {})[name] = a
+    return out

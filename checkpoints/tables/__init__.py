@@ -1,0 +1,30 @@
+"""Declarative key tables, one module per component; this module assembles them per source format.
+
+Where does a key go? Read the docstring of the component's module:
+`llm` (Mistral / LoRA), `vision` (ViT, Q-Former, projections), `heads` (task tokens, box encoder, region and
+mask heads, SAM2), `temporal` (CG-DETR). Rules are tried in order; the first whose source template matches
+a key handles it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from checkpoints.mapping import Rule
+from checkpoints.tables import heads, llm, temporal, vision
+
+
+def videochat(lora: str = "keep", scaling: float = 2.0, rank: int = 16) -> list[Rule]:
+    """Every key of the released VideoChat-TPO checkpoint (2,594): mapped, kept as an extra, or dropped."""
+    return (llm.videochat_llm(lora, scaling, rank) + vision.vit() + vision.qformer() + heads.tokens_and_heads()
+            + heads.sam2() + temporal.cgdetr())
+
+
+def hf(*, tie: bool = False, adapter_targets: Sequence[str] = (), lora: str = "merge", scaling: float = 1.0,
+       rank: int = 0, base_overrides: Mapping[str, str] | None = None) -> list[Rule]:
+    """A Hugging Face Mistral/Llama checkpoint (+ PEFT adapter) -> `llm.*`."""
+    return llm.hf_llm(tie=tie, adapter_targets=adapter_targets, lora=lora, scaling=scaling, rank=rank,
+                      base_overrides=base_overrides)
+
+
+__all__ = ["videochat", "hf", "llm", "vision", "heads", "temporal"]
