@@ -20,6 +20,9 @@ from flax import nnx, struct
 from tpo_jax.config import LLMConfig, LoRAConfig
 from tpo_jax.layers import Embed, Linear, RMSNorm, attention, split_rng
 from tpo_jax.lora import LoRALinear
+from tpo_jax.sharding import constrain
+
+ACT = ("batch", "length", "act_embed")  # logical axes of the residual stream
 
 
 @struct.dataclass
@@ -174,6 +177,7 @@ class MistralDecoder(nnx.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MistralDecoder: pass exactly one of input_ids or inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        x = constrain(x, *ACT)
         b, l, _ = x.shape
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length
         q_slots = start + jnp.arange(l)
@@ -187,6 +191,7 @@ class MistralDecoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
             x, kv = layer(x, positions, mask, cache_kv, start, rngs[i])
+            x = constrain(x, *ACT)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])

@@ -61,6 +61,9 @@ from flax import nnx
 from tpo_jax import layers
 from tpo_jax.config import QFormerConfig
 from tpo_jax.layers import Embed, LayerNorm, Linear
+from tpo_jax.sharding import constrain
+
+ACT = ("batch", "length", "act_embed")  # logical axes of the residual stream
 
 _query_init = nnx.initializers.normal(stddev=0.02)
 
@@ -236,7 +239,7 @@ class QFormer(nnx.Module):
         x = self.embeddings(queries, text_ids, emb_rng)
         vision = vision.astype(self.dtype)
         for layer, layer_rng in zip(self.layers, layer_rngs):
-            x = layer(x, nq, vision, self_mask, cross_mask, layer_rng)
+            x = constrain(layer(x, nq, vision, self_mask, cross_mask, layer_rng), *ACT)
         return x[:, :nq]
 
     def __call__(self, vision: jax.Array, vision_mask: jax.Array | None = None, text_ids: jax.Array | None = None,

@@ -28,6 +28,9 @@ from flax import nnx
 from tpo_jax import layers
 from tpo_jax.config import ViTConfig
 from tpo_jax.layers import LayerNorm, Linear, param
+from tpo_jax.sharding import constrain
+
+ACT = ("batch", "length", "act_embed")  # logical axes of the residual stream
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -195,8 +198,9 @@ class UMTViT(nnx.Module):
         self.check_input(frames.shape)
         x = self.patch_embed(frames)
         x = x + jnp.asarray(position_table(self.cfg, frames.shape[1])).astype(x.dtype)
+        x = constrain(x, *ACT)
         for block in self.blocks:
-            x = block(x)
+            x = constrain(block(x), *ACT)
         if self.outer_norm is not None:
             x = self.outer_norm(x)
         return x

@@ -9,6 +9,10 @@
   step on the whole batch.
 * Global-norm clipping, AdamW with warmup + cosine, per-group learning rates (`train.optim`).
 * `state` is donated: its buffers are reused for the new state.
+
+Sharded training (`tpo_jax.sharding`): `train_shardings` gives the shapes and shardings of the state
+without allocating, `init_sharded` builds the state directly in its shards, `make_sharded_train_step`
+jits the same step with explicit in/out shardings and activation constraints on a device mesh.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from flax import nnx, struct
 
 from tpo_jax.config import ConfigError, TPOConfig, check_positive
 from tpo_jax.losses import HEADS, loss_counts, total_loss
+from tpo_jax.model import TPOModel
+from tpo_jax.sharding import (abstract_model, activation_sharding, batch_sharding, fast_model_tracing, replicated,
+                              tree_shardings)
 from train.optim import OptimConfig, learning_rates, make_optimizer
 from train.stages import StageRecipe, get_recipe, param_group
 
@@ -154,3 +161,108 @@ def make_eval_step(graphdef, model_cfg: TPOConfig, heads=HEADS,
         return total_loss(model, batch, counts, weights, heads)[1]
 
     return eval_step
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded training (tpo_jax.sharding): state created in its shards, step jitted with explicit shardings
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainShardings:
+    """Shardings of the train-step arguments and the abstract arrays they describe.
+
+    `abstract_state` / `abstract_frozen` are ShapeDtypeStruct trees carrying their sharding (restore
+    targets for a checkpoint loader).
+    """
+
+    state: Any  # TrainState of NamedSharding
+    frozen: Any
+    batch: Any  # NamedSharding, a prefix for the whole batch dict
+    replicated: Any  # NamedSharding for the rng and the metrics
+    abstract_state: Any = None
+    abstract_frozen: Any = None
+    mesh: Any = None
+    rules: Any = None
+
+
+def _cast_floating(tree, dtype):
+    if dtype is None:
+        return tree
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _with_sharding(abstract, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def train_shardings(model_cfg: TPOConfig, train_cfg: TrainConfig, mesh, rules, seed: int = 0, *,
+                    frozen_dtype: str | None = None):
+    """Shapes and shardings of the train state, without allocating anything: (graphdef, tx, shardings).
+
+    Shapes come from `nnx.eval_shape`; each array's sharding from its logical axes and `rules`
+    (`tpo_jax.sharding.tree_shardings`). `frozen_dtype` as in `init_sharded`.
+    """
+    train_cfg.validate()
+    recipe = get_recipe(train_cfg.stage)
+    graphdef, abs_params, abs_frozen = split_model(abstract_model(model_cfg, seed), recipe)
+    abs_frozen = jax.eval_shape(lambda f: _cast_floating(f, frozen_dtype), abs_frozen)
+    tx = make_optimizer(recipe, abs_params, train_cfg.optim)
+    abs_state = jax.eval_shape(lambda p: _new_state(tx, p), abs_params)
+    state_sh, frozen_sh = tree_shardings(abs_state, mesh, rules), tree_shardings(abs_frozen, mesh, rules)
+    shardings = TrainShardings(
+        state=state_sh, frozen=frozen_sh, batch=batch_sharding(mesh), replicated=replicated(mesh),
+        abstract_state=_with_sharding(abs_state, state_sh), abstract_frozen=_with_sharding(abs_frozen, frozen_sh),
+        mesh=mesh, rules=tuple(rules))
+    return graphdef, tx, shardings
+
+
+def _new_state(tx, params) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def init_sharded(model_cfg: TPOConfig, train_cfg: TrainConfig, mesh, rules, seed: int = 0, *,
+                 frozen_dtype: str | None = None):
+    """Build the model directly in its shards: (graphdef, state, frozen, tx, shardings).
+
+    The model is built inside `jax.jit(..., out_shardings=...)` (shardings from `train_shardings`),
+    so each device computes only its own shard and nothing is materialised whole. `frozen_dtype`
+    (e.g. "bfloat16") stores the frozen floating params in that dtype; trainable params keep the
+    config's `param_dtype`. Values equal those of `init_train_state(TPOModel(model_cfg, rngs=nnx.Rngs(seed)))`.
+    """
+    graphdef, tx, sh = train_shardings(model_cfg, train_cfg, mesh, rules, seed, frozen_dtype=frozen_dtype)
+    recipe = get_recipe(train_cfg.stage)
+
+    def build():
+        _, params, frozen = split_model(TPOModel(model_cfg, rngs=nnx.Rngs(seed)), recipe)
+        return _new_state(tx, params), _cast_floating(frozen, frozen_dtype)
+
+    with fast_model_tracing():
+        state, frozen = jax.jit(build, out_shardings=(sh.state, sh.frozen))()
+    return graphdef, state, frozen, tx, sh
+
+
+def _in_context(fn, shardings: TrainShardings):
+    def wrapped(*args):
+        with activation_sharding(shardings.mesh, shardings.rules):
+            return fn(*args)
+    return wrapped
+
+
+def make_sharded_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: TPOConfig,
+                            train_cfg: TrainConfig, shardings: TrainShardings, *, donate: bool = True):
+    """`train_step(state, frozen, batch, rng) -> (state, metrics)` jitted with explicit in/out shardings
+    (from `init_sharded`), activation constraints active, and the state donated. `batch` holds global
+    arrays (`tpo_jax.sharding.shard_batch`); metrics come back replicated."""
+    step = make_train_step(graphdef, tx, model_cfg, train_cfg, jit=False)
+    sh = shardings
+    return jax.jit(_in_context(step, sh), in_shardings=(sh.state, sh.frozen, sh.batch, sh.replicated),
+                   out_shardings=(sh.state, sh.replicated), donate_argnums=(0,) if donate else ())
+
+
+def make_sharded_grad_fn(graphdef, model_cfg: TPOConfig, train_cfg: TrainConfig, shardings: TrainShardings):
+    """Jitted `grad_fn(params, frozen, batch, rng) -> (metrics, grads)` with grads sharded as the params."""
+    grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg)
+    sh = shardings
+    return jax.jit(_in_context(grad_fn, sh), in_shardings=(sh.state.params, sh.frozen, sh.batch, sh.replicated),
+                   out_shardings=(sh.replicated, sh.state.params))

@@ -1,0 +1,199 @@
+"""Training checkpoints with Orbax: async saves every N steps, the last K kept, exact resume.
+
+One checkpoint step holds four items:
+
+| item     | content                                                             | format               |
+|----------|---------------------------------------------------------------------|----------------------|
+| `params` | the model parameters the run has changed so far, keyed by model path | arrays (OCDBT)      |
+| `state`  | the rest of the train state: step counter and optimizer state       | arrays (OCDBT)       |
+| `meta`   | step, data-iterator state, counters (anything JSON)                 | JSON                 |
+| `config` | the resolved run config                                             | JSON                 |
+
+Array trees are stored as nested dicts of arrays keyed by their pytree path (`tree_to_dict`), so any
+pytree (nnx.State, optax states) round-trips, and a restore only needs a target of the same structure:
+abstract arrays (`jax.ShapeDtypeStruct`) that carry the *target* sharding. A checkpoint written on one
+device layout is restored onto any other (8 devices → 1, 1 → 8, another mesh) this way.
+
+Saves are atomic: Orbax writes into a temporary directory and renames it when complete, so a process
+killed during a save leaves the previous checkpoints intact; the unfinished one is ignored (and
+cleaned up by the next manager on that directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+ITEMS = ("params", "state", "meta", "config")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be used as asked."""
+
+
+# --- pytrees ↔ nested dicts keyed by path --------------------------------------------------------------------------
+
+def _key_name(k) -> str | None:
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return None if k.name == "value" else k.name  # nnx.Variable's value attribute: not part of the path
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_paths(tree) -> list[tuple[tuple[str, ...], Any]]:
+    """(path of string keys, leaf) of every leaf, in flattening order."""
+    out = []
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out.append((tuple(n for n in (_key_name(k) for k in kp) if n is not None), leaf))
+    return out
+
+
+def tree_to_dict(tree) -> dict:
+    """A nested dict {key: {key: ... leaf}} with the leaves of `tree` at their paths."""
+    out: dict = {}
+    for path, leaf in leaf_paths(tree):
+        if not path:
+            raise CheckpointError("a bare array has no path; wrap it in a dict")
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+            if not isinstance(d, dict):
+                raise CheckpointError(f"path {'/'.join(path)} collides with a leaf")
+        if path[-1] in d:
+            raise CheckpointError(f"two leaves at path {'/'.join(path)}")
+        d[path[-1]] = leaf
+    return out
+
+
+def dict_to_tree(target, values: Mapping) -> Any:
+    """`target`'s structure with each leaf replaced by `values` at its path (as made by `tree_to_dict`)."""
+    def get(path):
+        d = values
+        for k in path:
+            if not isinstance(d, Mapping) or k not in d:
+                raise CheckpointError(f"checkpoint has no entry {'/'.join(path)}")
+            d = d[k]
+        return d
+
+    leaves = [get(path) for path, _ in leaf_paths(target)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
+
+
+def abstract_like(tree, shardings=None):
+    """ShapeDtypeStructs of `tree`'s arrays, carrying `shardings` (a matching tree) or each array's own."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# --- the manager ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 100  # save every N steps (the last step of a stage is always saved)
+    keep: int = 2  # keep the last K checkpoints
+    async_save: bool = True  # write in background threads while training goes on
+
+    def validate(self, prefix: str = "checkpoint.") -> "CheckpointConfig":
+        from tpo_jax.config import check_positive  # noqa: PLC0415
+        check_positive(self, prefix, "every_steps", "keep")
+        return self
+
+
+class CheckpointManager:
+    """`orbax.checkpoint.CheckpointManager` over the four items of a training checkpoint."""
+
+    def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig = CheckpointConfig(), *,
+                 read_only: bool = False):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.cfg = cfg
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, create=not read_only,
+            enable_async_checkpointing=cfg.async_save, read_only=read_only, cleanup_tmp_directories=not read_only)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    # queries
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    # save / restore
+    def save(self, step: int, *, params, state, meta: Mapping[str, Any], config: Mapping[str, Any],
+             force: bool = False) -> bool:
+        """Start saving step `step` (returns at once when async; `wait()` blocks until it is on disk).
+        Without `force`, only steps that are multiples of `every_steps` are saved."""
+        if step in self._mngr.all_steps() or not (force or self.should_save(step)):
+            return False
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(tree_to_dict(params)),
+            state=ocp.args.StandardSave(tree_to_dict(state)),
+            meta=ocp.args.JsonSave(dict(meta)),
+            config=ocp.args.JsonSave(dict(config)))
+        return self._mngr.save(step, args=args, force=True)
+
+    def should_save(self, step: int) -> bool:
+        """True for the multiples of `every_steps`."""
+        return step > 0 and step % self.cfg.every_steps == 0
+
+    def restore(self, step: int | None = None, *, params=None, state=None) -> dict[str, Any]:
+        """Items of checkpoint `step` (default: the latest): `meta` and `config` always; `params` / `state`
+        when a target is given — a pytree of abstract arrays (`abstract_like`) whose shardings say where the
+        restored arrays go. Returns {"step", "meta", "config", "params"?, "state"?}."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        if step not in self._mngr.all_steps():
+            raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; have {self.all_steps()}")
+        args = {"meta": ocp.args.JsonRestore(), "config": ocp.args.JsonRestore()}
+        targets = {"params": params, "state": state}
+        for name, target in targets.items():
+            if target is not None:
+                args[name] = ocp.args.StandardRestore(_restore_target(target))
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"checkpoint {self.directory}/{step} does not match the restore target: {e}") from e
+        result = {"step": step, "meta": dict(out["meta"]), "config": dict(out["config"])}
+        for name, target in targets.items():
+            if target is not None:
+                result[name] = dict_to_tree(target, out[name])
+        return result
+
+    def read_json(self, step: int | None = None) -> dict[str, Any]:
+        """Only the `meta` and `config` items of a checkpoint (no arrays read)."""
+        return self.restore(step)
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _restore_target(target):
+    """Nested dict of ShapeDtypeStructs; a leaf without sharding is restored onto the first local device."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def one(x):
+        sharding = getattr(x, "sharding", None) or default
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    return tree_to_dict(jax.tree.map(one, target))

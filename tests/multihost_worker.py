@@ -1,0 +1,74 @@
+"""One process of the multi-process training test (tests/test_multihost.py).
+
+    python tests/multihost_worker.py --process-id 0 --num-processes 2 --port 12345 --devices 4 --steps 3
+
+Joins `jax.distributed` on localhost (gloo CPU collectives), builds the tiny model directly in its
+FSDP shards over every device of every process, feeds this process's rows of a fixed batch and
+prints the per-step total losses as one JSON line (process 0 only).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+BATCH_TASKS = ("region", "conversation")
+
+
+def settings():
+    """(model config, train config) shared by the workers and the single-process reference."""
+    from tpo_jax import config as C
+    from train.optim import OptimConfig
+    from train.step import TrainConfig
+    # stage 2 (region): LoRA, region head and box token train; a small step that compiles quickly
+    train_cfg = TrainConfig(stage="stage2_region", dropout=True,
+                            optim=OptimConfig(total_steps=10, warmup_ratio=0.0, lr_scale=50.0))
+    return C.get_config("tiny"), train_cfg
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--process-id", type=int, required=True)
+    p.add_argument("--num-processes", type=int, required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    args = p.parse_args()
+
+    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} "
+                               "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+    from train.distributed import DistributedConfig, initialize, is_main_process, shutdown
+    initialize(DistributedConfig(coordinator_address=f"localhost:{args.port}", num_processes=args.num_processes,
+                                 process_id=args.process_id, initialization_timeout=60))
+
+    from data.synthetic import synthetic_batch
+    from tpo_jax.sharding import MeshConfig, data_shard_for_process, get_rules, make_mesh, shard_batch
+    from train.step import init_sharded, make_sharded_train_step
+
+    CFG, TRAIN_CFG = settings()
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    graphdef, state, frozen, tx, sh = init_sharded(CFG, TRAIN_CFG, mesh, get_rules("fsdp"), seed=0)
+    step = make_sharded_train_step(graphdef, tx, CFG, TRAIN_CFG, sh)
+    full = synthetic_batch(CFG, args.batch, seed=0, tasks=BATCH_TASKS)
+    index, count = data_shard_for_process(mesh)
+    rows = args.batch // count
+    local = {k: v[index * rows:(index + 1) * rows] for k, v in full.items()}
+    losses = []
+    for i in range(args.steps):
+        state, metrics = step(state, frozen, shard_batch(local, mesh), jax.random.key(i))
+        losses.append(float(metrics["loss/total"]))
+    if is_main_process():
+        print(json.dumps({"losses": losses, "devices": jax.device_count(), "processes": jax.process_count(),
+                          "local_rows": rows}), flush=True)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Sharding over the 8 fake CPU devices: every strategy gives the single-device loss and gradients,
+parameter shardings follow the rules, FSDP divides the state memory, and bad meshes/rules fail clearly."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from data.synthetic import synthetic_batch
+from tpo_jax import config as C
+from tpo_jax import sharding as S
+from tpo_jax import shard_report as R
+from tpo_jax.lora import LoRALinear
+from tpo_jax.model import TPOModel
+from train.optim import OptimConfig
+from train.stages import get_recipe
+from train.step import (TrainConfig, init_sharded, init_train_state, make_grad_fn, make_sharded_grad_fn,
+                        make_sharded_train_step, make_train_step, split_model, train_shardings)
+
+CFG = C.get_config("tiny")
+# region + mask heads: every trunk module (ViT, Q-Former, LoRA) and two heads get gradients, and the step
+# compiles in seconds (the temporal head's in-graph matcher is what makes the full step slow to compile)
+TC = TrainConfig(stage="stage3", heads=("region", "mask"), dropout=False)
+TASKS = ("region", "mask", "conversation")
+MESHES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (1, 1, 8), "fsdp_tp": (1, 4, 2)}
+
+# Expected mesh specs, written out by hand from the rules (tiny shapes in comments).
+Q, K, O = ("llm", "layers", 0, "self_attn", "q_proj"), ("llm", "layers", 0, "self_attn", "k_proj"), \
+    ("llm", "layers", 0, "self_attn", "o_proj")
+DOWN = ("llm", "layers", 0, "mlp", "down_proj")
+EMBED, HEAD = ("llm", "embed_tokens", "embedding"), ("llm", "lm_head", "kernel")
+EXPECTED = {
+    "fsdp": {
+        Q + ("kernel",): ("fsdp", None),  # (64, 64) embed, q_heads
+        Q + ("lora_b",): (None, "fsdp"),  # (4, 64) lora_rank, q_heads: falls back to the head dim
+        EMBED: (None, "fsdp"),  # (32007, 64): vocab does not divide, embed does
+        HEAD: ("fsdp", None),
+        DOWN + ("lora_a",): ("fsdp", None),  # (128, 4) mlp, lora_rank
+        ("vision", "blocks", 0, "attn", "qkv"): ("fsdp", None),
+        ("qformer", "layers", 0, "crossattention", "key", "kernel"): ("fsdp", None),  # vit_embed, heads
+        ("box_token",): ("fsdp",),
+        ("llm", "norm", "scale"): (None,),
+        ("sam2", "point_embeddings"): (None, None),
+    },
+    "tp": {
+        Q + ("kernel",): (None, "tensor"),
+        K + ("kernel",): (None, "tensor"),  # (64, 32): 2 kv heads × 16 cut into 8 column blocks of 4
+        O + ("kernel",): ("tensor", None),
+        O + ("lora_a",): ("tensor", None),
+        DOWN + ("kernel",): ("tensor", None),
+        EMBED: (None, None),  # 32007 rows do not split 8 ways: replicated
+        HEAD: (None, None),
+        ("vision", "blocks", 0, "attn", "qkv"): (None, "tensor"),
+        ("box_token",): (None,),
+    },
+    "fsdp_tp": {
+        Q + ("kernel",): ("fsdp", "tensor"),
+        Q + ("lora_a",): ("fsdp", None),
+        Q + ("lora_b",): (None, "tensor"),
+        O + ("kernel",): ("tensor", "fsdp"),
+        DOWN + ("lora_a",): ("tensor", None),
+        EMBED: (None, "fsdp"),
+        HEAD: ("fsdp", None),
+        ("box_token",): ("fsdp",),
+    },
+}
+
+
+def _padded(spec, ndim):
+    spec = tuple(spec)
+    return spec + (None,) * (ndim - len(spec))
+
+
+def _flat(tree):
+    return {p: v.get_value() for p, v in nnx.to_flat_state(tree)}
+
+
+@pytest.fixture(scope="module")
+def batch_np():
+    return synthetic_batch(CFG, 8, seed=0, tasks=TASKS)
+
+
+@pytest.fixture(scope="module")
+def reference(batch_np):
+    """Single-device loss and gradients, with random LoRA B (B = 0 would zero the LoRA-A gradients)."""
+    model = TPOModel(CFG, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, LoRALinear):
+            m.lora_b[...] = jnp.asarray(rng.normal(0, 0.02, m.lora_b.shape), jnp.float32)
+    graphdef, params, frozen = split_model(model, get_recipe(TC.stage))
+    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    metrics, grads = jax.jit(make_grad_fn(graphdef, CFG, TC))(params, frozen, batch, jax.random.key(0))
+    return graphdef, params, frozen, jax.tree.map(np.asarray, metrics), _flat(grads)
+
+
+@pytest.mark.parametrize("strategy", list(MESHES))
+def test_strategy_matches_single_device(strategy, reference, batch_np):
+    graphdef, params, frozen, ref_metrics, ref_grads = reference
+    mesh = S.make_mesh(S.MeshConfig(*MESHES[strategy]))
+    _, _, sh = train_shardings(CFG, TC, mesh, S.get_rules(strategy))
+    params, frozen = jax.device_put(params, sh.state.params), jax.device_put(frozen, sh.frozen)
+
+    # shardings read back from the arrays
+    arrays = {**_flat(params), **_flat(frozen)}
+    for path, want in EXPECTED.get(strategy, {}).items():
+        assert _padded(arrays[path].sharding.spec, arrays[path].ndim) == want, (strategy, path)
+    for path, x in arrays.items():
+        spec = _padded(x.sharding.spec, x.ndim)
+        if strategy == "dp":
+            assert spec == (None,) * x.ndim, path
+        used = [a for s in spec if s for a in ((s,) if isinstance(s, str) else s)]
+        assert len(used) == len(set(used)), (path, spec)
+        for dim, s in zip(x.shape, spec):  # every split dim divides evenly
+            assert s is None or dim % math.prod(mesh.shape[a] for a in ((s,) if isinstance(s, str) else s)) == 0
+
+    batch = S.shard_batch(batch_np, mesh)
+    metrics, grads = make_sharded_grad_fn(graphdef, CFG, TC, sh)(params, frozen, batch, jax.random.key(0))
+    for key in ("loss/total", "loss/lm", "loss/region", "loss/mask"):
+        np.testing.assert_allclose(float(metrics[key]), ref_metrics[key], rtol=1e-5, err_msg=key)
+    got = {p: np.asarray(v) for p, v in _flat(grads).items()}
+    assert got.keys() == ref_grads.keys()
+    for path, g in _flat(grads).items():  # gradients come back sharded like the params
+        assert g.sharding.spec == arrays[path].sharding.spec, path
+    top = max(np.abs(v).max() for v in ref_grads.values())
+    # relative per leaf, each leaf's scale floored at 1% of the largest entry (leaves whose exact gradient
+    # is zero hold only float32 rounding noise), as in test_train_step
+    worst = max(np.abs(got[k] - ref_grads[k]).max() / max(np.abs(ref_grads[k]).max(), 1e-2 * top) for k in got)
+    assert worst <= 1e-5, (strategy, worst)
+
+
+def test_init_sharded_builds_the_eager_values_in_their_shards():
+    # fewer layers than tiny: the jitted init compiles in proportion to the number of parameters
+    cfg = C.replace(CFG, **{"llm.num_layers": 1, "vit.depth": 1, "qformer.num_layers": 1,
+                            **{f"heads.temporal.{k}_layers": 1 for k in ("enc", "dec", "t2v", "dummy")}})
+    mesh = S.make_mesh(S.MeshConfig(1, 4, 2))
+    graphdef, state, frozen, tx, sh = init_sharded(cfg, TC, mesh, S.get_rules("fsdp_tp"), seed=0)
+    _, ref_state, ref_frozen, _ = init_train_state(TPOModel(cfg, rngs=nnx.Rngs(0)), TC)
+    for got_tree, ref_tree in ((state.params, ref_state.params), (frozen, ref_frozen)):
+        got, ref = _flat(got_tree), _flat(ref_tree)
+        assert got.keys() == ref.keys()
+        for path in ref:
+            np.testing.assert_allclose(np.asarray(got[path]), np.asarray(ref[path]), rtol=0, atol=1e-6, err_msg=path)
+    q = _flat(state.params)[Q + ("lora_a",)]
+    assert q.sharding.spec == P("fsdp", None) and q.addressable_shards[0].data.shape == (16, 4)
+    # AdamW moments are sharded like their parameter; every array's shards are the rule's shards
+    def names(keypath):
+        return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in keypath)
+    moments = [x for kp, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+               if names(kp)[-len(Q) - 2:-1] == Q + ("lora_a",)]
+    assert len(moments) == 2 and all(m.sharding.spec == P("fsdp", None) for m in moments)
+    for tree, shardings in ((state, sh.state), (frozen, sh.frozen)):
+        for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+            assert x.sharding == s
+    # frozen params may be stored in bfloat16; trainable ones keep float32
+    _, _, sh16 = train_shardings(cfg, TC, mesh, S.get_rules("fsdp_tp"), frozen_dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(sh16.abstract_frozen)} == {jnp.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(sh16.abstract_state.params)} == {jnp.dtype("float32")}
+
+
+@pytest.mark.slow
+def test_sharded_train_step_matches_unsharded(batch_np):
+    train_cfg = TrainConfig(stage="stage3", heads=("region", "mask"), dropout=True,
+                            optim=OptimConfig(total_steps=10, warmup_ratio=0.0, lr_scale=50.0))
+    mesh = S.make_mesh(S.MeshConfig(1, 4, 2))
+    graphdef, state, frozen, tx, sh = init_sharded(CFG, train_cfg, mesh, S.get_rules("fsdp_tp"), seed=0)
+    g2, ref_state, ref_frozen, tx2 = init_train_state(TPOModel(CFG, rngs=nnx.Rngs(0)), train_cfg)
+    step = make_sharded_train_step(graphdef, tx, CFG, train_cfg, sh)
+    ref_step = make_train_step(g2, tx2, CFG, train_cfg)
+    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    for i in range(2):
+        state, metrics = step(state, frozen, S.shard_batch(batch_np, mesh), jax.random.key(i))
+        ref_state, ref_metrics = ref_step(ref_state, ref_frozen, batch, jax.random.key(i))
+        np.testing.assert_allclose(float(metrics["loss/total"]), float(ref_metrics["loss/total"]), rtol=1e-5)
+    got, ref = _flat(state.params), _flat(ref_state.params)
+    for path in ref:
+        np.testing.assert_allclose(np.asarray(got[path]), np.asarray(ref[path]), rtol=0, atol=1e-5, err_msg=path)
+    assert _flat(state.params)[Q + ("lora_b",)].sharding.spec == P(None, "tensor")
+
+
+def test_fsdp_divides_parameter_and_optimizer_memory():
+    cfg = C.replace(CFG, **{"llm.hidden_size": 512, "llm.intermediate_size": 1024, "heads.temporal.txt_dim": 512})
+    mesh = S.make_mesh(S.MeshConfig(1, 8, 1))
+    _, _, sh = train_shardings(cfg, TrainConfig(stage="stage3"), mesh, S.get_rules("fsdp"))
+    per_device = total = 0
+    for abstract, shardings in ((sh.abstract_state, sh.state), (sh.abstract_frozen, sh.frozen)):
+        d, t = S.shard_bytes(abstract, shardings)
+        per_device, total = per_device + d, total + t
+    # independent count of the whole: every parameter once, AdamW's two float32 moments per trainable one
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(sh.abstract_state.params))
+    n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(sh.abstract_frozen))
+    assert 0 <= total - 4 * (3 * n_params + n_frozen) < 1024  # + step and optimizer counters
+    assert per_device <= total / 8 * 1.15, (per_device, total)
+    # the same count from the addressable shards of real arrays (a smaller model, allocated)
+    _, _, sh_tiny = train_shardings(CFG, TC, mesh, S.get_rules("fsdp"))
+    params = jax.device_put(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sh_tiny.abstract_state.params),
+                            sh_tiny.state.params)
+    dev0 = jax.devices()[0]
+    on_dev0 = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards if s.device == dev0)
+    assert on_dev0 == S.shard_bytes(sh_tiny.abstract_state.params, sh_tiny.state.params)[0]
+
+
+def test_mesh_and_rules_errors_name_the_field():
+    assert S.MeshConfig(2, -1, 2).resolve(8) == (2, 2, 2)
+    with pytest.raises(C.ConfigError, match="config field 'mesh'.*1×4×1 = 4 devices, but 8"):
+        S.make_mesh(S.MeshConfig(1, 4, 1))
+    with pytest.raises(C.ConfigError, match="config field 'mesh.fsdp'.*do not divide"):
+        S.make_mesh(S.MeshConfig(3, -1, 1))
+    with pytest.raises(C.ConfigError, match="config field 'mesh.tensor'"):
+        S.MeshConfig(1, -1, 0).resolve(8)
+    mesh = S.make_mesh(S.MeshConfig(1, 8, 1))
+    bad = S.get_rules("fsdp") + (("mlp", "model"),)
+    with pytest.raises(C.ConfigError, match=r"config field 'sharding.rules\[\d+\]'.*unknown mesh axis 'model'"):
+        S.tree_shardings(nnx.state(S.abstract_model(CFG)), mesh, bad)
+    with pytest.raises(C.ConfigError, match="config field 'sharding.strategy'"):
+        S.get_rules("zero3")
+
+
+def test_logical_to_mesh_fallbacks():
+    rules = (("embed", "fsdp"), ("mlp", "tensor"), ("mlp", "fsdp"), ("norm", None), ("norm", "fsdp"))
+    mesh = S.make_mesh(S.MeshConfig(1, 4, 2))
+    assert S.logical_to_mesh(("embed", "mlp"), rules) == P("fsdp", "tensor")
+    assert S.logical_to_mesh(("embed", "mlp"), rules, (8, 3), mesh) == P("fsdp", None)  # 3 % 2, fsdp used
+    assert S.logical_to_mesh(("lora_rank", "mlp"), rules, (4, 6), mesh) == P(None, "tensor")
+    assert S.logical_to_mesh((None, "mlp"), rules, (4, 12), mesh) == P(None, "tensor")
+    assert S.logical_to_mesh(("mlp",), rules, (4,), mesh) == P("tensor")
+    assert S.logical_to_mesh(("mlp",), rules, (5,), mesh) == P(None)  # neither 2 nor 4 divides 5
+    assert S.logical_to_mesh(("norm",), rules, (8,), mesh) == P(None)  # pinned replicated
+    assert S.logical_to_mesh(("batch", "length"), S.get_rules("fsdp"), (8, 3), mesh) == P(("data", "fsdp"), None)
+
+
+def test_every_parameter_has_logical_axes():
+    for name in ("tiny", "videochat_tpo_7b"):
+        state = nnx.state(S.abstract_model(C.get_config(name)))
+        flat = nnx.to_flat_state(state)
+        assert len(flat) > 400
+        for path, var in flat:
+            axes = S.variable_axes(var)
+            assert axes is not None and len(axes) == len(var.get_value().shape), (name, path, axes)
+
+
+def test_shard_batch_and_activation_constraints(batch_np):
+    mesh = S.make_mesh(S.MeshConfig(2, 2, 2))
+    assert S.data_shard_for_process(mesh) == (0, 1)
+    batch = S.shard_batch(batch_np, mesh)
+    for k, v in batch_np.items():
+        np.testing.assert_array_equal(np.asarray(batch[k]), v)
+        assert batch[k].sharding.spec == P(("data", "fsdp")) and batch[k].addressable_shards[0].data.shape[0] == 2
+    with pytest.raises(ValueError, match="batch key 'x'"):
+        S.shard_batch({"x": np.zeros((6, 2))}, mesh)
+
+    x = jnp.ones((8, 4, 16))
+    assert S.constrain(x, "batch", "length", "act_embed") is x  # no context: untouched
+    rules = (("batch", ("data", "fsdp")), ("act_embed", "tensor"))
+    with S.activation_sharding(mesh, rules):
+        y = jax.jit(lambda a: S.constrain(a * 2, "batch", "length", "act_embed"))(x)
+    assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
+    np.testing.assert_array_equal(np.asarray(y), 2 * np.ones((8, 4, 16)))
+
+
+HLO = """
+  %all-gather.1 = f32[64,128]{1,0} all-gather(f32[8,128]{1,0} %p), channel_id=1, dimensions={0}
+  %ag-start = (bf16[4,8]{1,0}, bf16[32,8]{1,0}) all-gather-start(bf16[4,8]{1,0} %q), dimensions={0}
+  %ag-done = bf16[32,8]{1,0} all-gather-done((bf16[4,8]{1,0}, bf16[32,8]{1,0}) %ag-start)
+  all-reduce.7 = (f32[10]{0}, s32[3,3]{1,0}) all-reduce(f32[10]{0} %a, s32[3,3]{1,0} %b), to_apply=%add
+  %reduce-scatter.2 = bf16[16]{0} reduce-scatter(bf16[128]{0} %g), dimensions={0}
+  %collective-permute.3 = f32[2,2]{1,0} collective-permute(f32[2,2]{1,0} %x), source_target_pairs={{0,1}}
+  %fusion.all-reduce-like = f32[4]{0} fusion(f32[4]{0} %y), calls=%fused_all-reduce
+"""
+
+
+def test_collective_stats_from_hlo_text():
+    stats = R.collective_stats(HLO)
+    assert stats["all-gather"] == {"count": 2, "bytes": 64 * 128 * 4 + 32 * 8 * 2}
+    assert stats["all-reduce"] == {"count": 1, "bytes": 10 * 4 + 9 * 4}
+    assert stats["reduce-scatter"] == {"count": 1, "bytes": 32}
+    assert stats["collective-permute"] == {"count": 1, "bytes": 16}
+    assert stats["all-to-all"] == {"count": 0, "bytes": 0}
+
+
+def test_extrapolation_is_linear_per_knob():
+    # value = 5 + 3·llm + 7·vit (+ nested dicts): exact for any linear function of the depths
+    f = lambda llm, vit: {"temp": 5 + 3 * llm + 7 * vit, "c": {"n": 1 + llm}}  # noqa: E731
+    measured = {(1, 1): f(1, 1), (2, 1): f(2, 1), (1, 2): f(1, 2)}
+    assert R.extrapolate(measured, (1, 1), (32, 23)) == {"temp": 5 + 96 + 161, "c": {"n": 33}}
+    with pytest.raises(C.ConfigError, match="'plans'"):
+        R.parse_plan("fsdp:1x8")
+    assert R.parse_plan("fsdp_tp:1x4x2") == ("fsdp_tp", S.MeshConfig(1, 4, 2))
+
+
+@pytest.mark.slow
+def test_shard_report_end_to_end(tmp_path):
+    args = R._parser().parse_args([
+        "--config", "tiny", "--stage", "stage1", "--plans", "dp:8x1x1,fsdp:1x8x1", "--seq-len", "64",
+        "--set", "llm.num_layers=1", "--set", "vit.depth=1", "--out", str(tmp_path / "r")])
+    markdown, rows = R.run(args)
+    (dp, r_dp), (fsdp, r_fsdp) = rows
+    assert "| dp:8x1x1 | 8 | 8 |" in markdown and "| fsdp:1x8x1 |" in markdown
+    # dp: replicated state, gradients summed with all-reduce, no parameter all-gathers
+    assert r_dp["collectives"]["all-gather"]["count"] == 0 and r_dp["collectives"]["all-reduce"]["count"] >= 1
+    assert r_fsdp["collectives"]["all-gather"]["count"] > 0
+    # (tiny's stage-1 state is dominated by the LoRA B of the lm_head, (4, 32007), which splits neither way)
+    assert r_fsdp["params"] + r_fsdp["frozen"] + r_fsdp["opt"] < (r_dp["params"] + r_dp["frozen"] + r_dp["opt"]) / 4
+    assert r_fsdp["frozen"] * 7.5 < r_dp["frozen"]
+    # per-device FLOPs: both run 1 example per device (plus fsdp's small extra work); within 25 %
+    assert 0 < r_dp["flops"] and abs(r_fsdp["flops"] / r_dp["flops"] - 1) < 0.25
+    R.plot(rows, str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").stat().st_size > 10_000

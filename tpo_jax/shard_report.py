@@ -1,0 +1,453 @@
+"""`tpo-shard-report`: what each sharding strategy costs per device, from an ahead-of-time compile.
+
+For a model config, a training stage and a list of plans (`strategy:DATAxFSDPxTENSOR`), the train
+step is lowered over abstract arrays (nothing is allocated) and compiled for fake CPU devices
+(`--xla_force_host_platform_device_count`, set before JAX is imported). Per plan it reports, per
+device:
+
+* trainable / frozen parameter, optimizer-state and batch bytes: exact, from each array's shard shape;
+* temp bytes (activations kept for the backward pass and scratch) from `compiled.memory_analysis()`;
+* FLOPs from `compiled.cost_analysis()`;
+* the number and result bytes of every all-gather, reduce-scatter, all-reduce, all-to-all and
+  collective-permute in the compiled HLO text (static count: an op inside a loop counts once).
+
+With `--layers A,B` the step is compiled with A and B LLM layers / ViT blocks instead of the full
+depth, and temp bytes, FLOPs and collectives are extrapolated linearly per layer (parameter bytes
+are always exact). Output: a Markdown table on stdout; with `--out PREFIX` also PREFIX.md, a bar chart
+PREFIX.png and the numbers as PREFIX.json (rewritten after each plan).
+
+    tpo-shard-report --config videochat_tpo_7b --stage stage3 --plans fsdp:1x8x1,tp:1x1x8 --layers 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+DEPTH_FIELDS = ("llm.num_layers", "vit.depth")  # per-layer extrapolation knobs
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_OP_RE = re.compile(r"=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+"
+                    r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
+_ARRAY_RE = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces that need no JAX
+# ------------------------------------------------------------------------------------------------
+
+def parse_plan(text: str):
+    """'fsdp:1x8x1' → ('fsdp', MeshConfig(1, 8, 1))."""
+    from tpo_jax.config import ConfigError
+    from tpo_jax.sharding import RULES, MeshConfig
+    try:
+        strategy, shape = text.split(":")
+        data, fsdp, tensor = (int(v) for v in shape.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"config field 'plans': {text!r} is not STRATEGY:DATAxFSDPxTENSOR, e.g. fsdp:1x8x1") from None
+    if min(data, fsdp, tensor) < 1:
+        raise ConfigError(f"config field 'plans': mesh sizes in {text!r} must be positive integers")
+    if strategy not in RULES:
+        raise ConfigError(f"config field 'plans': unknown strategy {strategy!r} in {text!r}; known: {sorted(RULES)}")
+    return strategy, MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
+
+
+def _array_bytes(shape_text: str) -> list[int]:
+    out = []
+    for dtype, dims in _ARRAY_RE.findall(shape_text):
+        size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        out.append(size * _DTYPE_BYTES.get(dtype, 0))
+    return out
+
+
+def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{kind: {"count": n, "bytes": result bytes per device}} for each collective kind in HLO text.
+
+    Async pairs count once, at their `-start`; a `-start` result tuple holds operands then results,
+    so only its second half is counted.
+    """
+    stats = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    for m in _OP_RE.finditer(hlo_text):
+        sizes = _array_bytes(m.group("shape"))
+        if m.group("start") and m.group("shape").startswith("("):
+            arrays = [s for s in sizes if s > 4] or sizes  # drop scalar u32 contexts
+            sizes = arrays[len(arrays) // 2:]
+        stats[m.group("op")]["count"] += 1
+        stats[m.group("op")]["bytes"] += sum(sizes)
+    return stats
+
+
+_UNIT = {"name": "GiB", "scale": 2**30}
+
+
+def _gb(x: float) -> str:
+    return f"{x / _UNIT['scale']:.2f}"
+
+
+def _pick_unit(rows) -> str:
+    big = max((r["peak"] for _, r in rows), default=0.0) >= 2**30
+    _UNIT.update(name="GiB" if big else "MiB", scale=2**30 if big else 2**20)
+    return _UNIT["name"]
+
+
+def extrapolate(measured: dict[tuple[int, ...], dict], base: tuple[int, ...], full: tuple[int, ...]) -> dict:
+    """Linear per-layer extrapolation of every number in `measured[depths]` to the `full` depths.
+
+    `measured` holds the base depths and, for each knob k, the base with knob k raised."""
+    out = {}
+    ref = measured[base]
+    steps = []
+    for k in range(len(base)):
+        raised = [d for d in measured if d != base and all(d[j] == base[j] for j in range(len(base)) if j != k)]
+        steps.append(raised[0])
+
+    def walk(path, value):
+        if isinstance(value, dict):
+            return {key: walk(path + (key,), v) for key, v in value.items()}
+        total = float(value)
+        for k, depths in enumerate(steps):
+            other = measured[depths]
+            for key in path:
+                other = other[key]
+            per_layer = (float(other) - float(value)) / (depths[k] - base[k])
+            total += per_layer * (full[k] - base[k])
+        return total
+
+    out = walk((), ref)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Compile and measure (imports JAX)
+# ------------------------------------------------------------------------------------------------
+
+def abstract_batch(model_cfg, global_batch: int, seq_len: int) -> dict:
+    """ShapeDtypeStructs of a training batch (the keys of `tpo_jax.losses`), batch dim `global_batch`."""
+    import jax
+    import numpy as np
+    b, tmp, vit = global_batch, model_cfg.heads.temporal, model_cfg.vit
+    lv, lq = vit.num_frames // vit.tubelet_size, tmp.max_text_len
+    kr, ns = model_cfg.heads.region.max_slots, tmp.max_spans
+    i32, f32, bool_ = np.int32, np.float32, np.bool_
+    shapes = {
+        "input_ids": ((b, seq_len), i32), "attention_mask": ((b, seq_len), i32), "labels": ((b, seq_len), i32),
+        "visual_mask": ((b, seq_len), bool_), "frames": ((b, vit.num_frames, vit.img_size, vit.img_size, 3), f32),
+        "region_boxes": ((b, kr, 4), f32), "region_valid": ((b, kr), bool_),
+        "mask_boxes": ((b, 4), f32), "mask_valid": ((b,), bool_),
+        "temporal_valid": ((b,), bool_), "spans": ((b, ns, 2), f32), "span_valid": ((b, ns), bool_),
+        "saliency_labels": ((b, lv), f32), "saliency_pos": ((b, 2), i32), "saliency_neg": ((b, 2), i32),
+        "vid_mask": ((b, lv), f32), "text_mask": ((b, lq), f32),
+    }
+    if tmp.feature_source == "batch":
+        shapes.update(video_feats=((b, lv, tmp.vid_dim), f32), text_feats=((b, lq, tmp.txt_dim), f32))
+    else:
+        shapes.update(temporal_text_ids=((b, lq), i32))
+    return {k: jax.ShapeDtypeStruct(s, np.dtype(d)) for k, (s, d) in shapes.items()}
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def measure(model_cfg, train_cfg, strategy: str, mesh_cfg, *, batch_per_shard: int, seq_len: int,
+            frozen_dtype: str | None = None) -> dict:
+    """Compile the sharded train step for one plan over abstract arrays and return its numbers."""
+    import jax
+
+    from tpo_jax.sharding import get_rules, make_mesh, shard_bytes
+    from train.step import make_sharded_train_step, train_shardings
+
+    n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
+    if n > jax.device_count():
+        raise ValueError(f"plan {strategy}:{mesh_cfg} needs {n} devices, JAX has {jax.device_count()}; "
+                         f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before importing jax")
+    mesh = make_mesh(mesh_cfg, jax.devices()[:n])
+    rules = get_rules(strategy)
+    graphdef, tx, sh = train_shardings(model_cfg, train_cfg, mesh, rules, frozen_dtype=frozen_dtype)
+    global_batch = batch_per_shard * mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh.batch)
+             for k, v in abstract_batch(model_cfg, global_batch, seq_len).items()}
+    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sh.replicated)
+    step = make_sharded_train_step(graphdef, tx, model_cfg, train_cfg, sh)
+    t0 = time.perf_counter()
+    compiled = step.lower(sh.abstract_state, sh.abstract_frozen, batch, rng).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    state = sh.abstract_state
+    params = shard_bytes(state.params, sh.state.params)[0]
+    opt = shard_bytes(state.opt_state, sh.state.opt_state)[0]
+    frozen = shard_bytes(sh.abstract_frozen, sh.frozen)[0]
+    batch_bytes = shard_bytes(batch, jax.tree.map(lambda _: sh.batch, batch))[0]
+    temp = float(mem.temp_size_in_bytes)
+    peak = params + opt + frozen + batch_bytes + temp
+    return {
+        "devices": n, "global_batch": global_batch, "compile_s": compile_s,
+        "params": params, "opt": opt, "frozen": frozen, "batch": batch_bytes,
+        "temp": temp, "peak": peak, "flops": _flops(compiled), "xla_argument_bytes": mem.argument_size_in_bytes,
+        "collectives": collective_stats(compiled.as_text()),
+    }
+
+
+def _depths(cfg) -> tuple[int, ...]:
+    return (cfg.llm.num_layers, cfg.vit.depth)
+
+
+def measure_plan(model_cfg, train_cfg, strategy, mesh_cfg, *, layers: tuple[int, int] | None, **kw) -> dict:
+    """`measure` at full depth, or extrapolated from reduced depths (exact bytes stay exact).
+
+    Extrapolation: one compile at depths (A, A) with the train config as given, and three with the head
+    losses off at (A, A), (B, A), (A, B) (LLM layers, ViT blocks): the per-layer slopes come from the
+    cheaper head-less compiles (the heads add the same constant to both ends of each slope), and
+    value(full) = value(A, A) + Σ_k slope_k · (full_k − A).
+    """
+    from tpo_jax.config import replace
+    if layers is None:
+        return dict(measure(model_cfg, train_cfg, strategy, mesh_cfg, **kw), extrapolated=False)
+    lo, hi = layers
+    full = _depths(model_cfg)
+    base = (lo,) * len(full)
+    no_heads = dataclasses.replace(train_cfg, heads=())
+    keys = ("temp", "flops", "collectives")
+    compile_s = 0.0
+
+    def run_at(depths, cfg_train):
+        nonlocal compile_s
+        m = measure(replace(model_cfg, **dict(zip(DEPTH_FIELDS, depths))), cfg_train, strategy, mesh_cfg, **kw)
+        compile_s += m["compile_s"]
+        return m
+
+    first = run_at(base, train_cfg)
+    measured = {base: {k: first[k] for k in keys}}
+    if train_cfg.heads != ():
+        slopes_base = run_at(base, no_heads)
+        slopes_base = {k: slopes_base[k] for k in keys}
+    else:
+        slopes_base = measured[base]
+    slope_points = {base: slopes_base}
+    for k in range(len(full)):
+        depths = tuple(hi if j == k else lo for j in range(len(full)))
+        slope_points[depths] = {key: v for key, v in run_at(depths, no_heads).items() if key in keys}
+    ext = extrapolate(slope_points, base, full)
+    delta = _sub(ext, slopes_base)
+    ext = _add(measured[base], delta)
+    exact = measure_exact_bytes(model_cfg, train_cfg, strategy, mesh_cfg, kw.get("frozen_dtype"))
+    args = exact["params"] + exact["opt"] + exact["frozen"] + first["batch"]
+    collectives = {k: {f: max(0.0, v[f]) for f in v} for k, v in ext["collectives"].items()}
+    return dict(devices=first["devices"], global_batch=first["global_batch"], batch=first["batch"], **exact,
+                temp=ext["temp"], flops=ext["flops"], collectives=collectives, peak=ext["temp"] + args,
+                compile_s=compile_s, extrapolated=True, layers=(lo, hi))
+
+
+def _zip_numbers(a, b, op):
+    if isinstance(a, dict):
+        return {k: _zip_numbers(a[k], b[k], op) for k in a}
+    return op(float(a), float(b))
+
+
+def _sub(a, b):
+    return _zip_numbers(a, b, lambda x, y: x - y)
+
+
+def _add(a, b):
+    return _zip_numbers(a, b, lambda x, y: x + y)
+
+
+def measure_exact_bytes(model_cfg, train_cfg, strategy, mesh_cfg, frozen_dtype) -> dict:
+    """Per-device parameter / optimizer / frozen bytes of the full model from shard shapes only."""
+    import jax
+
+    from tpo_jax.sharding import get_rules, make_mesh, shard_bytes
+    from train.step import train_shardings
+    mesh = make_mesh(mesh_cfg, jax.devices()[:mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor])
+    _, _, sh = train_shardings(model_cfg, train_cfg, mesh, get_rules(strategy), frozen_dtype=frozen_dtype)
+    return {"params": shard_bytes(sh.abstract_state.params, sh.state.params)[0],
+            "opt": shard_bytes(sh.abstract_state.opt_state, sh.state.opt_state)[0],
+            "frozen": shard_bytes(sh.abstract_frozen, sh.frozen)[0]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------
+
+def to_markdown(rows: Sequence[tuple[str, dict]], header: str = "") -> str:
+    u = _pick_unit(rows)
+    lines = [header, ""] if header else []
+    lines += [f"Per device, in {u} (2^{30 if u == 'GiB' else 20} bytes). *peak* = params + frozen + optimizer + batch "
+              "+ temp (the state is donated, so updates reuse its buffers); temp from XLA:CPU's buffer assignment. *batch* = examples per step.",
+              "",
+              f"| plan | devices | batch | trainable params | frozen params | optimizer | batch arrays | "
+              f"temp | peak | GFLOP/device |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['devices']} | {r['global_batch']} | {_gb(r['params'])} | {_gb(r['frozen'])} | "
+                     f"{_gb(r['opt'])} | {_gb(r['batch'])} | {_gb(r['temp'])} | {_gb(r['peak'])} | "
+                     f"{r['flops'] / 1e9:,.0f} |")
+    lines += ["", f"Collectives per device per step (count / {u} of results):", "",
+              "| plan | " + " | ".join(COLLECTIVES) + " |", "|---|" + "---|" * len(COLLECTIVES)]
+    for name, r in rows:
+        cells = [f"{r['collectives'][k]['count']:.0f} / {_gb(r['collectives'][k]['bytes'])}" for k in COLLECTIVES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    notes = [r for _, r in rows if r.get("extrapolated")]
+    if notes:
+        lo, hi = notes[0]["layers"]
+        lines += ["", f"Temp bytes, FLOPs and collectives are extrapolated linearly per layer: measured with {lo} LLM "
+                      f"layer(s) and {lo} ViT block(s), plus per-layer slopes from compiles with {hi} LLM layers or "
+                      f"{hi} ViT blocks (head losses off in the slope compiles). Parameter, optimizer and batch "
+                      f"bytes are exact for the full model."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[tuple[str, dict]], path: str, title: str = "", budget_gb: float | None = 80.0) -> None:
+    """Stacked bars per plan: memory per device (with a line at `budget_gb` GB) and collective bytes."""
+    import textwrap
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [n for n, _ in rows]
+    fig, (ax_mem, ax_col) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows) + 4), 4.5))
+    bottom = [0.0] * len(rows)
+    for key, label in (("params", "trainable params"), ("frozen", "frozen params"), ("opt", "optimizer"),
+                       ("batch", "batch"), ("temp", "temp (activations)")):
+        vals = [r[key] / 2**30 for _, r in rows]
+        ax_mem.bar(names, vals, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    if budget_gb:
+        ax_mem.axhline(budget_gb * 1e9 / 2**30, color="k", ls="--", lw=1, label=f"{budget_gb:.0f} GB GPU")
+    ax_mem.set_ylabel("GiB per device")
+    ax_mem.set_title("memory per device")
+    ax_mem.legend(fontsize=7)
+    bottom = [0.0] * len(rows)
+    for kind in COLLECTIVES:
+        vals = [r["collectives"][kind]["bytes"] / 2**30 for _, r in rows]
+        ax_col.bar(names, vals, bottom=bottom, label=kind)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax_col.set_ylabel("GiB of collective results per device per step")
+    ax_col.set_title("collectives")
+    ax_col.legend(fontsize=7)
+    for ax in (ax_mem, ax_col):
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    if title:
+        fig.suptitle("\n".join(textwrap.wrap(title.replace("`", ""), 110)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+DEFAULT_PLANS = "dp:8x1x1,fsdp:1x8x1,tp:1x1x8,fsdp_tp:1x4x2"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tpo-shard-report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="tiny", help="model preset (tiny, videochat_tpo_7b)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="dotted model-config override, e.g. llm.num_layers=4 (repeatable)")
+    p.add_argument("--stage", default="stage3", help="training stage recipe")
+    p.add_argument("--plans", default=DEFAULT_PLANS, help="comma list of STRATEGY:DATAxFSDPxTENSOR")
+    p.add_argument("--batch-per-shard", type=int, default=1, help="examples per data×fsdp shard")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
+    p.add_argument("--frozen-dtype", default=None, help="storage dtype of frozen params (e.g. bfloat16)")
+    p.add_argument("--layers", default=None, help="'A,B': compile A and B layers and extrapolate per layer")
+    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--no-fast-compile", action="store_true",
+                   help="compile with XLA:CPU's default codegen flags (slower; same HLO-level buffers)")
+    p.add_argument("--out", default=None, help="write PREFIX.md and PREFIX.png")
+    return p
+
+
+def _parse_value(text: str) -> Any:
+    import ast
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _set_device_flags(count: int, fast: bool) -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    extra = [f"--xla_force_host_platform_device_count={count}"]
+    if fast:
+        extra += [f for f in ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0")
+                  if f.split("=")[0] not in flags]
+    os.environ["XLA_FLAGS"] = " ".join([flags.strip()] + extra).strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def run(args: argparse.Namespace) -> tuple[str, list[tuple[str, dict]]]:
+    """Measure every plan of `args` (JAX already imported with enough devices); return (markdown, rows).
+
+    With `args.out`, the Markdown, chart and a JSON of the numbers are rewritten after every plan."""
+    from tpo_jax import config as C
+    from train.optim import OptimConfig
+    from train.step import TrainConfig
+
+    overrides = {k: _parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.dtype:
+        overrides["dtype"] = args.dtype
+    model_cfg = C.replace(C.get_config(args.config), **overrides).validate()
+    train_cfg = TrainConfig(stage=args.stage, micro_batches=args.micro_batches, optim=OptimConfig()).validate()
+    layers = tuple(int(v) for v in args.layers.split(",")) if args.layers else None
+    header = (f"`{args.config}`{' ' + str(overrides) if overrides else ''}, {args.stage}, seq_len {args.seq_len}, "
+              f"{args.batch_per_shard} example(s) per data×fsdp shard; compute dtype {model_cfg.dtype}, trainable "
+              f"params {model_cfg.param_dtype}, frozen params {args.frozen_dtype or model_cfg.param_dtype}, "
+              f"AdamW moments {model_cfg.param_dtype}")
+    rows = []
+    for plan in args.plans.split(","):
+        strategy, mesh_cfg = parse_plan(plan)
+        t0 = time.perf_counter()
+        r = measure_plan(model_cfg, train_cfg, strategy, mesh_cfg, layers=layers,
+                         batch_per_shard=args.batch_per_shard, seq_len=args.seq_len, frozen_dtype=args.frozen_dtype)
+        print(f"[{plan}] done in {time.perf_counter() - t0:.0f} s (compile {r['compile_s']:.0f} s)", file=sys.stderr)
+        rows.append((plan, r))
+        if args.out:
+            write(args.out, to_markdown(rows, header), rows)
+    return to_markdown(rows, header), rows
+
+
+def write(prefix: str, markdown: str, rows) -> None:
+    """PREFIX.md, PREFIX.png and PREFIX.json."""
+    import json
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".md", "w") as f:
+        f.write(markdown)
+    with open(prefix + ".json", "w") as f:
+        json.dump({name: r for name, r in rows}, f, indent=1, default=float)
+    plot(rows, prefix + ".png", title=markdown.splitlines()[0][:160])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # device count from the plan strings, before anything imports JAX (parse_plan validates them later)
+    shapes = [re.findall(r"\d+", p.partition(":")[2]) for p in args.plans.split(",")]
+    need = max([math.prod(int(v) for v in s) for s in shapes if s] or [1])
+    if "jax" not in sys.modules:
+        _set_device_flags(need, fast=not args.no_fast_compile)
+    import jax
+    for p in args.plans.split(","):
+        parse_plan(p)
+    if jax.device_count() < need:
+        raise SystemExit(f"tpo-shard-report: the plans need {need} devices but JAX already started with "
+                         f"{jax.device_count()}; run it in a fresh process")
+    markdown, _ = run(args)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

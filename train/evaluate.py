@@ -1,0 +1,143 @@
+"""Model → task predictions → metrics (`train.metrics`), on teacher-forced evaluation batches.
+
+One jitted forward pass per batch (`make_predict_fn`) gives every task's prediction at once:
+
+* region: the region head's box at each `<boxes>` token (hidden state gathered as `tpo_jax.losses` does);
+* temporal: CG-DETR outputs → `postprocess_spans` (duration 1: normalised time) → the top-1 window; the
+  per-clip saliency scores for highlight detection;
+* multiple choice: the logits at the position before `answer_start` (the one predicting the first
+  answer token, the option letter) over the option tokens `mc_options`;
+* mask: the predicted SAM2 sparse prompt at `<tracking>` and its target `sam2.box_prompt(mask_boxes)`.
+
+`evaluate` runs it over batches (dicts of numpy arrays in the `data.pipeline` format) and returns
+flat metrics `{"rec/acc@0.5", "rec/miou", "temporal/r1@0.5", ..., "highlight/map", "mc/acc",
+"mask/l1", "<task>/count"}`. Validity masks come from `tpo_jax.losses.valid_masks`, so an example
+counts for a task exactly when it would get that task's loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tpo_jax import config as C
+from tpo_jax.config import TPOConfig
+from tpo_jax.heads.box_ops import span_cw_to_xx
+from tpo_jax.heads.temporal import postprocess_spans
+from tpo_jax.losses import HEADS, temporal_features, valid_masks
+from tpo_jax.model import gather_task_hidden
+from train import metrics as M
+
+NEG_INF = -1e30  # score of a padded multiple-choice option
+
+
+def predict(model, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Every task's predictions (and validity) for one batch; deterministic (no dropout)."""
+    cfg: TPOConfig = model.cfg
+    ids = batch["input_ids"]
+    need_vision = cfg.heads.temporal.feature_source == "model"
+    out = model(ids, attention_mask=batch.get("attention_mask"), visual_mask=batch.get("visual_mask"),
+                frames=batch.get("frames"), track_boxes=batch.get("track_boxes"), return_vision_features=need_vision)
+    masks = valid_masks(batch, cfg, HEADS)
+    f32 = jnp.float32
+    preds: dict[str, jax.Array] = {}
+
+    k = batch["region_boxes"].shape[1]
+    h, _, _ = gather_task_hidden(out.hidden, ids, C.BOXES_ID, k)
+    preds["region_pred"] = model.region_head(h).astype(f32)
+    preds["region_valid"] = masks["region"]
+
+    h, _, _ = gather_task_hidden(out.hidden, ids, C.TRACKING_ID, 1)
+    prompt, _ = model.mask_head(h[:, 0])
+    preds["mask_pred"] = prompt.astype(f32)
+    preds["mask_target"] = model.sam2.box_prompt(batch["mask_boxes"]).astype(f32)
+    preds["mask_valid"] = masks["mask"]
+
+    h, _, _ = gather_task_hidden(out.hidden, ids, C.TEMP_ID, 1)
+    txt, txt_mask, vid, vid_mask = temporal_features(model, batch, out.vision_features)
+    t_out = model.temporal_head(txt, txt_mask, vid, vid_mask, h[:, 0])
+    post = postprocess_spans(t_out, 1.0)
+    preds["temporal_top1"] = post["windows"][:, 0]
+    preds["saliency"] = t_out["saliency_scores"].astype(f32)
+    preds["temporal_valid"] = masks["temporal"]
+
+    if "mc_options" in batch and "answer_start" in batch:
+        pos = jnp.clip(batch["answer_start"].astype(jnp.int32) - 1, 0, ids.shape[1] - 1)
+        logits = jnp.take_along_axis(out.logits, pos[:, None, None], axis=1)[:, 0].astype(f32)  # (B, V)
+        options = batch["mc_options"].astype(jnp.int32)
+        scores = jnp.take_along_axis(logits, jnp.clip(options, 0, logits.shape[-1] - 1), axis=1)
+        preds["mc_scores"] = jnp.where(options >= 0, scores, NEG_INF)
+    return preds
+
+
+def make_predict_fn(graphdef) -> Callable:
+    """Jitted `predict_fn(state, batch) -> predictions` for the full model state `nnx.split(model)`."""
+    @jax.jit
+    def predict_fn(state, batch):
+        return predict(nnx.merge(graphdef, state), batch)
+    return predict_fn
+
+
+class MetricAccumulator:
+    """Collects the valid predictions of many batches, then computes every metric at once."""
+
+    def __init__(self):
+        self.parts: dict[str, list[np.ndarray]] = {}
+
+    def _add(self, name, value):
+        self.parts.setdefault(name, []).append(np.asarray(value))
+
+    def _get(self, name, shape_tail=()):
+        parts = self.parts.get(name)
+        return np.concatenate(parts) if parts else np.zeros((0, *shape_tail))
+
+    def update(self, preds: Mapping[str, Any], batch: Mapping[str, Any]) -> None:
+        p = {k: np.asarray(v) for k, v in preds.items()}
+        rv = p["region_valid"].astype(bool)
+        self._add("region_pred", p["region_pred"][rv])
+        self._add("region_gt", np.asarray(batch["region_boxes"])[rv])
+        tv = p["temporal_valid"].astype(bool)
+        spans = np.asarray(batch["spans"], np.float64)[tv]
+        self._add("temporal_pred", p["temporal_top1"][tv])
+        self._add("temporal_gt", np.asarray(span_cw_to_xx(spans)) if len(spans) else spans)
+        self._add("temporal_gt_valid", np.asarray(batch["span_valid"]).astype(bool)[tv])
+        self._add("saliency", p["saliency"][tv])
+        self._add("saliency_labels", np.asarray(batch["saliency_labels"])[tv])
+        self._add("vid_mask", np.asarray(batch["vid_mask"])[tv])
+        mv = p["mask_valid"].astype(bool)
+        self._add("mask_pred", p["mask_pred"][mv])
+        self._add("mask_target", p["mask_target"][mv])
+        if "mc_scores" in p:
+            keep = np.asarray(batch["mc_answer"]) >= 0
+            self._add("mc_scores", p["mc_scores"][keep])
+            self._add("mc_answer", np.asarray(batch["mc_answer"])[keep])
+
+    def compute(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for prefix, values in (
+            ("rec", M.rec_metrics(self._get("region_pred", (4,)), self._get("region_gt", (4,)))),
+            ("temporal", M.temporal_grounding_metrics(self._get("temporal_pred", (2,)),
+                                                      self._get("temporal_gt", (1, 2)),
+                                                      self._get("temporal_gt_valid", (1,)))),
+            ("highlight", M.highlight_metrics(self._get("saliency", (1,)), self._get("saliency_labels", (1,)),
+                                              self._get("vid_mask", (1,)))),
+            ("mc", M.mc_accuracy(self._get("mc_scores", (1,)), self._get("mc_answer"))),
+            ("mask", M.prompt_l1(self._get("mask_pred", (1,)), self._get("mask_target", (1,)))),
+        ):
+            out.update({f"{prefix}/{k}": v for k, v in values.items()})
+        return out
+
+
+def evaluate(predict_fn: Callable, state, batches: Iterable[Mapping[str, Any]],
+             place: Callable[[Mapping[str, Any]], Any] | None = None) -> dict[str, float]:
+    """Metrics of `predict_fn(state, batch)` over `batches` (numpy dicts); `place` puts a batch on the
+    devices (default: as is)."""
+    acc = MetricAccumulator()
+    for batch in batches:
+        preds = jax.device_get(predict_fn(state, place(batch) if place else batch))
+        acc.update(preds, batch)
+    return acc.compute()

@@ -1,0 +1,347 @@
+"""The config of a training run (`tpo-train`): model, data, optimizer, the three stages, checkpoints,
+evaluation, mesh; presets and dotted `key=value` overrides.
+
+    cfg = get_run_config("tiny")                              # the default run
+    cfg = apply_overrides(cfg, ["optim.lr=1e-4", "model.llm.num_layers=4", "stage2.steps=50"])
+
+Stages run in the order stage1 → stage2 → stage3; each starts from the previous one's final
+checkpoint. A stage's optimizer has `steps` total steps (warmup + cosine over them) and the peak LRs
+of its recipe (`train.stages`) times `optim.lr_scale × stageN.lr_scale`, or, with `optim.lr` set,
+peak LRs rescaled so the stage's fastest group gets `optim.lr` (ratios between groups kept).
+
+The `tiny` preset trains a from-scratch model, so its LRs are far above the paper's (which fine-tune
+pretrained weights): see docs/training.md for the choices.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections.abc
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Mapping, Sequence
+
+from data.pipeline import DataConfig
+from checkpoints.manager import CheckpointConfig
+from tpo_jax import config as C
+from tpo_jax.config import ConfigError, check_field, check_positive
+from tpo_jax.sharding import MeshConfig, get_rules
+from train.optim import OptimConfig
+from train.stages import RECIPES, get_recipe
+from train.step import DEFAULT_LOSS_WEIGHTS, TrainConfig
+
+STAGES = ("stage1", "stage2", "stage3")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """One stage of the run: a `train.stages` recipe trained for `steps` steps."""
+
+    recipe: str
+    steps: int = 100
+    lr_scale: float = 1.0  # multiplies the recipe's LRs (on top of optim.lr_scale)
+
+    def validate(self, prefix: str) -> None:
+        check_field(isinstance(self.recipe, str), prefix + "recipe", f"must be a recipe name, got {self.recipe!r}")
+        check_field(self.recipe in RECIPES, prefix + "recipe",
+                    f"unknown recipe {self.recipe!r}; known: {sorted(RECIPES)}")
+        check_positive(self, prefix, "steps")
+        check_field(self.lr_scale > 0, prefix + "lr_scale", f"must be positive, got {self.lr_scale!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptim:
+    """`train.optim.OptimConfig` without `total_steps` (each stage sets it), plus `lr`."""
+
+    lr: float | None = None  # peak LR of each stage's fastest group; None: the recipe's LRs × lr_scale
+    lr_scale: float = 1.0
+    warmup_ratio: float = 0.2
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.02
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-5
+    grad_clip: float = 1.0
+
+    def for_stage(self, stage: StageRun) -> OptimConfig:
+        scale = self.lr_scale * stage.lr_scale
+        if self.lr is not None:
+            scale = self.lr / max(get_recipe(stage.recipe).learning_rates.values())
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(OptimConfig)
+                  if f.name not in ("total_steps", "lr_scale")}
+        return OptimConfig(total_steps=stage.steps, lr_scale=scale, **fields)
+
+    def validate(self, prefix: str = "optim.") -> None:
+        check_field(self.lr is None or self.lr > 0, prefix + "lr", f"must be positive or None, got {self.lr!r}")
+        check_field(self.lr_scale > 0, prefix + "lr_scale", f"must be positive, got {self.lr_scale!r}")
+        OptimConfig(warmup_ratio=self.warmup_ratio, min_lr_ratio=self.min_lr_ratio).validate(prefix)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    enabled: bool = True  # evaluate before training and after each stage
+    examples: int = 64  # per task (mc, temporal, region, mask), rounded up to whole batches
+    split: str = "validation"
+    every_steps: int = 0  # also evaluate every N steps inside a stage (0: only before / after each stage)
+
+    def validate(self, prefix: str = "eval.") -> None:
+        check_positive(self, prefix, "examples")
+        check_field(isinstance(self.every_steps, int) and self.every_steps >= 0, prefix + "every_steps",
+                    f"must be an integer >= 0, got {self.every_steps!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: C.TPOConfig
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: RunOptim = dataclasses.field(default_factory=RunOptim)
+    stage1: StageRun = StageRun("stage1")
+    stage2: StageRun = StageRun("stage2")
+    stage3: StageRun = StageRun("stage3")
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sharding: str = "fsdp"  # rules table of tpo_jax.sharding
+    devices: int = 0  # train on the first N devices (0: all)
+    sharded_init: bool = False  # create the model directly in its shards (big models) instead of on the host
+    seed: int = 0  # model init and dropout
+    micro_batches: int = 1
+    dropout: bool = True
+    loss_weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
+    log_every: int = 1  # TensorBoard / history every N steps
+    max_nonfinite: int = 10  # stop the run when more steps than this had a non-finite loss or gradient
+
+    def stage(self, name: str) -> StageRun:
+        check_field(name in STAGES, "stages", f"unknown stage {name!r}; known: {list(STAGES)}")
+        return getattr(self, name)
+
+    def train_config(self, name: str) -> TrainConfig:
+        stage = self.stage(name)
+        return TrainConfig(stage=stage.recipe, micro_batches=self.micro_batches, dropout=self.dropout,
+                           loss_weights=dict(self.loss_weights), optim=self.optim.for_stage(stage))
+
+    def validate(self) -> "RunConfig":
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        for name in STAGES:
+            self.stage(name).validate(f"{name}.")
+            self.train_config(name).validate()
+        self.checkpoint.validate()
+        self.eval.validate()
+        get_rules(self.sharding)
+        check_positive(self, "", "micro_batches", "log_every")
+        for name in ("devices", "max_nonfinite", "seed"):
+            v = getattr(self, name)
+            check_field(isinstance(v, int) and v >= 0, name, f"must be an integer >= 0, got {v!r}")
+        check_field(self.data.batch_size % self.micro_batches == 0, "micro_batches",
+                    f"{self.micro_batches} must divide data.batch_size {self.data.batch_size}")
+        return self
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# --- presets -------------------------------------------------------------------------------------------------------
+
+def tiny_train_model() -> C.TPOConfig:
+    """The model of the default run: the `tiny` preset with dropout off in every module (the synthetic
+    data is endless, and the short CPU run learns faster without it)."""
+    cfg = C.tiny()
+    return C.replace(cfg, **{"qformer.hidden_dropout": 0.0, "qformer.attention_dropout": 0.0, "lora.dropout": 0.0,
+                             "heads.temporal.dropout": 0.0, "heads.temporal.input_dropout": 0.0}).validate()
+
+
+def tiny_run() -> RunConfig:
+    """The default `tpo-train`: the tiny model from scratch on the synthetic data, ~8 min on a 2-core CPU."""
+    return RunConfig(
+        model=tiny_train_model(),
+        data=DataConfig(batch_size=8, seq_len=128),
+        optim=RunOptim(warmup_ratio=0.1),
+        stage1=StageRun("stage1", steps=150, lr_scale=100.0),
+        stage2=StageRun("stage2", steps=300, lr_scale=30.0),
+        stage3=StageRun("stage3", steps=300, lr_scale=100.0),
+        checkpoint=CheckpointConfig(every_steps=100, keep=2),
+        eval=EvalConfig(examples=64),
+        dropout=False,
+    )
+
+
+def paper_run() -> RunConfig:
+    """The paper's recipe shapes (Table 17 LRs, dropout on) on the 7B model; data and steps to be set."""
+    return RunConfig(model=C.videochat_tpo_7b(), data=DataConfig(batch_size=8, seq_len=1024),
+                     stage1=StageRun("stage1", steps=1000), stage2=StageRun("stage2", steps=1000),
+                     stage3=StageRun("stage3", steps=1000), checkpoint=CheckpointConfig(every_steps=500, keep=2),
+                     sharded_init=True)
+
+
+RUN_PRESETS = {"tiny": tiny_run, "videochat_tpo_7b": paper_run}
+
+
+def get_run_config(name: str = "tiny") -> RunConfig:
+    if name not in RUN_PRESETS:
+        raise ConfigError(f"config field 'preset': unknown run preset {name!r}; known: {sorted(RUN_PRESETS)}")
+    return RUN_PRESETS[name]().validate()
+
+
+# --- overrides -----------------------------------------------------------------------------------------------------
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_value(text: str, current: Any, key: str) -> Any:
+    """`text` as the type of the field's current value."""
+    def bad(expected):
+        raise ConfigError(f"config field '{key}': cannot read {text!r} as {expected}")
+
+    low = text.strip().lower()
+    if low in ("none", "null") and current is None:
+        return None
+    if isinstance(current, bool):
+        if low in _TRUE + _FALSE:
+            return low in _TRUE
+        bad("a boolean (true/false)")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            bad("an integer")
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            bad("a number")
+    if isinstance(current, str):
+        return text
+    if isinstance(current, (tuple, list)):
+        value = _literal(text)
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+        return tuple(_literal(p.strip()) for p in text.split(",") if p.strip())
+    if isinstance(current, Mapping):
+        value = _literal(text)
+        if not isinstance(value, Mapping):
+            bad("a dict, e.g. \"{'a': 1.0}\"")
+        return dict(value)
+    if current is None:
+        return _literal(text)
+    if dataclasses.is_dataclass(current):
+        raise ConfigError(f"config field '{key}' is a section; set one of its fields, e.g. "
+                          f"'{key}.{dataclasses.fields(current)[0].name}=...'")
+    return _literal(text)
+
+
+def _lookup(cfg, key: str):
+    obj, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i])
+        if dataclasses.is_dataclass(obj):
+            names = [f.name for f in dataclasses.fields(obj)]
+            if part not in names:
+                raise ConfigError(f"unknown override key '{key}': {type(obj).__name__}"
+                                  f"{' at ' + repr(where) if where else ''} has no field {part!r}; "
+                                  f"fields: {', '.join(names)}")
+            obj = getattr(obj, part)
+        elif isinstance(obj, Mapping):
+            if part not in obj:
+                raise ConfigError(f"unknown override key '{key}': {where!r} has no entry {part!r}; "
+                                  f"entries: {', '.join(map(str, obj))}")
+            obj = obj[part]
+        else:
+            raise ConfigError(f"unknown override key '{key}': {where!r} is a value, not a section")
+    return obj
+
+
+def _optional(cfg, parts: list[str]) -> bool:
+    """Whether the dataclass field at `parts` is declared as `... | None`."""
+    parent = _lookup(cfg, ".".join(parts[:-1])) if len(parts) > 1 else cfg
+    if not dataclasses.is_dataclass(parent):
+        return False
+    tp = typing.get_type_hints(type(parent)).get(parts[-1])
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def apply_override(cfg: RunConfig, item: str) -> RunConfig:
+    """Apply one `dotted.key=value`."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
+    key, text = (s.strip() for s in item.split("=", 1))
+    current = _lookup(cfg, key)
+    parts = key.split(".")
+    if text.lower() in ("none", "null") and _optional(cfg, parts):
+        return C.replace(cfg, **{key: None})
+    value = parse_value(text, current, key)
+    # a key inside a dict field (e.g. loss_weights.region): replace the whole dict
+    for i in range(len(parts) - 1, 0, -1):
+        parent = _lookup(cfg, ".".join(parts[:i]))
+        if isinstance(parent, Mapping):
+            inner = dict(parent)
+            inner[parts[i]] = value
+            value, parts = inner, parts[:i]
+        else:
+            break
+    return C.replace(cfg, **{".".join(parts): value})
+
+
+def apply_overrides(cfg: RunConfig, items: Sequence[str]) -> RunConfig:
+    for item in items:
+        cfg = apply_override(cfg, item)
+    return cfg.validate()
+
+
+# --- from JSON -----------------------------------------------------------------------------------------------------
+
+def _convert(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config field '{key}': expected a section (dict), got {value!r}")
+        return from_dict(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            if isinstance(value, list) and typing.get_origin(arg) is tuple:
+                return _convert(arg, value, key)
+            if not isinstance(value, list) and typing.get_origin(arg) is not tuple:
+                return _convert(arg, value, key)
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, key) for v in value)
+        return tuple(_convert(a, v, key) for a, v in zip(args, value)) if args else tuple(value)
+    if origin in (dict, Mapping, collections.abc.Mapping):
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def from_dict(cls, d: Mapping[str, Any], prefix: str = ""):
+    """Rebuild the dataclass `cls` from `to_dict` output (unknown keys are errors)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"config field '{prefix}{unknown[0]}': {cls.__name__} has no such field")
+    return cls(**{k: _convert(hints[k], v, prefix + k) for k, v in d.items()})
+
+
+def load_run_config(path: str) -> RunConfig:
+    """The RunConfig saved as JSON (a work directory's config.json)."""
+    with open(path) as f:
+        return from_dict(RunConfig, json.load(f)).validate()

@@ -1,0 +1,630 @@
+"""The training job: evaluation before, stages 1 → 2 → 3 with checkpoints, evaluation after, reports.
+
+    summary = run(get_run_config("tiny"), "runs/tiny")                 # what `tpo-train` does
+    summary = run(cfg, workdir, stages=("stage2",), resume=True)
+
+Work directory:
+
+    WORKDIR/config.json               the resolved run config
+    WORKDIR/metrics.json              {"before", "after", "improvement", "stages": {stage: metrics}}
+    WORKDIR/<stage>/checkpoints/      Orbax checkpoints (checkpoints.manager) of each stage
+    WORKDIR/<stage>/history.jsonl     per-step training metrics
+    WORKDIR/tensorboard/              TensorBoard scalars (every loss term, LRs, grad norm, tokens/s, evals)
+    WORKDIR/curves.png, metrics.png   training curves; before/after metrics
+
+Each stage starts from the model initialised with `cfg.seed` (built once on the host and put into its
+shards on the mesh `cfg.mesh` with the rules `cfg.sharding`; with `cfg.sharded_init` created directly in
+its shards by `train.step.init_sharded`), loads the previous stage's final checkpoint (every parameter
+trained so far), and trains its recipe. A checkpoint holds the parameters of every group trained up to this
+stage, the optimizer state and step, the data-iterator state and the config: `resume=True` continues
+a stage exactly where it stopped (same batches, same dropout keys, bit-identical losses on CPU).
+SIGTERM finishes the current step, saves, and returns; a step with a non-finite loss or gradient keeps
+the old parameters (`train.nonfinite`), and more than `cfg.max_nonfinite` of them stop the run.
+Only process 0 writes files and logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from checkpoints.manager import CheckpointError, CheckpointManager, leaf_paths
+from data.pipeline import eval_batches, make_train_iterator
+from tpo_jax import sharding as S
+from tpo_jax.config import ConfigError
+from train import report
+from train.evaluate import evaluate, make_predict_fn
+from train.metrics import improvement
+from train.nonfinite import NonFiniteError, skip_nonfinite
+from train.run_config import STAGES, RunConfig
+from train.stages import get_recipe, param_group
+from tpo_jax.model import TPOModel
+from train.optim import make_optimizer
+from train.step import TrainShardings, TrainState, init_sharded, make_train_step, split_model
+
+log = logging.getLogger("tpo.train")
+
+EVAL_TASKS = ("mc", "temporal", "region", "mask")
+# config sections a checkpoint depends on; the others (logging, eval, checkpoint cadence, mesh) may change
+IDENTITY_FIELDS = ("model", "data", "optim", "seed", "micro_batches", "dropout", "loss_weights")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (stopped by non-finite losses, a broken work directory, ...)."""
+
+
+def is_main_process() -> bool:
+    try:
+        from train.distributed import is_main_process as main  # noqa: PLC0415
+        return main()
+    except ImportError:
+        return jax.process_index() == 0
+
+
+# --- work directory checks -------------------------------------------------------------------------------------------
+
+def trained_groups(stage: str) -> frozenset[str]:
+    """Parameter groups trained by `stage` or any stage before it (what its checkpoint stores)."""
+    out: set[str] = set()
+    for name in STAGES[:STAGES.index(stage) + 1]:
+        out |= get_recipe(name).trainable_groups
+    return frozenset(out)
+
+
+def stage_identity(cfg_dict: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """The part of a config that a checkpoint of `stage` depends on."""
+    out = {k: cfg_dict[k] for k in IDENTITY_FIELDS}
+    out.update({s: cfg_dict[s] for s in STAGES[:STAGES.index(stage) + 1]})
+    return out
+
+
+def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """`key: a != b` for every leaf where two JSON-like trees differ."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = []
+        for k in list(a) + [k for k in b if k not in a]:
+            out += config_diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} (checkpoint) != {b!r} (this run)"]
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, stage)
+
+
+def _manager(workdir: str, stage: str, cfg: RunConfig, read_only: bool = False) -> CheckpointManager:
+    return CheckpointManager(os.path.join(stage_dir(workdir, stage), "checkpoints"), cfg.checkpoint,
+                             read_only=read_only)
+
+
+def _existing_steps(workdir: str, stage: str, cfg: RunConfig) -> list[int]:
+    if not os.path.isdir(os.path.join(stage_dir(workdir, stage), "checkpoints")):
+        return []
+    mngr = _manager(workdir, stage, cfg, read_only=True)
+    try:
+        return mngr.all_steps()
+    finally:
+        mngr.close()
+
+
+def check_workdir(cfg: RunConfig, workdir: str, stages: Sequence[str], resume: bool) -> None:
+    """One clear ConfigError when `workdir` cannot serve this run: a checkpoint of another config, a
+    stage with checkpoints but no `resume`, or a missing previous-stage checkpoint."""
+    current = cfg.to_dict()
+    for stage in STAGES:
+        steps = _existing_steps(workdir, stage, cfg)
+        if not steps:
+            continue
+        mngr = _manager(workdir, stage, cfg, read_only=True)
+        try:
+            saved = mngr.read_json(steps[-1])["config"]
+        finally:
+            mngr.close()
+        diff = config_diff(stage_identity(saved, stage), stage_identity(current, stage))
+        if diff:
+            raise ConfigError(
+                f"work directory {workdir} holds a {stage} checkpoint (step {steps[-1]}) of another config: "
+                + "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+                + ". Use a new --workdir, or the checkpoint's config.")
+        if stage in stages and not resume:
+            raise ConfigError(f"work directory {workdir} already holds {stage} checkpoints (steps {steps}); pass "
+                              f"--resume to continue them, or use a new --workdir")
+    first = min(STAGES.index(s) for s in stages)
+    if first > 0:
+        prev = STAGES[first - 1]
+        steps = _existing_steps(workdir, prev, cfg)
+        need = cfg.stage(prev).steps
+        if need not in steps:
+            have = f"it has steps {steps}" if steps else "there is none"
+            raise ConfigError(
+                f"{STAGES[first]} starts from the final {prev} checkpoint (step {need}) in "
+                f"{os.path.join(stage_dir(workdir, prev), 'checkpoints')}, but {have}; run --stages "
+                f"{prev[-1]} first (add --resume to finish a stopped one), or --stages all")
+
+
+# --- params by model path ------------------------------------------------------------------------------------------
+
+def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    out: dict = {}
+    for path, leaf in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = leaf
+    return out
+
+
+def _group(path: tuple[str, ...]) -> str | None:
+    try:
+        return param_group(path)
+    except KeyError:
+        return None
+
+
+def params_of_groups(params, frozen, groups) -> dict:
+    """Nested dict (by model path) of the leaves of `params` and `frozen` in parameter `groups`."""
+    flat = {p: x for tree in (params, frozen) for p, x in leaf_paths(tree) if _group(p) in groups}
+    return _nest(flat)
+
+
+def replace_by_path(tree, values: Mapping) -> Any:
+    """`tree` with every leaf whose path is in the nested dict `values` replaced by that value."""
+    flat = dict(leaf_paths(values))
+    leaves = [flat.get(p, x) for p, x in leaf_paths(tree)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), leaves)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+# --- compiled functions, shared by runs in one process ---------------------------------------------------------------
+
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _mesh_key(mesh) -> tuple:
+    return tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat)
+
+
+def compiled_train_step(graphdef, tx, cfg: RunConfig, stage: str, shardings):
+    """The jitted, sharded, non-finite-guarded train step of `stage` (cached per config and mesh)."""
+    train_cfg = cfg.train_config(stage)
+    key = ("train", repr(cfg.model), repr(train_cfg), _mesh_key(shardings.mesh), tuple(shardings.rules))
+    if key not in _COMPILED:
+        step = skip_nonfinite(make_train_step(graphdef, tx, cfg.model, train_cfg, jit=False))
+        mesh, rules = shardings.mesh, shardings.rules
+
+        def in_context(*args):
+            with S.activation_sharding(mesh, rules):
+                return step(*args)
+
+        sh = shardings
+        _COMPILED[key] = jax.jit(in_context, in_shardings=(sh.state, sh.frozen, sh.batch, sh.replicated),
+                                 out_shardings=(sh.state, sh.replicated), donate_argnums=(0,))
+    return _COMPILED[key]
+
+
+def compiled_predict(graphdef, cfg: RunConfig, mesh, rules):
+    key = ("predict", repr(cfg.model), _mesh_key(mesh), tuple(rules))
+    if key not in _COMPILED:
+        predict = make_predict_fn(graphdef)
+
+        def in_context(state, batch):
+            with S.activation_sharding(mesh, rules):
+                return predict(state, batch)
+
+        _COMPILED[key] = in_context
+    return _COMPILED[key]
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_json_default, allow_nan=True)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """One training job over a work directory (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, workdir: str, *, progress: bool = True):
+        self.cfg = cfg.validate()
+        self.workdir = os.path.abspath(workdir)
+        self.progress = progress
+        self.main = is_main_process()
+        devices = jax.devices()
+        if cfg.devices:
+            if cfg.devices > len(devices):
+                raise ConfigError(f"config field 'devices': {cfg.devices} devices asked, {len(devices)} available")
+            devices = devices[:cfg.devices]
+        self.mesh = S.make_mesh(cfg.mesh, devices)
+        self.rules = S.get_rules(cfg.sharding)
+        self.stop_requested: str | None = None
+        self.writer = None
+        self._eval_batches = None
+        self.metrics_path = os.path.join(self.workdir, "metrics.json")
+
+    # files and logs (process 0 only)
+    def _log(self, msg: str) -> None:
+        if self.main:
+            log.info(msg)
+            print(msg, flush=True)
+
+    def _scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():  # TensorBoard tags allow [A-Za-z0-9_./-]: "r1@0.5" → "r1_0.5"
+                self.writer.add_scalar(f"{prefix}/{k}".replace("@", "_"), float(v), step)
+
+    def _load_metrics(self) -> dict:
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                return json.load(f)
+        return {}
+
+    def _save_metrics(self, metrics: dict) -> None:
+        if self.main:
+            _write_json(self.metrics_path, metrics)
+
+    def global_offset(self, stage: str) -> int:
+        return sum(self.cfg.stage(s).steps for s in STAGES[:STAGES.index(stage)])
+
+    # evaluation
+    def eval_batches(self) -> list[dict]:
+        if self._eval_batches is None:
+            per_task = eval_batches(self.cfg.data, self.cfg.model, split=self.cfg.eval.split,
+                                    num_examples=self.cfg.eval.examples, tasks=EVAL_TASKS)
+            self._eval_batches = [b for task in EVAL_TASKS for b in per_task.get(task, [])]
+        return self._eval_batches
+
+    def evaluate(self, graphdef, params, frozen) -> dict[str, float]:
+        full_graphdef, full_state = nnx.split(nnx.merge(graphdef, params, frozen))
+        predict = compiled_predict(full_graphdef, self.cfg, self.mesh, self.rules)
+        return evaluate(predict, full_state, self.eval_batches(), place=lambda b: S.shard_batch(b, self.mesh))
+
+    # model construction
+    def full_model(self):
+        """(graphdef, state) of the whole freshly initialised model (built once per process and config)."""
+        key = ("init", repr(self.cfg.model), self.cfg.seed)
+        if key not in _COMPILED:
+            _COMPILED[key] = nnx.split(TPOModel(self.cfg.model, rngs=nnx.Rngs(self.cfg.seed)))
+        return _COMPILED[key]
+
+    def build_stage(self, stage: str):
+        """(graphdef, state, frozen, tx, shardings) of `stage` at initialisation, placed on the mesh.
+
+        Default: the model is built eagerly on the host once (fast for small models on CPU) and put into
+        its shards; with `cfg.sharded_init` each device creates its own shards (`train.step.init_sharded`,
+        for models that do not fit one host's memory)."""
+        train_cfg = self.cfg.train_config(stage)
+        if self.cfg.sharded_init:
+            return init_sharded(self.cfg.model, train_cfg, self.mesh, self.rules, self.cfg.seed)
+        graphdef, full = self.full_model()
+        graphdef, params, frozen = split_model(nnx.merge(graphdef, full), get_recipe(train_cfg.stage))
+        tx = make_optimizer(get_recipe(train_cfg.stage), params, train_cfg.optim)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        abs_state, abs_frozen = jax.eval_shape(lambda t: t, state), jax.eval_shape(lambda t: t, frozen)
+        state_sh = S.tree_shardings(abs_state, self.mesh, self.rules)
+        frozen_sh = S.tree_shardings(abs_frozen, self.mesh, self.rules)
+        # copies: the state is donated to the train step, the cached initial model must survive
+        state = jax.device_put(state, state_sh, may_alias=False)
+        frozen = jax.device_put(frozen, frozen_sh, may_alias=False)
+        sh = TrainShardings(state=state_sh, frozen=frozen_sh, batch=S.batch_sharding(self.mesh),
+                            replicated=S.replicated(self.mesh), mesh=self.mesh, rules=tuple(self.rules))
+        return graphdef, state, frozen, tx, sh
+
+    def init_stage(self, stage: str):
+        """`build_stage` with the previous stage's final parameters loaded."""
+        graphdef, state, frozen, tx, sh = self.build_stage(stage)
+        index = STAGES.index(stage)
+        if index > 0:
+            prev = STAGES[index - 1]
+            mngr = _manager(self.workdir, prev, self.cfg, read_only=True)
+            try:
+                target = params_of_groups(_abstract(state.params), _abstract(frozen), trained_groups(prev))
+                restored = mngr.restore(self.cfg.stage(prev).steps, params=target)["params"]
+            finally:
+                mngr.close()
+            state = state.replace(params=replace_by_path(state.params, restored))
+            frozen = replace_by_path(frozen, restored)
+        return graphdef, state, frozen, tx, sh
+
+    # one stage
+    def train_stage(self, stage: str, *, stop_after: int | None = None) -> dict[str, Any]:
+        cfg, run = self.cfg, self.cfg.stage(stage)
+        graphdef, state, frozen, tx, sh = self.init_stage(stage)
+        groups = trained_groups(stage)
+        mngr = _manager(self.workdir, stage, cfg)
+        start, nonfinite, data_state = 0, 0, None
+        latest = mngr.latest_step()
+        if latest is not None:
+            target_params = params_of_groups(_abstract(state.params), _abstract(frozen), groups)
+            target_state = {"step": _abstract(state.step), "opt_state": _abstract(state.opt_state)}
+            got = mngr.restore(latest, params=target_params, state=target_state)
+            state = state.replace(params=replace_by_path(state.params, got["params"]), step=got["state"]["step"],
+                                  opt_state=got["state"]["opt_state"])
+            frozen = replace_by_path(frozen, got["params"])
+            start, nonfinite, data_state = latest, int(got["meta"]["nonfinite"]), got["meta"]["data_state"]
+            self._log(f"{stage}: resumed from step {latest}")
+        history_path = os.path.join(stage_dir(self.workdir, stage), "history.jsonl")
+        if self.main:
+            os.makedirs(stage_dir(self.workdir, stage), exist_ok=True)
+            _truncate_history(history_path, start)
+        result = {"stage": stage, "start": start, "steps": run.steps, "losses": [], "stopped": None, "evals": []}
+        if start >= run.steps:
+            mngr.close()
+            result.update(state=state, frozen=frozen, graphdef=graphdef, step=start)
+            return result
+
+        data_index, data_count = S.data_shard_for_process(self.mesh)
+        it = make_train_iterator(cfg.data, cfg.model, run.recipe, data_index, data_count)
+        if data_state is not None:
+            it.set_state(data_state)
+        step_fn = compiled_train_step(graphdef, tx, cfg, stage, sh)
+        base_key = jax.random.fold_in(jax.random.key(cfg.seed), STAGES.index(stage))
+        offset = self.global_offset(stage)
+        bar = None
+        if self.main and self.progress:
+            from tqdm import tqdm  # noqa: PLC0415
+            bar = tqdm(total=run.steps, initial=start, desc=stage, unit="step", dynamic_ncols=True, leave=True)
+
+        def save(step, data_state_now, force=False):
+            params = params_of_groups(state.params, frozen, groups)
+            copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731  (the state is donated to the next step)
+            return mngr.save(step, params=copy(params),
+                             state={"step": jnp.copy(state.step), "opt_state": copy(state.opt_state)},
+                             meta={"stage": stage, "step": step, "data_state": data_state_now,
+                                   "nonfinite": nonfinite, "time": time.time()},
+                             config=cfg.to_dict(), force=force)
+
+        history_file = open(history_path, "a") if self.main else None
+        batch = next(it)
+        t_last, compile_s, trained = time.perf_counter(), None, 0
+        try:
+            for step in range(start, run.steps):
+                data_state_now = it.get_state()  # after this step's batch: what a resume must continue from
+                tokens = int(np.sum(batch["attention_mask"])) * data_count
+                rng = jax.random.fold_in(base_key, step)
+                state, metrics = step_fn(state, frozen, S.shard_batch(batch, self.mesh), rng)
+                if step + 1 < run.steps:
+                    batch = next(it)  # prepared while the step runs
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                dt, t_last = now - t_last, now
+                if compile_s is None:
+                    compile_s = dt
+                trained += 1
+                nonfinite += int(metrics.pop("nonfinite"))
+                record = {"stage": stage, "step": step + 1, "global_step": offset + step + 1, **metrics,
+                          "tokens_per_s": tokens / dt, "steps_per_s": 1.0 / dt, "nonfinite_total": nonfinite}
+                result["losses"].append(metrics["loss/total"])
+                if self.main and ((step + 1) % cfg.log_every == 0 or step + 1 == run.steps):
+                    history_file.write(json.dumps(record, default=_json_default) + "\n")
+                    history_file.flush()
+                    self._scalars("train", {k: v for k, v in record.items() if k not in ("stage", "step", "global_step")
+                                            and not k.startswith("count/")}, offset + step + 1)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss/total']:.4f}", tok_s=f"{tokens / dt:,.0f}",
+                                    refresh=False)
+                if nonfinite > cfg.max_nonfinite:
+                    mngr.wait()
+                    raise NonFiniteError(
+                        f"{stage}: {nonfinite} steps had a non-finite loss or gradient (more than max_nonfinite="
+                        f"{cfg.max_nonfinite}), the last at step {step + 1}; their updates were skipped. Last "
+                        f"checkpoint: {_step_text(mngr.latest_step())}. Lower the learning rate ({stage}.lr_scale, "
+                        f"optim.lr) or check the data.")
+                last = step + 1 == run.steps
+                stop = self.stop_requested or (stop_after is not None and trained >= stop_after and not last)
+                if last or stop or mngr.should_save(step + 1):
+                    save(step + 1, data_state_now, force=True)
+                if cfg.eval.enabled and cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and not last:
+                    values = self.evaluate(graphdef, state.params, frozen)
+                    self._scalars("eval", values, offset + step + 1)
+                    result["evals"].append({"stage": stage, "step": step + 1, "global_step": offset + step + 1,
+                                            "metrics": values})
+                    if bar is None:
+                        self._log(f"{stage} step {step + 1}: {_short(values)}")
+                if stop:
+                    result["stopped"] = self.stop_requested or f"stop_after={stop_after}"
+                    result["step"] = step + 1
+                    break
+            else:
+                result["step"] = run.steps
+        finally:
+            if bar is not None:
+                bar.close()
+            if history_file is not None:
+                history_file.close()
+            if hasattr(it, "close"):
+                it.close()
+            mngr.close()  # waits for the last save
+        result.update(state=state, frozen=frozen, graphdef=graphdef, compile_s=compile_s, trained=trained)
+        return result
+
+    # the job
+    def run(self, stages: Sequence[str] = STAGES, *, resume: bool = False,
+            stop_after: int | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        stages = sorted(set(stages), key=STAGES.index)
+        for s in stages:
+            self.cfg.stage(s)
+        for a, b in zip(stages, stages[1:]):
+            if STAGES.index(b) != STAGES.index(a) + 1:
+                raise ConfigError(f"stages {stages}: stages run in order without gaps (each starts from the previous "
+                                  f"one's checkpoint)")
+        check_workdir(self.cfg, self.workdir, stages, resume)
+        if self.main:
+            os.makedirs(self.workdir, exist_ok=True)
+            _write_json(os.path.join(self.workdir, "config.json"), self.cfg.to_dict())
+            from tensorboardX import SummaryWriter  # noqa: PLC0415
+            self.writer = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+        metrics = self._load_metrics() if resume else {}
+        summary: dict[str, Any] = {"workdir": self.workdir, "stages": {}}
+        previous = self._install_sigterm()
+        try:
+            if "before" not in metrics and self.cfg.eval.enabled:
+                graphdef, state, frozen, _, _ = self.build_stage(STAGES[0])
+                t = time.perf_counter()
+                metrics["before"] = self.evaluate(graphdef, state.params, frozen)
+                self._log(f"evaluation before training: {_short(metrics['before'])} ({time.perf_counter() - t:.1f} s)")
+                self._scalars("eval", metrics["before"], 0)
+                self._save_metrics(metrics)
+                del graphdef, state, frozen
+            trained = 0
+            for stage in stages:
+                left = None if stop_after is None else stop_after - trained
+                if left is not None and left <= 0:
+                    summary["stopped"] = f"stop_after={stop_after}"
+                    break
+                res = self.train_stage(stage, stop_after=left)
+                trained += res.get("trained", 0)
+                summary["stages"][stage] = {k: res.get(k) for k in ("start", "step", "steps", "compile_s", "stopped")}
+                summary["stages"][stage]["losses"] = res["losses"]
+                if res["evals"]:
+                    during = [e for e in metrics.get("during", []) if e["stage"] != stage or e["step"] <= res["start"]]
+                    metrics["during"] = during + res["evals"]
+                    self._save_metrics(metrics)
+                if res["stopped"]:
+                    summary["stopped"] = res["stopped"]
+                    self._log(f"{stage}: stopped at step {res['step']} of {res['steps']} ({res['stopped']}); "
+                              f"checkpoint saved, continue with --resume")
+                    break
+                if not self.cfg.eval.enabled:
+                    continue
+                t = time.perf_counter()
+                after = self.evaluate(res["graphdef"], res["state"].params, res["frozen"])
+                self._log(f"evaluation after {stage}: {_short(after)} ({time.perf_counter() - t:.1f} s)")
+                metrics.setdefault("stages", {})[stage] = after
+                metrics["after"] = after
+                metrics["improvement"] = improvement(metrics["before"], after)
+                self._scalars("eval", after, self.global_offset(stage) + res["steps"])
+                self._save_metrics(metrics)
+        finally:
+            self._restore_sigterm(previous)
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+        summary["wall_s"] = time.perf_counter() - t0
+        summary["metrics"] = metrics
+        if self.main and "after" in metrics and not summary.get("stopped"):
+            self._reports(metrics, summary)
+        return summary
+
+    def _reports(self, metrics: dict, summary: dict) -> None:
+        history = []
+        for stage in STAGES:
+            path = os.path.join(stage_dir(self.workdir, stage), "history.jsonl")
+            if os.path.exists(path):
+                with open(path) as f:
+                    history += [json.loads(line) for line in f if line.strip()]
+        starts = {s: self.global_offset(s) for s in STAGES if any(h["stage"] == s for h in history)}
+        report.plot_curves(history, os.path.join(self.workdir, "curves.png"), starts)
+        report.plot_metrics(metrics["before"], metrics["after"], os.path.join(self.workdir, "metrics.png"))
+        lines = [f"tpo-train: {self.workdir}  ({summary['wall_s']:.0f} s)"]
+        for stage, s in summary["stages"].items():
+            losses = s["losses"]
+            tail = f", loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f}" if losses else ""
+            comp = f", first step (compile) {s['compile_s']:.0f} s" if s.get("compile_s") else ""
+            lines.append(f"  {stage}: steps {s['start']} -> {s['step']}{tail}{comp}")
+        lines.append(report.metrics_table(metrics["before"], metrics["after"]))
+        lines.append(f"metrics: {self.metrics_path}; plots: curves.png, metrics.png; "
+                     f"tensorboard --logdir {os.path.join(self.workdir, 'tensorboard')}")
+        self._log("\n".join(lines))
+
+    # SIGTERM: finish the step, save, return
+    def _install_sigterm(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            self.stop_requested = "SIGTERM"
+
+        return signal.signal(signal.SIGTERM, handler)
+
+    @staticmethod
+    def _restore_sigterm(previous) -> None:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _step_text(step: int | None) -> str:
+    return "none yet" if step is None else f"step {step}"
+
+
+def _short(m: Mapping[str, float]) -> str:
+    keys = ("rec/acc@0.5", "temporal/r1@0.5", "highlight/hit@1", "mc/acc", "mask/l1")
+    return ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
+
+
+def _truncate_history(path: str, step: int) -> None:
+    """Drop history lines after `step` (a resumed stage re-logs the steps after its checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def run(cfg: RunConfig, workdir: str, *, stages: Sequence[str] = STAGES, resume: bool = False,
+        stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the job (see the module docstring); returns a summary with the per-step losses of this call."""
+    return Trainer(cfg, workdir, progress=progress).run(stages, resume=resume, stop_after=stop_after)
+
+
+def evaluate_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = None, step: int | None = None,
+                        init: bool = False) -> dict[str, Any]:
+    """`tpo-eval`: metrics of a stage's checkpoint (default: the last stage that has one, its latest step),
+    or of the freshly initialised model (`init`). The checkpoint must come from the same config."""
+    trainer = Trainer(cfg, workdir, progress=False)
+    if init:
+        graphdef, state, frozen, _, _ = trainer.build_stage(STAGES[0])
+        return {"stage": None, "step": 0, "metrics": trainer.evaluate(graphdef, state.params, frozen)}
+    if stage is None:
+        have = [s for s in STAGES if _existing_steps(workdir, s, cfg)]
+        if not have:
+            raise ConfigError(f"no checkpoint in {os.path.abspath(workdir)} (looked in <stage>/checkpoints for "
+                              f"{list(STAGES)}); train first or pass --init")
+        stage = have[-1]
+    cfg.stage(stage)
+    steps = _existing_steps(workdir, stage, cfg)
+    if not steps:
+        raise ConfigError(f"no {stage} checkpoint in {os.path.join(stage_dir(os.path.abspath(workdir), stage), 'checkpoints')}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ConfigError(f"no {stage} checkpoint of step {step} in {os.path.abspath(workdir)}; have {steps}")
+    graphdef, state, frozen, _, _ = trainer.build_stage(stage)
+    mngr = _manager(workdir, stage, cfg, read_only=True)
+    try:
+        saved = mngr.read_json(step)["config"]
+        diff = config_diff(stage_identity(saved, stage), stage_identity(cfg.to_dict(), stage))
+        if diff:
+            raise ConfigError(f"the {stage} checkpoint (step {step}) in {workdir} was trained with another config: "
+                              + "; ".join(diff[:8]))
+        target = params_of_groups(_abstract(state.params), _abstract(frozen), trained_groups(stage))
+        restored = mngr.restore(step, params=target)["params"]
+    finally:
+        mngr.close()
+    params, frozen = replace_by_path(state.params, restored), replace_by_path(frozen, restored)
+    return {"stage": stage, "step": step, "metrics": trainer.evaluate(graphdef, params, frozen)}
