@@ -2,12 +2,14 @@
 
     python benchmarks/bench_train_step.py                      # tiny and small, stages 1-3
     python benchmarks/bench_train_step.py --configs tiny --steps 5
+    python benchmarks/bench_train_step.py --configs tiny --seq-len 128 --lm-rows 0 16 --no-share   # label-row logits
 
 Per config and stage it times the jitted `train_step` (median of `--steps` after 2 warm-up steps)
 on a synthetic batch mixing the three tasks and conversation. The head shares come from stage 3
 (everything trainable): the step with no head loss (t_none) and with exactly one head's loss
 (t_k) are timed with `--share-steps` steps each; share_k = (t_k - t_none) / t_all, where t_all has
-all three. Prints one JSON line per measurement.
+all three. `--lm-rows` times each stage once per value of `TrainConfig.lm_rows` (0: logits at every
+position; N: only at the first N label positions of each sample). Prints one JSON line per measurement.
 """
 
 from __future__ import annotations
@@ -77,21 +79,28 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--share-steps", type=int, default=10)
+    p.add_argument("--seq-len", type=int, default=0, help="tokens per sample (0: the config's default)")
+    p.add_argument("--lm-rows", type=int, nargs="+", default=[0], help="TrainConfig.lm_rows values to time")
+    p.add_argument("--no-share", action="store_true", help="skip the per-head share measurement")
     args = p.parse_args()
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
                "jax": jax.__version__, "xla_flags": os.environ["XLA_FLAGS"]}
     for name in args.configs:
         cfg = CONFIGS[name]()
-        batch = {k: jnp.asarray(v) for k, v in synthetic_batch(cfg, args.batch, seq_len=SEQ_LEN[name]).items()}
+        seq_len = args.seq_len or SEQ_LEN[name]
+        batch = {k: jnp.asarray(v) for k, v in synthetic_batch(cfg, args.batch, seq_len=seq_len).items()}
         tokens = int(batch["attention_mask"].sum())
         for stage in args.stages:
-            step_s, compile_s, loss = time_step(cfg, batch, TrainConfig(stage=stage), args.steps)
-            print(json.dumps({"bench": "train_step", "config": name, "stage": stage, "batch": args.batch,
-                              "seq_len": SEQ_LEN[name], "step_s": round(step_s, 4),
-                              "tokens_per_s": round(tokens / step_s, 1),
-                              "padded_tokens_per_s": round(args.batch * SEQ_LEN[name] / step_s, 1),
-                              "compile_s": round(compile_s, 1), "loss": round(loss, 4), "machine": machine}),
-                  flush=True)
+            for rows in args.lm_rows:
+                step_s, compile_s, loss = time_step(cfg, batch, TrainConfig(stage=stage, lm_rows=rows), args.steps)
+                print(json.dumps({"bench": "train_step", "config": name, "stage": stage, "batch": args.batch,
+                                  "seq_len": seq_len, "lm_rows": rows, "step_s": round(step_s, 4),
+                                  "tokens_per_s": round(tokens / step_s, 1),
+                                  "padded_tokens_per_s": round(args.batch * seq_len / step_s, 1),
+                                  "compile_s": round(compile_s, 1), "loss": round(loss, 4), "machine": machine}),
+                      flush=True)
+        if args.no_share:
+            continue
         all_heads = ("region", "temporal", "mask")
         t = {k: time_step(cfg, batch, TrainConfig(stage="stage3", heads=h), args.share_steps)[0]
              for k, h in [("all", all_heads), ("none", ())] + [(h, (h,)) for h in all_heads]}

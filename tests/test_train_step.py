@@ -64,6 +64,38 @@ def test_grad_accumulation_equals_big_batch(batch8):
     assert total <= 1e-5, total
 
 
+
+def test_lm_logits_at_label_rows_equal_full_logits(batch8):
+    """lm_rows > 0 (logits only at label positions) gives the full-logits loss and gradients."""
+    model = _model()
+    graphdef, params, frozen = split_model(model, get_recipe("stage3"))
+    out = {}
+    for rows in (0, 16):
+        cfg = TrainConfig(stage="stage3", dropout=False, lm_rows=rows)
+        out[rows] = jax.jit(make_grad_fn(graphdef, CFG, cfg))(params, frozen, batch8, jax.random.key(0))
+    (m0, g0), (m16, g16) = out[0], out[16]
+    assert float(m16["count/lm_dropped"]) == 0 and float(m0["count/lm"]) > 8
+    for key in ("loss/total", "loss/lm"):
+        np.testing.assert_allclose(float(m16[key]), float(m0[key]), rtol=1e-6, err_msg=key)
+    f0, f16 = _flat(g0), _flat(g16)
+    top = max(np.abs(v).max() for v in f0.values())
+    worst = max(np.abs(f16[k] - f0[k]).max() / max(np.abs(f0[k]).max(), 1e-2 * top) for k in f0)
+    assert worst <= 1e-5, worst
+
+
+def test_label_rows_pick_label_positions_in_order_and_count_the_rest():
+    from tpo_jax.losses import IGNORE, label_rows
+    x = IGNORE
+    labels = jnp.asarray([[x, x, 5, 6, 7, x],    # shifted targets at positions 1, 2, 3
+                          [x, x, x, x, x, x],    # none
+                          [x, 1, 2, 3, 4, 9]])   # positions 0..4: two beyond num_rows=3
+    rows, targets, dropped = label_rows(labels, 3)
+    np.testing.assert_array_equal(np.asarray(rows)[0], [1, 2, 3])
+    np.testing.assert_array_equal(np.asarray(targets), [[5, 6, 7], [x, x, x], [1, 2, 3]])
+    np.testing.assert_array_equal(np.asarray(rows)[2], [0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(dropped), [0, 0, 2])
+
+
 def _grads_for(head):
     weights = {"lm": 0.0, "region": 0.0, "temporal": 0.0, "mask": 0.0, head: 1.0}
     cfg = TrainConfig(stage="stage3", dropout=False, loss_weights=weights)

@@ -47,7 +47,7 @@ class KVCache:
 
 @struct.dataclass
 class LLMOutput:
-    logits: jax.Array  # (B, L, vocab)
+    logits: jax.Array | None  # (B, L, vocab); None when called with logits=False
     hidden: jax.Array  # (B, L, hidden) after the final RMSNorm
     cache: KVCache | None = None
 
@@ -173,7 +173,9 @@ class MistralDecoder(nnx.Module):
 
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
-                 cache: KVCache | None = None, rng: jax.Array | None = None) -> LLMOutput:
+                 cache: KVCache | None = None, rng: jax.Array | None = None, logits: bool = True) -> LLMOutput:
+        """`logits=False` skips the lm_head (callers that need logits at a few rows apply `self.logits`
+        to those rows of `hidden`, e.g. the LM loss at the label positions)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MistralDecoder: pass exactly one of input_ids or inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
@@ -197,7 +199,7 @@ class MistralDecoder(nnx.Module):
                 new_values.append(kv[1])
         hidden = self.norm(x)
         new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), start + l)
-        return LLMOutput(logits=self.logits(hidden, rngs[-1]), hidden=hidden, cache=new_cache)
+        return LLMOutput(logits=self.logits(hidden, rngs[-1]) if logits else None, hidden=hidden, cache=new_cache)
 
 
 def mean_init_new_rows(table: jax.Array | np.ndarray, new_size: int, axis: int = 0):

@@ -40,14 +40,39 @@ def shifted_labels(labels: jax.Array) -> jax.Array:
     return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
 
 
-def lm_loss_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Summed next-token cross-entropy over the positions whose shifted label is not IGNORE."""
-    targets = shifted_labels(labels)
+def _cross_entropy_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
     valid = targets != IGNORE
     logits = logits.astype(jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(valid, logz - picked, 0.0))
+
+
+def lm_loss_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Summed next-token cross-entropy over the positions whose shifted label is not IGNORE."""
+    return _cross_entropy_sum(logits, shifted_labels(labels))
+
+
+def label_rows(labels: jax.Array, num_rows: int):
+    """The first `num_rows` positions of each sample whose shifted label counts, as (positions (B, n),
+    targets (B, n) with IGNORE in the padding rows, dropped (B,) = label tokens beyond `num_rows`)."""
+    targets = shifted_labels(labels)
+    valid = targets != IGNORE
+    n = min(num_rows, labels.shape[1])
+    order = jnp.argsort(~valid, axis=1, stable=True)[:, :n]  # valid positions first, in sequence order
+    picked = jnp.take_along_axis(targets, order, axis=1)
+    dropped = jnp.maximum(jnp.sum(valid, axis=1) - n, 0)
+    return order, picked, dropped
+
+
+def lm_loss_sum_at_labels(llm, hidden: jax.Array, labels: jax.Array, num_rows: int,
+                          rng: jax.Array | None = None):
+    """`lm_loss_sum` with the lm_head applied only to the label rows (at most `num_rows` per sample):
+    (sum, dropped label tokens). Equal to `lm_loss_sum` whenever nothing is dropped, at a fraction of the
+    (B, L, vocab) logits' FLOPs and memory when answers are short next to the sequence."""
+    rows, targets, dropped = label_rows(labels, num_rows)
+    h = jnp.take_along_axis(hidden, rows[..., None], axis=1)
+    return _cross_entropy_sum(llm.logits(h, rng), targets), jnp.sum(dropped)
 
 
 def _has_token(input_ids: jax.Array, token_id: int) -> jax.Array:
@@ -124,25 +149,35 @@ def _masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def total_loss(model: TPOModel, batch: Mapping[str, jax.Array], counts: Mapping[str, jax.Array],
-               weights: Mapping[str, float], heads=HEADS, rng: jax.Array | None = None):
+               weights: Mapping[str, float], heads=HEADS, rng: jax.Array | None = None, lm_rows: int = 0):
     """(loss, metrics) for one (micro-)batch, each term normalised by the whole batch's `counts`.
 
     loss = sum_lm / n_lm · w_lm + Σ_head w_head · sum_head / n_head. `metrics` holds the same
     normalised value of every term (`loss/lm`, `loss/region`, `region/l1`, ...), so summing the
     metrics of the micro-batches gives the metrics of the whole batch.
+
+    `lm_rows` > 0 computes logits only at the first `lm_rows` label positions of each sample
+    (`lm_loss_sum_at_labels`); label tokens beyond that are left out of the LM loss and counted in
+    `count/lm_dropped`. 0 computes logits at every position.
     """
-    r_model, r_heads = (None, None) if rng is None else tuple(jax.random.split(rng))
+    r_model, r_heads, r_logits = (None, None, None) if rng is None else tuple(jax.random.split(rng, 3))
     need_vision = "temporal" in heads and model.cfg.heads.temporal.feature_source == "model"
     out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 visual_mask=batch.get("visual_mask"), frames=batch.get("frames"),
-                track_boxes=batch.get("track_boxes"), return_vision_features=need_vision, rng=r_model)
+                track_boxes=batch.get("track_boxes"), return_vision_features=need_vision, rng=r_model,
+                logits=lm_rows <= 0)
     masks = valid_masks(batch, model.cfg, heads)
 
     def norm(name):
         return jnp.maximum(counts[name], 1.0)
 
-    lm = lm_loss_sum(out.logits, batch["labels"]) / norm("lm")
-    metrics = {"loss/lm": lm}
+    if lm_rows > 0:
+        lm_sum, dropped = lm_loss_sum_at_labels(model.llm, out.hidden, batch["labels"], lm_rows, r_logits)
+        metrics = {"count/lm_dropped": dropped.astype(jnp.float32)}
+    else:
+        lm_sum, metrics = lm_loss_sum(out.logits, batch["labels"]), {}
+    lm = lm_sum / norm("lm")
+    metrics["loss/lm"] = lm
     loss = weights.get("lm", 1.0) * lm
     for head, head_terms in head_loss_terms(model, batch, out.hidden, out.vision_features, heads, r_heads).items():
         mask = masks[head]

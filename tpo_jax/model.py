@@ -30,7 +30,7 @@ TASK_TOKEN_ROWS = {C.BOXES_ID: "box_token", C.TEMP_ID: "temporal_token", C.TRACK
 
 @struct.dataclass
 class TPOOutput:
-    logits: jax.Array  # (B, L, vocab)
+    logits: jax.Array | None  # (B, L, vocab); None with logits=False
     hidden: jax.Array  # (B, L, D) final-norm hidden states
     cache: KVCache | None = None
     vision_features: jax.Array | None = None  # (B, T·N, vit width), when asked for
@@ -123,13 +123,14 @@ class TPOModel(nnx.Module):
                  visual_mask: jax.Array | None = None, frames: jax.Array | None = None,
                  track_boxes: jax.Array | None = None, positions: jax.Array | None = None,
                  cache: KVCache | None = None, qformer_text_ids=None, qformer_text_mask=None,
-                 return_vision_features: bool = False, rng: jax.Array | None = None) -> TPOOutput:
+                 return_vision_features: bool = False, rng: jax.Array | None = None,
+                 logits: bool = True) -> TPOOutput:
         r_embed, r_llm = split_rng(rng, 2)
         embeds, feats = self.embed_inputs(
             input_ids, visual_mask=visual_mask, frames=frames, track_boxes=track_boxes,
             qformer_text_ids=qformer_text_ids, qformer_text_mask=qformer_text_mask, rng=r_embed,
             return_vision_features=True)
         out = self.llm(inputs_embeds=embeds, positions=positions, attention_mask=attention_mask, cache=cache,
-                       rng=r_llm)
+                       rng=r_llm, logits=logits)
         return TPOOutput(logits=out.logits, hidden=out.hidden, cache=out.cache,
                          vision_features=feats if return_vision_features else None)

@@ -65,6 +65,8 @@ def _setup(args, workdir_config: bool = False) -> "RunConfig":  # noqa: F821
         import jax  # noqa: PLC0415
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from train.distributed import initialize  # noqa: PLC0415
+    initialize()  # multi-process runs: jax.distributed from the TPO_* environment (no-op for one process)
     import logging  # noqa: PLC0415
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only managers etc.

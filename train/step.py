@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from tpo_jax.config import ConfigError, TPOConfig, check_positive
+from tpo_jax.config import ConfigError, TPOConfig, check_field, check_positive
 from tpo_jax.losses import HEADS, loss_counts, total_loss
 from tpo_jax.model import TPOModel
 from tpo_jax.sharding import (abstract_model, activation_sharding, batch_sharding, fast_model_tracing, replicated,
@@ -44,6 +44,9 @@ class TrainConfig:
     dropout: bool = True
     loss_weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    # > 0: LM logits only at the first `lm_rows` label positions per sample (`count/lm_dropped` counts the
+    # label tokens beyond); 0: logits at every position
+    lm_rows: int = 0
 
     def validate(self, prefix: str = "train.") -> "TrainConfig":
         get_recipe(self.stage)
@@ -51,6 +54,8 @@ class TrainConfig:
             raise ConfigError(f"config field '{prefix}heads': unknown head(s) "
                               f"{sorted(set(self.heads) - set(HEADS))}; known: {list(HEADS)}")
         check_positive(self, prefix, "micro_batches")
+        check_field(isinstance(self.lm_rows, int) and self.lm_rows >= 0, prefix + "lm_rows",
+                    f"must be an integer >= 0, got {self.lm_rows!r}")
         unknown = set(self.loss_weights) - set(DEFAULT_LOSS_WEIGHTS)
         if unknown:
             raise ConfigError(f"config field '{prefix}loss_weights': unknown term(s) {sorted(unknown)}; "
@@ -103,7 +108,8 @@ def make_grad_fn(graphdef, model_cfg: TPOConfig, train_cfg: TrainConfig):
 
     def loss_fn(params, frozen, batch, counts, rng):
         model = nnx.merge(graphdef, params, frozen)
-        return total_loss(model, batch, counts, weights, heads, rng=rng if train_cfg.dropout else None)
+        return total_loss(model, batch, counts, weights, heads, rng=rng if train_cfg.dropout else None,
+                          lm_rows=train_cfg.lm_rows)
 
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 

@@ -43,6 +43,7 @@ from data.pipeline import eval_batches, make_train_iterator
 from tpo_jax import sharding as S
 from tpo_jax.config import ConfigError
 from train import report
+from train.distributed import is_main_process
 from train.evaluate import evaluate, make_predict_fn
 from train.metrics import improvement
 from train.nonfinite import NonFiniteError, skip_nonfinite
@@ -63,12 +64,6 @@ class TrainingError(RuntimeError):
     """The run cannot go on (stopped by non-finite losses, a broken work directory, ...)."""
 
 
-def is_main_process() -> bool:
-    try:
-        from train.distributed import is_main_process as main  # noqa: PLC0415
-        return main()
-    except ImportError:
-        return jax.process_index() == 0
 
 
 # --- work directory checks -------------------------------------------------------------------------------------------
@@ -377,7 +372,7 @@ class Trainer:
             return result
 
         data_index, data_count = S.data_shard_for_process(self.mesh)
-        it = make_train_iterator(cfg.data, cfg.model, run.recipe, data_index, data_count)
+        it = make_train_iterator(cfg.data_config(stage), cfg.model, run.recipe, data_index, data_count)
         if data_state is not None:
             it.set_state(data_state)
         step_fn = compiled_train_step(graphdef, tx, cfg, stage, sh)
@@ -398,6 +393,7 @@ class Trainer:
                              config=cfg.to_dict(), force=force)
 
         history_file = open(history_path, "a") if self.main else None
+        warned_dropped = False
         batch = next(it)
         t_last, compile_s, trained = time.perf_counter(), None, 0
         try:
@@ -415,6 +411,11 @@ class Trainer:
                     compile_s = dt
                 trained += 1
                 nonfinite += int(metrics.pop("nonfinite"))
+                if metrics.get("count/lm_dropped", 0) > 0 and not warned_dropped:
+                    warned_dropped = True
+                    log.warning("%s step %d: %d label tokens lay beyond lm_rows=%d label positions of their sample "
+                                "and were left out of the LM loss (count/lm_dropped in history.jsonl); raise lm_rows "
+                                "(0: every position)", stage, step + 1, int(metrics["count/lm_dropped"]), cfg.lm_rows)
                 record = {"stage": stage, "step": step + 1, "global_step": offset + step + 1, **metrics,
                           "tokens_per_s": tokens / dt, "steps_per_s": 1.0 / dt, "nonfinite_total": nonfinite}
                 result["losses"].append(metrics["loss/total"])
