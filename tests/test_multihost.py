@@ -36,7 +36,8 @@ def _reference_losses():
     cfg, train_cfg = multihost_worker.settings()
     graphdef, state, frozen, tx = init_train_state(TPOModel(cfg, rngs=nnx.Rngs(0)), train_cfg)
     step = make_train_step(graphdef, tx, cfg, train_cfg)
-    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(cfg, BATCH, seed=0, tasks=multihost_worker.BATCH_TASKS).items()}
+    batch = synthetic_batch(cfg, BATCH, seed=0, tasks=multihost_worker.BATCH_TASKS)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
     losses = []
     for i in range(STEPS):
         state, metrics = step(state, frozen, batch, jax.random.key(i))

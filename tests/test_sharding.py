@@ -266,7 +266,8 @@ HLO = """
   %all-gather.1 = f32[64,128]{1,0} all-gather(f32[8,128]{1,0} %p), channel_id=1, dimensions={0}
   %ag-start = (bf16[4,8]{1,0}, bf16[32,8]{1,0}) all-gather-start(bf16[4,8]{1,0} %q), dimensions={0}
   %ag-done = bf16[32,8]{1,0} all-gather-done((bf16[4,8]{1,0}, bf16[32,8]{1,0}) %ag-start)
-  all-reduce.7 = (f32[10]{0}, s32[3,3]{1,0}) all-reduce(f32[10]{0} %a, s32[3,3]{1,0} %b), to_apply=%add
+  all-reduce.7 = (f32[10]{0}, s32[3,3]{1,0}, f32[1]{0}, f32[1]{0}, f32[1]{0}, /*index=5*/f32[2,2]{1,0}) all-reduce(f32[10]{0} %a, s32[3,3]{1,0} %b, f32[1]{0} %c, f32[1]{0} %d, f32[1]{0} %e, /*index=5*/f32[2,2]{1,0} %f), to_apply=%add
+  %fusion.9 = f32[10]{0} fusion(f32[10]{0} %all-reduce.7), kind=kLoop, calls=%fused_computation
   %reduce-scatter.2 = bf16[16]{0} reduce-scatter(bf16[128]{0} %g), dimensions={0}
   %collective-permute.3 = f32[2,2]{1,0} collective-permute(f32[2,2]{1,0} %x), source_target_pairs={{0,1}}
   %fusion.all-reduce-like = f32[4]{0} fusion(f32[4]{0} %y), calls=%fused_all-reduce
@@ -276,7 +277,7 @@ HLO = """
 def test_collective_stats_from_hlo_text():
     stats = R.collective_stats(HLO)
     assert stats["all-gather"] == {"count": 2, "bytes": 64 * 128 * 4 + 32 * 8 * 2}
-    assert stats["all-reduce"] == {"count": 1, "bytes": 10 * 4 + 9 * 4}
+    assert stats["all-reduce"] == {"count": 1, "bytes": (10 + 9 + 3 + 4) * 4}
     assert stats["reduce-scatter"] == {"count": 1, "bytes": 32}
     assert stats["collective-permute"] == {"count": 1, "bytes": 16}
     assert stats["all-to-all"] == {"count": 0, "bytes": 0}
@@ -302,6 +303,8 @@ def test_shard_report_end_to_end(tmp_path):
     assert "| dp:8x1x1 | 8 | 8 |" in markdown and "| fsdp:1x8x1 |" in markdown
     # dp: replicated state, gradients summed with all-reduce, no parameter all-gathers
     assert r_dp["collectives"]["all-gather"]["count"] == 0 and r_dp["collectives"]["all-reduce"]["count"] >= 1
+    # ... one float32 gradient per trainable parameter (plus a few metric scalars)
+    assert r_dp["params"] <= r_dp["collectives"]["all-reduce"]["bytes"] <= r_dp["params"] + 1024
     assert r_fsdp["collectives"]["all-gather"]["count"] > 0
     # (tiny's stage-1 state is dominated by the LoRA B of the lm_head, (4, 32007), which splits neither way)
     assert r_fsdp["params"] + r_fsdp["frozen"] + r_fsdp["opt"] < (r_dp["params"] + r_dp["frozen"] + r_dp["opt"]) / 4

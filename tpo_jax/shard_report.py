@@ -34,8 +34,10 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 DEPTH_FIELDS = ("llm.num_layers", "vit.depth")  # per-layer extrapolation knobs
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                 "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
-_OP_RE = re.compile(r"=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+"
-                    r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
+# one instruction per line: `[ROOT] [%]name = SHAPE OP(operands), ...`; SHAPE may be a long tuple with
+# `/*index=N*/` comments, so it is everything up to the first collective op name followed by "("
+_OP_RE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s+"
+                    r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(", re.MULTILINE)
 _ARRAY_RE = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 
 
@@ -238,6 +240,8 @@ def measure_plan(model_cfg, train_cfg, strategy, mesh_cfg, *, layers: tuple[int,
         depths = tuple(hi if j == k else lo for j in range(len(full)))
         slope_points[depths] = {key: v for key, v in run_at(depths, no_heads).items() if key in keys}
     ext = extrapolate(slope_points, base, full)
+    slopes = {field: {key: (slope_points[d][key] - slopes_base[key]) / (hi - lo) for key in ("temp", "flops")}
+              for field, d in zip(DEPTH_FIELDS, list(slope_points)[1:])}
     delta = _sub(ext, slopes_base)
     ext = _add(measured[base], delta)
     exact = measure_exact_bytes(model_cfg, train_cfg, strategy, mesh_cfg, kw.get("frozen_dtype"))
@@ -245,7 +249,7 @@ def measure_plan(model_cfg, train_cfg, strategy, mesh_cfg, *, layers: tuple[int,
     collectives = {k: {f: max(0.0, v[f]) for f in v} for k, v in ext["collectives"].items()}
     return dict(devices=first["devices"], global_batch=first["global_batch"], batch=first["batch"], **exact,
                 temp=ext["temp"], flops=ext["flops"], collectives=collectives, peak=ext["temp"] + args,
-                compile_s=compile_s, extrapolated=True, layers=(lo, hi))
+                compile_s=compile_s, extrapolated=True, layers=(lo, hi), per_layer=slopes)
 
 
 def _zip_numbers(a, b, op):
@@ -282,11 +286,12 @@ def measure_exact_bytes(model_cfg, train_cfg, strategy, mesh_cfg, frozen_dtype) 
 def to_markdown(rows: Sequence[tuple[str, dict]], header: str = "") -> str:
     u = _pick_unit(rows)
     lines = [header, ""] if header else []
-    lines += [f"Per device, in {u} (2^{30 if u == 'GiB' else 20} bytes). *peak* = params + frozen + optimizer + batch "
-              "+ temp (the state is donated, so updates reuse its buffers); temp from XLA:CPU's buffer assignment. *batch* = examples per step.",
+    lines += [f"Per device, in {u} (2^{30 if u == 'GiB' else 20} bytes). *peak* = params + frozen + optimizer + "
+              "batch + temp (the state is donated, so updates reuse its buffers); temp from XLA:CPU's buffer "
+              "assignment. *batch* = examples per step.",
               "",
-              f"| plan | devices | batch | trainable params | frozen params | optimizer | batch arrays | "
-              f"temp | peak | GFLOP/device |",
+              "| plan | devices | batch | trainable params | frozen params | optimizer | batch arrays | "
+              "temp | peak | GFLOP/device |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         lines.append(f"| {name} | {r['devices']} | {r['global_batch']} | {_gb(r['params'])} | {_gb(r['frozen'])} | "
