@@ -45,6 +45,7 @@ from tpo_jax.config import ConfigError
 from train import report
 from train.distributed import is_main_process
 from train.evaluate import evaluate, make_predict_fn
+from train.gc_schedule import GcSchedule
 from train.metrics import improvement
 from train.nonfinite import NonFiniteError, skip_nonfinite
 from train.run_config import STAGES, RunConfig
@@ -396,8 +397,10 @@ class Trainer:
         warned_dropped = False
         batch = next(it)
         t_last, compile_s, trained = time.perf_counter(), None, 0
+        gc_schedule = GcSchedule().start()  # collected on a step schedule, not mid-step (train/gc_schedule.py)
         try:
             for step in range(start, run.steps):
+                gc_schedule.step()
                 data_state_now = it.get_state()  # after this step's batch: what a resume must continue from
                 tokens = int(np.sum(batch["attention_mask"])) * data_count
                 rng = jax.random.fold_in(base_key, step)
@@ -453,6 +456,7 @@ class Trainer:
             else:
                 result["step"] = run.steps
         finally:
+            gc_schedule.stop()
             if bar is not None:
                 bar.close()
             if history_file is not None:
