@@ -59,14 +59,15 @@ class RunOptim:
     """`train.optim.OptimConfig` without `total_steps` (each stage sets it), plus `lr`."""
 
     lr: float | None = None  # peak LR of each stage's fastest group; None: the recipe's LRs × lr_scale
-    lr_scale: float = 1.0
-    warmup_ratio: float = 0.2
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.02
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-5
-    grad_clip: float = 1.0
+    # the rest mirror OptimConfig and take its defaults (one source: the released run's values)
+    lr_scale: float = OptimConfig.lr_scale
+    warmup_ratio: float = OptimConfig.warmup_ratio
+    min_lr_ratio: float = OptimConfig.min_lr_ratio
+    weight_decay: float = OptimConfig.weight_decay
+    b1: float = OptimConfig.b1
+    b2: float = OptimConfig.b2
+    eps: float = OptimConfig.eps
+    grad_clip: float = OptimConfig.grad_clip
 
     def for_stage(self, stage: StageRun) -> OptimConfig:
         scale = self.lr_scale * stage.lr_scale
