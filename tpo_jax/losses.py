@@ -160,7 +160,7 @@ def total_loss(model: TPOModel, batch: Mapping[str, jax.Array], counts: Mapping[
     (`lm_loss_sum_at_labels`); label tokens beyond that are left out of the LM loss and counted in
     `count/lm_dropped`. 0 computes logits at every position.
     """
-    r_model, r_heads, r_logits = (None, None, None) if rng is None else tuple(jax.random.split(rng, 3))
+    r_model, r_heads = (None, None) if rng is None else tuple(jax.random.split(rng))
     need_vision = "temporal" in heads and model.cfg.heads.temporal.feature_source == "model"
     out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 visual_mask=batch.get("visual_mask"), frames=batch.get("frames"),
@@ -172,6 +172,7 @@ def total_loss(model: TPOModel, batch: Mapping[str, jax.Array], counts: Mapping[
         return jnp.maximum(counts[name], 1.0)
 
     if lm_rows > 0:
+        r_logits = None if rng is None else jax.random.fold_in(r_model, 1)  # the other streams stay as without lm_rows
         lm_sum, dropped = lm_loss_sum_at_labels(model.llm, out.hidden, batch["labels"], lm_rows, r_logits)
         metrics = {"count/lm_dropped": dropped.astype(jnp.float32)}
     else:
