@@ -65,8 +65,6 @@ class TrainingError(RuntimeError):
     """The run cannot go on (stopped by non-finite losses, a broken work directory, ...)."""
 
 
-
-
 # --- work directory checks -------------------------------------------------------------------------------------------
 
 def trained_groups(stage: str) -> frozenset[str]:
