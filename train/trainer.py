@@ -48,7 +48,7 @@ from train.evaluate import evaluate, make_predict_fn
 from train.gc_schedule import GcSchedule
 from train.metrics import improvement
 from train.nonfinite import NonFiniteError, skip_nonfinite
-from train.run_config import STAGES, RunConfig
+from train.run_config import STAGES, RunConfig, from_dict
 from train.stages import get_recipe, param_group
 from tpo_jax.model import TPOModel
 from train.optim import make_optimizer
@@ -80,6 +80,15 @@ def stage_identity(cfg_dict: Mapping[str, Any], stage: str) -> dict[str, Any]:
     out = {k: cfg_dict[k] for k in IDENTITY_FIELDS}
     out.update({s: cfg_dict[s] for s in STAGES[:STAGES.index(stage) + 1]})
     return out
+
+
+def with_defaults(cfg_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A saved config with the fields added since it was written filled in at their defaults (as is, if it
+    no longer parses: the diff then names what differs)."""
+    try:
+        return from_dict(RunConfig, cfg_dict).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return cfg_dict
 
 
 def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -121,7 +130,7 @@ def check_workdir(cfg: RunConfig, workdir: str, stages: Sequence[str], resume: b
             continue
         mngr = _manager(workdir, stage, cfg, read_only=True)
         try:
-            saved = mngr.read_json(steps[-1])["config"]
+            saved = with_defaults(mngr.read_json(steps[-1])["config"])
         finally:
             mngr.close()
         diff = config_diff(stage_identity(saved, stage), stage_identity(current, stage))
