@@ -10,7 +10,7 @@ from data.synthetic import synthetic_batch
 from tpo_jax import config as C
 from tpo_jax.lora import LoRALinear
 from tpo_jax.model import TPOModel
-from train.optim import OptimConfig
+from train.optim import OptimConfig, learning_rates, make_optimizer
 from train.stages import RECIPES, get_recipe, param_group
 from train.step import TrainConfig, init_train_state, make_grad_fn, make_train_step, split_model
 
@@ -169,6 +169,25 @@ def test_stage_recipes():
         _, params, frozen = split_model(model, recipe)
         assert all(param_group(p) != "sam2" for p, _ in nnx.to_flat_state(params)), name
         assert any(param_group(p) == "sam2" for p, _ in nnx.to_flat_state(frozen)), name
+
+
+def test_group_lr_scale_multiplies_one_groups_learning_rate():
+    """AdamW's first update is -peak_lr · g / (|g| + eps) (moments bias-corrected; no decay on 1-D leaves)."""
+    cfg = OptimConfig(total_steps=10, warmup_ratio=0.0, lr_scale=3.0, eps=1e-12, grad_clip=0.0,
+                      group_lr_scale={"region_head": 10.0})
+    params = {"region_head": {"bias": jnp.zeros(4)}, "box_token": jnp.zeros(4), "lora_b": jnp.zeros(4)}
+    grads = jax.tree.map(lambda p: jnp.asarray([0.5, -2.0, 1e-3, -7.0]), params)
+    recipe = get_recipe("stage2_region")
+    tx = make_optimizer(recipe, params, cfg)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    sign = np.sign(np.asarray(grads["box_token"]))
+    np.testing.assert_allclose(updates["region_head"]["bias"], -1e-4 * 3.0 * 10.0 * sign, rtol=1e-5)
+    np.testing.assert_allclose(updates["box_token"], -1e-4 * 3.0 * sign, rtol=1e-5)
+    np.testing.assert_allclose(updates["lora_b"], -2e-5 * 3.0 * sign, rtol=1e-5)
+    logged = learning_rates(recipe, cfg, 0)
+    assert float(logged["lr/region_head"]) == pytest.approx(3e-3) and float(logged["lr/lora"]) == pytest.approx(6e-5)
+    with pytest.raises(C.ConfigError, match=r"'optim\.group_lr_scale': unknown group\(s\) \['heads'\]"):
+        OptimConfig(group_lr_scale={"heads": 2.0}).validate()
 
 
 def test_bad_train_config_names_the_field():

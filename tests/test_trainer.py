@@ -220,10 +220,31 @@ def test_run_config_overrides_and_json_round_trip(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg.to_dict()))
     assert load_run_config(str(path)) == cfg
+    # a stage's loss_weights replace those entries of the run's loss_weights in that stage only
+    staged = _cfg("loss_weights.region=2", 'stage3.loss_weights={"region": 3, "mask": 0.5}')
+    assert staged.train_config("stage3").loss_weights == {"lm": 1.0, "region": 3.0, "temporal": 1.0, "mask": 0.5}
+    assert staged.train_config("stage2").loss_weights == {"lm": 1.0, "region": 2.0, "temporal": 1.0, "mask": 1.0}
+    path.write_text(json.dumps(staged.to_dict()))
+    assert load_run_config(str(path)) == staged
     for bad, msg in [("model.llm.num_layers=two", r"'model\.llm\.num_layers': cannot read 'two' as an integer"),
                      ("stage2.recipe=stage9", r"'stage2\.recipe': unknown recipe 'stage9'"),
                      ("model.vit=1", r"'model\.vit' is a section"),
                      ("data.batch_size=3", r"'micro_batches'|data\.batch_size"),
-                     ("loss_weights.boxes=1", r"'loss_weights' has no entry 'boxes'")]:
+                     ("loss_weights.boxes=1", r"'loss_weights' has no entry 'boxes'"),
+                     ('stage2.loss_weights={"boxes": 1}', r"'stage2\.loss_weights': unknown term\(s\) \['boxes'\]"),
+                     ('stage2.loss_weights={"region": -1}', r"'stage2\.loss_weights': must be >= 0")]:
         with pytest.raises(ConfigError, match=msg):
             _cfg(bad, "micro_batches=2") if bad.startswith("data.batch_size") else _cfg(bad)
+
+
+def test_saved_config_without_newer_fields_matches_at_defaults():
+    """A checkpoint's config written before a field existed matches a run that leaves the field at its default."""
+    cfg = _cfg()
+    saved = cfg.to_dict()
+    del saved["stage1"]["loss_weights"], saved["stage3"]["group_lr_scale"]  # both None (the default) here
+    current = cfg.to_dict()
+    assert T.config_diff(T.stage_identity(saved, "stage3"), T.stage_identity(current, "stage3"))  # raw: differs
+    assert T.config_diff(T.stage_identity(T.with_defaults(saved), "stage3"), T.stage_identity(current, "stage3")) == []
+    changed = _cfg('stage1.loss_weights={"region": 3}').to_dict()
+    assert T.config_diff(T.stage_identity(T.with_defaults(saved), "stage3"), T.stage_identity(changed, "stage3")) == [
+        "stage1.loss_weights: None (checkpoint) != {'region': 3} (this run)"]

@@ -8,12 +8,13 @@ weight decay 0.02 (not on biases, norm scales or 1-D vectors), warmup ratio 0.2,
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 import jax
 import optax
 
 from tpo_jax.config import check_field, check_positive
-from train.stages import StageRecipe, param_group
+from train.stages import GROUPS, StageRecipe, param_group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +28,18 @@ class OptimConfig:
     eps: float = 1e-5
     grad_clip: float = 1.0  # global norm; <= 0 disables clipping
     lr_scale: float = 1.0  # multiplies every group's peak LR
+    group_lr_scale: Mapping[str, float] = dataclasses.field(default_factory=dict)  # group → extra LR factor
+
+    def peak_lr(self, group: str, recipe_lr: float) -> float:
+        """The peak LR of `group` whose recipe LR is `recipe_lr`."""
+        return recipe_lr * self.lr_scale * self.group_lr_scale.get(group, 1.0)
 
     def validate(self, prefix: str = "optim.") -> None:
         check_positive(self, prefix, "total_steps")
+        unknown = sorted(set(self.group_lr_scale) - set(GROUPS))
+        check_field(not unknown, prefix + "group_lr_scale", f"unknown group(s) {unknown}; known: {list(GROUPS)}")
+        check_field(all(v > 0 for v in self.group_lr_scale.values()), prefix + "group_lr_scale",
+                    f"must be positive, got {dict(self.group_lr_scale)}")
         for name in ("warmup_ratio", "min_lr_ratio"):
             check_field(0.0 <= getattr(self, name) <= 1.0, prefix + name, f"must be in [0, 1], got {getattr(self, name)!r}")
 
@@ -73,7 +83,7 @@ def make_optimizer(recipe: StageRecipe, params, cfg: OptimConfig) -> optax.Gradi
     if missing:
         raise ValueError(f"stage {recipe.name!r}: trainable params of frozen group(s) {sorted(missing)}")
     transforms = {
-        group: optax.adamw(schedule(lr * cfg.lr_scale, cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        group: optax.adamw(schedule(cfg.peak_lr(group, lr), cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=decay_mask)
         for group, lr in recipe.learning_rates.items() if group in present
     }
@@ -83,4 +93,4 @@ def make_optimizer(recipe: StageRecipe, params, cfg: OptimConfig) -> optax.Gradi
 
 def learning_rates(recipe: StageRecipe, cfg: OptimConfig, step) -> dict[str, jax.Array]:
     """Current LR of every trainable group (for logging)."""
-    return {f"lr/{g}": schedule(lr * cfg.lr_scale, cfg)(step) for g, lr in recipe.learning_rates.items()}
+    return {f"lr/{g}": schedule(cfg.peak_lr(g, lr), cfg)(step) for g, lr in recipe.learning_rates.items()}

@@ -43,6 +43,8 @@ class StageRun:
     steps: int = 100
     lr_scale: float = 1.0  # multiplies the recipe's LRs (on top of optim.lr_scale)
     data_weights: Mapping[str, float] | None = None  # task mixture of this stage; None: data.weights / the default
+    loss_weights: Mapping[str, float] | None = None  # entries replacing the run's loss_weights in this stage
+    group_lr_scale: Mapping[str, float] | None = None  # parameter group → factor on its LR in this stage
 
     def validate(self, prefix: str) -> None:
         check_field(isinstance(self.recipe, str), prefix + "recipe", f"must be a recipe name, got {self.recipe!r}")
@@ -52,11 +54,19 @@ class StageRun:
         check_field(self.lr_scale > 0, prefix + "lr_scale", f"must be positive, got {self.lr_scale!r}")
         if self.data_weights is not None:
             DataConfig(weights=dict(self.data_weights)).validate(prefix + "data_")
+        if self.loss_weights is not None:
+            unknown = sorted(set(self.loss_weights) - set(DEFAULT_LOSS_WEIGHTS))
+            check_field(not unknown, prefix + "loss_weights",
+                        f"unknown term(s) {unknown}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}")
+            check_field(all(w >= 0 for w in self.loss_weights.values()), prefix + "loss_weights",
+                        f"must be >= 0, got {dict(self.loss_weights)}")
+        if self.group_lr_scale is not None:
+            OptimConfig(group_lr_scale=dict(self.group_lr_scale)).validate(prefix)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunOptim:
-    """`train.optim.OptimConfig` without `total_steps` (each stage sets it), plus `lr`."""
+    """`train.optim.OptimConfig` without `total_steps` and `group_lr_scale` (each stage sets them), plus `lr`."""
 
     lr: float | None = None  # peak LR of each stage's fastest group; None: the recipe's LRs × lr_scale
     # the rest mirror OptimConfig and take its defaults (one source: the released run's values)
@@ -74,8 +84,9 @@ class RunOptim:
         if self.lr is not None:
             scale = self.lr / max(get_recipe(stage.recipe).learning_rates.values())
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(OptimConfig)
-                  if f.name not in ("total_steps", "lr_scale")}
-        return OptimConfig(total_steps=stage.steps, lr_scale=scale, **fields)
+                  if f.name not in ("total_steps", "lr_scale", "group_lr_scale")}
+        return OptimConfig(total_steps=stage.steps, lr_scale=scale, group_lr_scale=dict(stage.group_lr_scale or {}),
+                           **fields)
 
     def validate(self, prefix: str = "optim.") -> None:
         check_field(self.lr is None or self.lr > 0, prefix + "lr", f"must be positive or None, got {self.lr!r}")
@@ -129,8 +140,9 @@ class RunConfig:
 
     def train_config(self, name: str) -> TrainConfig:
         stage = self.stage(name)
+        weights = {**self.loss_weights, **(stage.loss_weights or {})}
         return TrainConfig(stage=stage.recipe, micro_batches=self.micro_batches, dropout=self.dropout,
-                           loss_weights=dict(self.loss_weights), optim=self.optim.for_stage(stage),
+                           loss_weights=weights, optim=self.optim.for_stage(stage),
                            lm_rows=self.lm_rows)
 
     def validate(self) -> "RunConfig":
