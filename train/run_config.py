@@ -55,11 +55,7 @@ class StageRun:
         if self.data_weights is not None:
             DataConfig(weights=dict(self.data_weights)).validate(prefix + "data_")
         if self.loss_weights is not None:
-            unknown = sorted(set(self.loss_weights) - set(DEFAULT_LOSS_WEIGHTS))
-            check_field(not unknown, prefix + "loss_weights",
-                        f"unknown term(s) {unknown}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}")
-            check_field(all(w >= 0 for w in self.loss_weights.values()), prefix + "loss_weights",
-                        f"must be >= 0, got {dict(self.loss_weights)}")
+            TrainConfig(loss_weights=dict(self.loss_weights)).validate(prefix)
         if self.group_lr_scale is not None:
             OptimConfig(group_lr_scale=dict(self.group_lr_scale)).validate(prefix)
 

@@ -60,6 +60,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"config field '{prefix}loss_weights': unknown term(s) {sorted(unknown)}; "
                               f"known: {sorted(DEFAULT_LOSS_WEIGHTS)}")
+        check_field(all(w >= 0 for w in self.loss_weights.values()), prefix + "loss_weights",
+                    f"must be >= 0, got {dict(self.loss_weights)}")
         self.optim.validate()
         return self
 
