@@ -33,17 +33,17 @@ from train.run_config import tiny_train_model
 RIDGE = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4)
 
 
+@nnx.jit
+def _forward(m: TPOModel, b: dict):
+    vit, qformer = m.encode_visual(b["frames"], return_features=True)[::-1]
+    out = m(b["input_ids"], attention_mask=b["attention_mask"], visual_mask=b["visual_mask"], frames=b["frames"],
+            logits=False)
+    return vit, qformer, out.hidden
+
+
 def features(model: TPOModel, batch: dict) -> dict[str, np.ndarray]:
     """(B, F) features of each example: ViT tokens, Q-Former tokens (flattened), LLM hidden at `<boxes>`."""
-
-    @nnx.jit
-    def run(m, b):
-        vit, qformer = m.encode_visual(b["frames"], return_features=True)[::-1]
-        out = m(b["input_ids"], attention_mask=b["attention_mask"], visual_mask=b["visual_mask"], frames=b["frames"],
-                logits=False)
-        return vit, qformer, out.hidden
-
-    vit, qformer, hidden = jax.device_get(run(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+    vit, qformer, hidden = jax.device_get(_forward(model, {k: jnp.asarray(v) for k, v in batch.items()}))
     rows = np.argmax(batch["input_ids"] == C.BOXES_ID, axis=1)
     n = len(rows)
     return {"vit tokens": vit.reshape(n, -1), "qformer tokens": qformer.reshape(n, -1),
