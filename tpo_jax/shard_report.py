@@ -99,30 +99,22 @@ def _pick_unit(rows) -> str:
     return _UNIT["name"]
 
 
-def extrapolate(measured: dict[tuple[int, ...], dict], base: tuple[int, ...], full: tuple[int, ...]) -> dict:
-    """Linear per-layer extrapolation of every number in `measured[depths]` to the `full` depths.
+def layer_slopes(measured: dict[tuple[int, ...], dict], base: tuple[int, ...]) -> list[dict]:
+    """Per knob k: the change of every number in `measured` per added layer of knob k.
 
     `measured` holds the base depths and, for each knob k, the base with knob k raised."""
-    out = {}
-    ref = measured[base]
-    steps = []
+    out = []
     for k in range(len(base)):
-        raised = [d for d in measured if d != base and all(d[j] == base[j] for j in range(len(base)) if j != k)]
-        steps.append(raised[0])
+        raised = next(d for d in measured if d != base and all(d[j] == base[j] for j in range(len(base)) if j != k))
+        out.append(_zip_numbers(measured[raised], measured[base], lambda x, y, dk=raised[k] - base[k]: (x - y) / dk))
+    return out
 
-    def walk(path, value):
-        if isinstance(value, dict):
-            return {key: walk(path + (key,), v) for key, v in value.items()}
-        total = float(value)
-        for k, depths in enumerate(steps):
-            other = measured[depths]
-            for key in path:
-                other = other[key]
-            per_layer = (float(other) - float(value)) / (depths[k] - base[k])
-            total += per_layer * (full[k] - base[k])
-        return total
 
-    out = walk((), ref)
+def extrapolate(measured: dict[tuple[int, ...], dict], base: tuple[int, ...], full: tuple[int, ...]) -> dict:
+    """Linear per-layer extrapolation of every number in `measured[depths]` to the `full` depths."""
+    out = _zip_numbers(measured[base], measured[base], lambda x, _: x)
+    for k, slope in enumerate(layer_slopes(measured, base)):
+        out = _zip_numbers(out, slope, lambda x, y, n=full[k] - base[k]: x + y * n)
     return out
 
 
@@ -240,8 +232,8 @@ def measure_plan(model_cfg, train_cfg, strategy, mesh_cfg, *, layers: tuple[int,
         depths = tuple(hi if j == k else lo for j in range(len(full)))
         slope_points[depths] = {key: v for key, v in run_at(depths, no_heads).items() if key in keys}
     ext = extrapolate(slope_points, base, full)
-    slopes = {field: {key: (slope_points[d][key] - slopes_base[key]) / (hi - lo) for key in ("temp", "flops")}
-              for field, d in zip(DEPTH_FIELDS, list(slope_points)[1:])}
+    slopes = {field: {key: slope[key] for key in ("temp", "flops")}
+              for field, slope in zip(DEPTH_FIELDS, layer_slopes(slope_points, base))}
     delta = _sub(ext, slopes_base)
     ext = _add(measured[base], delta)
     exact = measure_exact_bytes(model_cfg, train_cfg, strategy, mesh_cfg, kw.get("frozen_dtype"))
