@@ -40,12 +40,17 @@ def shifted_labels(labels: jax.Array) -> jax.Array:
     return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
 
 
-def _cross_entropy_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def _token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Cross-entropy of each position (0 where the target is IGNORE), f32, the shape of `targets`."""
     valid = targets != IGNORE
     logits = logits.astype(jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, logz - picked, 0.0))
+    return jnp.where(valid, logz - picked, 0.0)
+
+
+def _cross_entropy_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return jnp.sum(_token_cross_entropy(logits, targets))
 
 
 def lm_loss_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -70,9 +75,21 @@ def lm_loss_sum_at_labels(llm, hidden: jax.Array, labels: jax.Array, num_rows: i
     """`lm_loss_sum` with the lm_head applied only to the label rows (at most `num_rows` per sample):
     (sum, dropped label tokens). Equal to `lm_loss_sum` whenever nothing is dropped, at a fraction of the
     (B, L, vocab) logits' FLOPs and memory when answers are short next to the sequence."""
+    nll, dropped = _label_row_nll(llm, hidden, labels, num_rows, rng)
+    return jnp.sum(nll), jnp.sum(dropped)
+
+
+def label_log_likelihood(llm, hidden: jax.Array, labels: jax.Array, num_rows: int):
+    """(B,) log-probability of each sample's label tokens, from the final hidden states with the lm_head
+    applied only to the (at most `num_rows`) label rows; and (B,) the label tokens left out beyond them."""
+    nll, dropped = _label_row_nll(llm, hidden, labels, num_rows)
+    return -jnp.sum(nll, axis=-1), dropped
+
+
+def _label_row_nll(llm, hidden, labels, num_rows, rng=None):
     rows, targets, dropped = label_rows(labels, num_rows)
     h = jnp.take_along_axis(hidden, rows[..., None], axis=1)
-    return _cross_entropy_sum(llm.logits(h, rng), targets), jnp.sum(dropped)
+    return _token_cross_entropy(llm.logits(h, rng), targets), dropped
 
 
 def _has_token(input_ids: jax.Array, token_id: int) -> jax.Array:
