@@ -213,6 +213,19 @@ def _record_frame_index(record: Record, media, num_entries: int) -> np.ndarray:
     return np.clip(idx.astype(np.int64), 0, num_entries - 1)
 
 
+def mc_cloze_examples(record: Record, media, spec: ExampleSpec, tok: MultimodalTokenizer, *,
+                      seed: int = 0) -> list[dict]:
+    """The cloze form of a multiple-choice record, for evaluation: one conversation example per option,
+    the bare question (no option list) answered by that option's text. Comparing the options' answer
+    log-likelihoods scores the question without asking the model to bind options to letters."""
+    if record.task != "mc":
+        _fail(record, "cloze examples are built from multiple-choice records")
+    record.validate()
+    return [build_example(dataclasses.replace(record, task="conversation", turns=[(record.question, option)],
+                                              options=(), mc_answer=-1), media, spec, tok, seed=seed)
+            for option in record.options]
+
+
 def build_example(record: Record, media, spec: ExampleSpec, tok: MultimodalTokenizer, *, seed: int = 0) -> dict:
     """The arrays of one example (keys and shapes of `spec.shapes()`).
 

@@ -25,7 +25,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from data.conversation import ExampleSpec, build_example, collate
+from data.conversation import ExampleSpec, build_example, collate, mc_cloze_examples
 from data.records import TASKS, Record, RecordError
 from data.synthetic import SyntheticConfig, SyntheticSource
 from tpo_jax.config import ConfigError, TPOConfig, check_field
@@ -157,7 +157,8 @@ class Prepare(grain.transforms.Map):
             self._tok = MultimodalTokenizer(num_visual_tokens=self.spec.num_visual_tokens)
         return self._tok
 
-    def example(self, task: str, index: int, position: int):
+    def example(self, task: str, index: int, position: int, build=build_example):
+        """`build(record, media, spec, tokenizer, seed=...)` of record `index` of `task`, or `Bad`."""
         from data.video import load_media  # noqa: PLC0415  (PyAV import only where media is read)
 
         rid = f"{task}[{index}]"
@@ -167,7 +168,7 @@ class Prepare(grain.transforms.Map):
             if isinstance(record, Bad):
                 return record
             media = load_media(record, self.spec.num_frames, self.spec.img_size)
-            return build_example(record, media, self.spec, self.tokenizer, seed=hash_seed(self.seed, position))
+            return build(record, media, self.spec, self.tokenizer, seed=hash_seed(self.seed, position))
         except RecordError as e:
             return Bad(rid, str(e))
 
@@ -275,36 +276,71 @@ def make_train_iterator(data_cfg: DataConfig, model_cfg: TPOConfig, stage: str, 
     return TrainIterator(ds, data_cfg.batch_size, data_cfg.max_bad_fraction, data_cfg.bad_check_after)
 
 
+#: Evaluation-only task: the cloze form of the `mc` records (`data.conversation.mc_cloze_examples`).
+MC_CLOZE = "mc_cloze"
+#: Per-row fields of `mc_cloze` batches: the question's index among the evaluated records (−1: padding
+#: row), the option the row answers with, the question's right option.
+CLOZE_FIELDS = ("cloze_question", "cloze_option", "cloze_answer")
+
+
+def _cloze_rows(record_index: int):
+    """`build` for `Prepare.example`: the cloze examples of one mc record, tagged with `CLOZE_FIELDS`."""
+    def build(record, media, spec, tok, *, seed):
+        rows = mc_cloze_examples(record, media, spec, tok, seed=seed)
+        for k, row in enumerate(rows):
+            for name, value in zip(CLOZE_FIELDS, (record_index, k, record.mc_answer)):
+                row[name] = np.int32(value)
+        return rows
+    return build
+
+
 def eval_batches(data_cfg: DataConfig, model_cfg: TPOConfig, split: str = "validation",
                  num_examples: int | None = None, tasks: Sequence[str] | None = None, *,
                  sources: Mapping[str, Any] | None = None) -> dict[str, list[dict]]:
     """Deterministic evaluation batches per task: records 0, 1, 2, … of each task's `split` source (bad
-    ones skipped and counted as in training), `ceil(num_examples / batch_size)` full batches each."""
+    ones skipped and counted as in training), `ceil(num_examples / batch_size)` full batches each.
+
+    Task `MC_CLOZE` reads the `mc` source: the first `num_examples` good records, each as one row per
+    option (`_cloze_rows`), the last batch filled with padding rows (`cloze_question` −1)."""
     data_cfg.validate()
     tasks = list(tasks or TASKS)
     n = data_cfg.eval_examples if num_examples is None else num_examples
     if sources is None:
-        sources = task_sources(data_cfg, model_cfg, split, tasks)
+        sources = task_sources(data_cfg, model_cfg, split, sorted({"mc" if t == MC_CLOZE else t for t in tasks}))
     prep = Prepare(sources, example_spec(data_cfg, model_cfg), data_cfg.seed)
+    bs = data_cfg.batch_size
     out = {}
     for task in tasks:
-        size = len(sources[task])
-        want = math.ceil(n / data_cfg.batch_size) * data_cfg.batch_size
-        examples, bad, i = [], 0, 0
-        while len(examples) < want and i < size:
-            ex = prep.example(task, i, i)
-            i += 1
-            if isinstance(ex, Bad):
-                bad += 1
-                log.warning("skipping bad %s record %s: %s", split, ex.record_id, ex.message)
-                if bad > data_cfg.max_bad_fraction * max(i, data_cfg.bad_check_after):
-                    raise DataError(f"{bad} of {i} {split} records of task {task!r} were bad, more than "
-                                    f"max_bad_fraction={data_cfg.max_bad_fraction}; last: {ex.record_id}: {ex.message}")
-            else:
-                examples.append(ex)
+        if task == MC_CLOZE:
+            rows = [row for rows in _good_examples(prep, "mc", n, data_cfg, split, cloze=True) for row in rows]
+            if rows:
+                rows += [dict(rows[0], cloze_question=np.int32(-1))] * (-len(rows) % bs)
+                out[task] = [collate(rows[j:j + bs]) for j in range(0, len(rows), bs)]
+            continue
+        want = math.ceil(n / bs) * bs
+        examples = _good_examples(prep, task, want, data_cfg, split)
         if not examples:
             continue
         examples = [examples[j % len(examples)] for j in range(want)]  # a small split: repeat from the start
-        bs = data_cfg.batch_size
         out[task] = [collate(examples[j:j + bs]) for j in range(0, len(examples) - bs + 1, bs)]
     return out
+
+
+def _good_examples(prep: Prepare, task: str, want: int, data_cfg: DataConfig, split: str, *,
+                   cloze: bool = False) -> list:
+    """The examples of records 0, 1, 2, … of `task` until `want` are good (bad ones skipped and counted
+    as in training); with `cloze`, each good record's list of cloze rows (`_cloze_rows`)."""
+    examples, bad, i, size = [], 0, 0, len(prep.sources[task])
+    while len(examples) < want and i < size:
+        build = _cloze_rows(len(examples)) if cloze else build_example
+        ex = prep.example(task, i, i, build=build)
+        i += 1
+        if isinstance(ex, Bad):
+            bad += 1
+            log.warning("skipping bad %s record %s: %s", split, ex.record_id, ex.message)
+            if bad > data_cfg.max_bad_fraction * max(i, data_cfg.bad_check_after):
+                raise DataError(f"{bad} of {i} {split} records of task {task!r} were bad, more than "
+                                f"max_bad_fraction={data_cfg.max_bad_fraction}; last: {ex.record_id}: {ex.message}")
+        else:
+            examples.append(ex)
+    return examples

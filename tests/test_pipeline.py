@@ -147,6 +147,29 @@ def test_eval_batches_are_deterministic_per_task():
     assert first.question in P.MultimodalTokenizer(num_visual_tokens=8).decode(a["temporal"][0]["input_ids"][0][:n])
 
 
+def test_mc_cloze_batches_answer_each_option_to_the_bare_question():
+    """One row per option of each of the first N mc records: the question without the option list, the
+    option's text as the only labelled answer; the last batch padded with rows marked −1."""
+    cfg = P.DataConfig(batch_size=4)
+    batches = P.eval_batches(cfg, CFG, num_examples=3, tasks=[P.MC_CLOZE])[P.MC_CLOZE]
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    records = [make_record(P.synthetic_config(cfg, CFG), "mc", i, split="validation") for i in range(3)]
+    n = sum(len(r.options) for r in records)
+    assert len(rows["input_ids"]) == 4 * -(-n // 4)
+    assert (rows["cloze_question"][n:] == -1).all()
+    tok = P.MultimodalTokenizer(num_visual_tokens=8)
+    j = 0
+    for q, record in enumerate(records):
+        for k, option in enumerate(record.options):
+            assert (rows["cloze_question"][j], rows["cloze_option"][j], rows["cloze_answer"][j]) == \
+                (q, k, record.mc_answer)
+            prompt = tok.decode(rows["input_ids"][j][:rows["answer_start"][j]])
+            assert record.question in prompt and "Options:" not in prompt
+            labels = rows["labels"][j][rows["labels"][j] >= 0]
+            assert tok.decode(labels, skip_special_tokens=True).strip() == option
+            j += 1
+
+
 def test_synthetic_builder_round_trip_and_pipeline(tmp_path):
     syn = P.synthetic_config(P.DataConfig(), CFG)
     path = build(TpoSynthetic(syn, sizes={"train": 12, "validation": 4}, storage="raw", data_dir=str(tmp_path)))
