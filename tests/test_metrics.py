@@ -111,6 +111,25 @@ def test_evaluate_perfect_predictions_score_perfectly():
     assert out["mask/l1"] == 0.0 and out["mask/count"] == 1
 
 
+def test_mc_cloze_accuracy_by_hand():
+    """Cloze rows (question, option, answer log-likelihood) from several batches, padding rows dropped:
+    question 0 (2 options, answer 1): −3 vs −1 → right; question 1 (3 options, answer 0): −2, −0.5, −4
+    → wrong; question 2 (answer 2): −9, −8, −1 → right. Accuracy 2/3."""
+    from train.evaluate import MetricAccumulator
+
+    acc = MetricAccumulator()
+    batches = [  # (cloze_question, cloze_option, cloze_answer, answer_logprob)
+        ([0, 0, 1, 1], [0, 1, 0, 1], [1, 1, 0, 0], [-3.0, -1.0, -2.0, -0.5]),
+        ([1, 2, 2, 2], [2, 0, 1, 2], [0, 2, 2, 2], [-4.0, -9.0, -8.0, -1.0]),
+        ([-1, -1, -1, -1], [0, 0, 0, 0], [0, 0, 0, 0], [0.0, 0.0, 0.0, 0.0]),  # padding: would be right
+    ]
+    for q, k, a, lp in batches:
+        batch = {"cloze_question": np.array(q), "cloze_option": np.array(k), "cloze_answer": np.array(a)}
+        acc.update({"answer_logprob": np.array(lp, np.float32)}, batch)
+    out = acc.compute()
+    assert out["mc_cloze/count"] == 3 and out["mc_cloze/acc"] == pytest.approx(2 / 3)
+
+
 @pytest.fixture(scope="module")
 def eval_setup():
     from data.pipeline import DataConfig, eval_batches
@@ -118,7 +137,7 @@ def eval_setup():
 
     cfg = C.get_config("tiny")
     data = DataConfig(batch_size=2, seq_len=128, eval_examples=2)
-    per_task = eval_batches(data, cfg, tasks=("mc", "temporal", "region", "mask"))
+    per_task = eval_batches(data, cfg, tasks=("mc", "mc_cloze", "temporal", "region", "mask"))
     graphdef, state = nnx.split(TPOModel(cfg, rngs=nnx.Rngs(0)))
     return graphdef, state, per_task, make_predict_fn(graphdef)
 
@@ -174,6 +193,20 @@ def test_predictions_match_the_heads(eval_setup):
                 np.testing.assert_allclose(preds["mask_pred"][i], d["prompt"], atol=1e-5)
                 np.testing.assert_allclose(preds["mask_target"][i], d["target"], atol=1e-5)
                 assert preds["mask_valid"][i]
+    from train.evaluate import cloze_label_rows
+
+    batch = per_task["mc_cloze"][0]  # cloze rows: the summed log-softmax of the answer's label tokens
+    assert cloze_label_rows(batch) == 8  # answers of a few tokens: the lm_head runs on 8 rows, not 128
+    preds = jax.device_get(predict_fn(state, batch, label_rows=cloze_label_rows(batch)))
+    for i in range(len(batch["input_ids"])):
+        one = {k: v[i:i + 1] for k, v in batch.items() if k not in ("cloze_question", "cloze_option", "cloze_answer")}
+        logits = np.asarray(jax.device_get(direct(state, one))["logits"], np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        pos = np.flatnonzero(batch["labels"][i] >= 0)
+        assert len(pos) >= 2 and pos[0] == batch["answer_start"][i]
+        want = sum(logp[t - 1, batch["labels"][i][t]] for t in pos)
+        np.testing.assert_allclose(preds["answer_logprob"][i], want, rtol=1e-5, atol=1e-4)
     out = acc.compute()
     assert out["rec/count"] == 2 and out["mc/count"] == 2 and out["mask/count"] == 2
     assert out["temporal/count"] == 2 and out["highlight/count"] == 2

@@ -6,17 +6,20 @@ One jitted forward pass per batch (`make_predict_fn`) gives every task's predict
 * temporal: CG-DETR outputs → `postprocess_spans` (duration 1: normalised time) → the top-1 window; the
   per-clip saliency scores for highlight detection;
 * multiple choice: the logits at the position before `answer_start` (the one predicting the first
-  answer token, the option letter) over the option tokens `mc_options`;
+  answer token, the option letter) over the option tokens `mc_options`; in cloze form
+  (`data.pipeline.MC_CLOZE` batches, one row per option, the option's text as the answer to the bare
+  question) each row's answer log-likelihood, the best option being the most likely answer;
 * mask: the predicted SAM2 sparse prompt at `<tracking>` and its target `sam2.box_prompt(mask_boxes)`.
 
 `evaluate` runs it over batches (dicts of numpy arrays in the `data.pipeline` format) and returns
 flat metrics `{"rec/acc@0.5", "rec/miou", "temporal/r1@0.5", ..., "highlight/map", "mc/acc",
-"mask/l1", "<task>/count"}`. Validity masks come from `tpo_jax.losses.valid_masks`, so an example
-counts for a task exactly when it would get that task's loss.
+"mc_cloze/acc", "mask/l1", "<task>/count"}`. Validity masks come from `tpo_jax.losses.valid_masks`, so
+an example counts for a task exactly when it would get that task's loss.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -24,24 +27,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data.pipeline import CLOZE_FIELDS
 from tpo_jax import config as C
 from tpo_jax.config import TPOConfig
 from tpo_jax.heads.box_ops import span_cw_to_xx
 from tpo_jax.heads.temporal import postprocess_spans
-from tpo_jax.losses import HEADS, temporal_features, valid_masks
+from tpo_jax.losses import HEADS, label_log_likelihood, temporal_features, valid_masks
 from tpo_jax.model import gather_task_hidden
 from train import metrics as M
 
 NEG_INF = -1e30  # score of a padded multiple-choice option
 
 
-def predict(model, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Every task's predictions (and validity) for one batch; deterministic (no dropout)."""
+def predict(model, batch: Mapping[str, jax.Array], label_rows: int = 0) -> dict[str, jax.Array]:
+    """Every task's predictions (and validity) for one batch; deterministic (no dropout). The lm_head runs
+    only where a prediction needs it: the MC answer position, and for cloze rows the first `label_rows`
+    label positions (0: all; `cloze_label_rows` gives a bound that drops none)."""
     cfg: TPOConfig = model.cfg
     ids = batch["input_ids"]
+    if "cloze_question" in batch:  # cloze multiple-choice rows: only the answer's log-likelihood matters
+        out = model(ids, attention_mask=batch.get("attention_mask"), visual_mask=batch.get("visual_mask"),
+                    frames=batch.get("frames"), logits=False)
+        logprob, _ = label_log_likelihood(model.llm, out.hidden, batch["labels"], label_rows or ids.shape[1])
+        return {"answer_logprob": logprob}
     need_vision = cfg.heads.temporal.feature_source == "model"
     out = model(ids, attention_mask=batch.get("attention_mask"), visual_mask=batch.get("visual_mask"),
-                frames=batch.get("frames"), track_boxes=batch.get("track_boxes"), return_vision_features=need_vision)
+                frames=batch.get("frames"), track_boxes=batch.get("track_boxes"), return_vision_features=need_vision,
+                logits=False)
     masks = valid_masks(batch, cfg, HEADS)
     f32 = jnp.float32
     preds: dict[str, jax.Array] = {}
@@ -67,7 +79,7 @@ def predict(model, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
     if "mc_options" in batch and "answer_start" in batch:
         pos = jnp.clip(batch["answer_start"].astype(jnp.int32) - 1, 0, ids.shape[1] - 1)
-        logits = jnp.take_along_axis(out.logits, pos[:, None, None], axis=1)[:, 0].astype(f32)  # (B, V)
+        logits = model.llm.logits(jnp.take_along_axis(out.hidden, pos[:, None, None], axis=1)[:, 0]).astype(f32)
         options = batch["mc_options"].astype(jnp.int32)
         scores = jnp.take_along_axis(logits, jnp.clip(options, 0, logits.shape[-1] - 1), axis=1)
         preds["mc_scores"] = jnp.where(options >= 0, scores, NEG_INF)
@@ -75,11 +87,20 @@ def predict(model, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def make_predict_fn(graphdef) -> Callable:
-    """Jitted `predict_fn(state, batch) -> predictions` for the full model state `nnx.split(model)`."""
-    @jax.jit
-    def predict_fn(state, batch):
-        return predict(nnx.merge(graphdef, state), batch)
+    """Jitted `predict_fn(state, batch, label_rows=0) -> predictions` for the full model state
+    `nnx.split(model)` (`label_rows` static)."""
+    @functools.partial(jax.jit, static_argnames="label_rows")
+    def predict_fn(state, batch, label_rows=0):
+        return predict(nnx.merge(graphdef, state), batch, label_rows)
     return predict_fn
+
+
+def cloze_label_rows(batch: Mapping[str, Any]) -> int:
+    """Label rows that hold every label of a cloze batch, rounded up to a multiple of 8 (few compiles);
+    0 for other batches."""
+    if "cloze_question" not in batch:
+        return 0
+    return max(8, -(-int((np.asarray(batch["labels"]) >= 0).sum(axis=1).max()) // 8) * 8)
 
 
 class MetricAccumulator:
@@ -97,6 +118,12 @@ class MetricAccumulator:
 
     def update(self, preds: Mapping[str, Any], batch: Mapping[str, Any]) -> None:
         p = {k: np.asarray(v) for k, v in preds.items()}
+        if "answer_logprob" in p:
+            keep = np.asarray(batch["cloze_question"]) >= 0
+            self._add("cloze_logprob", p["answer_logprob"][keep])
+            for name in CLOZE_FIELDS:
+                self._add(name, np.asarray(batch[name])[keep])
+            return
         rv = p["region_valid"].astype(bool)
         self._add("region_pred", p["region_pred"][rv])
         self._add("region_gt", np.asarray(batch["region_boxes"])[rv])
@@ -116,6 +143,15 @@ class MetricAccumulator:
             self._add("mc_scores", p["mc_scores"][keep])
             self._add("mc_answer", np.asarray(batch["mc_answer"])[keep])
 
+    def _cloze_scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """Cloze rows → (questions, options) answer log-likelihoods (NEG_INF: no such option), answers."""
+        q, k = self._get("cloze_question").astype(int), self._get("cloze_option").astype(int)
+        scores = np.full((q.max() + 1 if len(q) else 0, k.max() + 1 if len(k) else 1), NEG_INF)
+        scores[q, k] = self._get("cloze_logprob")
+        answers = np.full(len(scores), -1)
+        answers[q] = self._get("cloze_answer")
+        return scores, answers
+
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for prefix, values in (
@@ -126,6 +162,7 @@ class MetricAccumulator:
             ("highlight", M.highlight_metrics(self._get("saliency", (1,)), self._get("saliency_labels", (1,)),
                                               self._get("vid_mask", (1,)))),
             ("mc", M.mc_accuracy(self._get("mc_scores", (1,)), self._get("mc_answer"))),
+            ("mc_cloze", M.mc_accuracy(*self._cloze_scores())),
             ("mask", M.prompt_l1(self._get("mask_pred", (1,)), self._get("mask_target", (1,)))),
         ):
             out.update({f"{prefix}/{k}": v for k, v in values.items()})
@@ -134,10 +171,11 @@ class MetricAccumulator:
 
 def evaluate(predict_fn: Callable, state, batches: Iterable[Mapping[str, Any]],
              place: Callable[[Mapping[str, Any]], Any] | None = None) -> dict[str, float]:
-    """Metrics of `predict_fn(state, batch)` over `batches` (numpy dicts); `place` puts a batch on the
+    """Metrics of `predict_fn(state, batch, label_rows)` over `batches` (numpy dicts); `place` puts a batch on the
     devices (default: as is)."""
     acc = MetricAccumulator()
     for batch in batches:
-        preds = jax.device_get(predict_fn(state, place(batch) if place else batch))
+        placed = place(batch) if place else batch
+        preds = jax.device_get(predict_fn(state, placed, label_rows=cloze_label_rows(batch)))
         acc.update(preds, batch)
     return acc.compute()

@@ -56,7 +56,7 @@ from train.step import TrainShardings, TrainState, init_sharded, make_train_step
 
 log = logging.getLogger("tpo.train")
 
-EVAL_TASKS = ("mc", "temporal", "region", "mask")
+EVAL_TASKS = ("mc", "mc_cloze", "temporal", "region", "mask")
 # config sections a checkpoint depends on; the others (logging, eval, checkpoint cadence, mesh) may change
 IDENTITY_FIELDS = ("model", "data", "optim", "seed", "micro_batches", "dropout", "loss_weights")
 
@@ -223,9 +223,9 @@ def compiled_predict(graphdef, cfg: RunConfig, mesh, rules):
     if key not in _COMPILED:
         predict = make_predict_fn(graphdef)
 
-        def in_context(state, batch):
+        def in_context(state, batch, label_rows=0):
             with S.activation_sharding(mesh, rules):
-                return predict(state, batch)
+                return predict(state, batch, label_rows=label_rows)
 
         _COMPILED[key] = in_context
     return _COMPILED[key]
@@ -585,7 +585,7 @@ def _step_text(step: int | None) -> str:
 
 
 def _short(m: Mapping[str, float]) -> str:
-    keys = ("rec/acc@0.5", "temporal/r1@0.5", "highlight/hit@1", "mc/acc", "mask/l1")
+    keys = ("rec/acc@0.5", "temporal/r1@0.5", "highlight/hit@1", "mc/acc", "mc_cloze/acc", "mask/l1")
     return ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
 
 
