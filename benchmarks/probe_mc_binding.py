@@ -32,13 +32,12 @@ from data.conversation import build_example, collate  # noqa: E402
 from data.pipeline import DataConfig, example_spec  # noqa: E402
 from data.synthetic import SyntheticConfig, SyntheticSource  # noqa: E402
 from data.video import load_media  # noqa: E402
-from tpo_jax import config as C  # noqa: E402
 from tpo_jax.model import TPOModel  # noqa: E402
 from tpo_jax.tokenizer import MultimodalTokenizer  # noqa: E402
 from train import stages  # noqa: E402
 from train.evaluate import evaluate, make_predict_fn  # noqa: E402
 from train.optim import OptimConfig  # noqa: E402
-from train.run_config import tiny_train_model  # noqa: E402
+from train.run_config import RunConfig, apply_overrides, tiny_train_model  # noqa: E402
 from train.step import TrainConfig, init_train_state, make_train_step  # noqa: E402
 
 BATCH = 16
@@ -67,9 +66,7 @@ def main(argv=None) -> None:
                    help="model config override, e.g. llm.num_layers=4")
     a = p.parse_args(argv)
 
-    cfg = tiny_train_model()
-    if a.set:
-        cfg = C.replace(cfg, **{k: int(v) for k, v in (s.split("=", 1) for s in a.set)}).validate()
+    cfg = apply_overrides(RunConfig(model=tiny_train_model()), [f"model.{item}" for item in a.set]).model
     if a.train_llm_base:  # the probe only: every stage recipe keeps the LLM base frozen
         stages.ALWAYS_FROZEN = ("sam2",)
         r = stages.RECIPES["stage3"]

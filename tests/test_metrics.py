@@ -193,13 +193,14 @@ def test_predictions_match_the_heads(eval_setup):
                 np.testing.assert_allclose(preds["mask_pred"][i], d["prompt"], atol=1e-5)
                 np.testing.assert_allclose(preds["mask_target"][i], d["target"], atol=1e-5)
                 assert preds["mask_valid"][i]
+    from data.pipeline import CLOZE_FIELDS
     from train.evaluate import cloze_label_rows
 
     batch = per_task["mc_cloze"][0]  # cloze rows: the summed log-softmax of the answer's label tokens
     assert cloze_label_rows(batch) == 8  # answers of a few tokens: the lm_head runs on 8 rows, not 128
     preds = jax.device_get(predict_fn(state, batch, label_rows=cloze_label_rows(batch)))
     for i in range(len(batch["input_ids"])):
-        one = {k: v[i:i + 1] for k, v in batch.items() if k not in ("cloze_question", "cloze_option", "cloze_answer")}
+        one = {k: v[i:i + 1] for k, v in batch.items() if k not in CLOZE_FIELDS}
         logits = np.asarray(jax.device_get(direct(state, one))["logits"], np.float64)
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
