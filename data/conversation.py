@@ -1,5 +1,5 @@
 """One decoded `Record` → the fixed-shape arrays of one training example (the batch format of
-`tpo_jax.losses`, plus `task_id`, `mc_options`, `mc_answer`, `answer_start`).
+`tpo_jax.losses`, plus `task_id`, `mc_options`, `mc_answer`, `mc_letter_pos`, `answer_start`).
 
 Token layout (MODEL-SPEC §4.3, demo form, as `MultimodalTokenizer.encode_demo_prompt` builds it):
 
@@ -22,7 +22,7 @@ What each task puts in the user text / answer (templates in `data.templates`):
 | task         | user text                              | answer                         | targets                         |
 |--------------|----------------------------------------|--------------------------------|---------------------------------|
 | conversation | each turn's question                   | each turn's answer             | —                               |
-| mc           | question + "A. …" option lines         | "B. text" (letter first)       | mc_options, mc_answer           |
+| mc           | question + "(A) …" option lines        | "(B) text"                     | mc_options, mc_answer, mc_letter_pos |
 | region       | Tab. 22 template with the expression   | `<box_begin><boxes>` per box   | region_boxes / region_valid     |
 | temporal     | Tab. 20 template with the query        | `<time_begin><temp>`           | spans (center, width)/duration, saliency per clip |
 | mask         | Tab. 21 (`<track_box>`) or Tab. 23     | `<track_begin><tracking>`      | mask_boxes; track_boxes input   |
@@ -89,7 +89,7 @@ class ExampleSpec:
             "vid_mask": ((self.num_clips,), np.float32),
             "temporal_text_ids": ((self.max_text_len,), np.int32), "text_mask": ((self.max_text_len,), np.float32),
             "task_id": ((), np.int32), "mc_options": ((self.max_options,), np.int32), "mc_answer": ((), np.int32),
-            "answer_start": ((), np.int32),
+            "mc_letter_pos": ((), np.int32), "answer_start": ((), np.int32),
         }
 
     def empty(self) -> dict[str, np.ndarray]:
@@ -98,6 +98,7 @@ class ExampleSpec:
         out["vid_mask"][:] = 1.0
         out["mc_options"][:] = -1
         out["mc_answer"][...] = -1
+        out["mc_letter_pos"][...] = -1
         return out
 
 
@@ -281,9 +282,14 @@ def build_example(record: Record, media, spec: ExampleSpec, tok: MultimodalToken
         k = len(record.options)
         if k > spec.max_options or k > len(OPTION_LETTERS):
             _fail(record, f"{k} options, at most {min(spec.max_options, len(OPTION_LETTERS))} supported")
-        letters = [tok.encode(f"{L}. x", add_bos=False)[0] for L in OPTION_LETTERS[:k]]
+        letters = [tok.token_to_id(L) for L in OPTION_LETTERS[:k]]  # the letter after "(", as in "(B)"
+        hits = np.flatnonzero(ids[answer_start:] == letters[record.mc_answer])
+        if not len(hits):
+            _fail(record, f"the answer {tok.decode(ids[answer_start:])!r} does not hold the option letter "
+                          f"{OPTION_LETTERS[record.mc_answer]!r} as a token")
         out["mc_options"][:k] = letters
         out["mc_answer"][...] = record.mc_answer
+        out["mc_letter_pos"][...] = answer_start + hits[0]
     elif task == "region":
         boxes = np.asarray(record.boxes, np.float32)
         n = min(len(boxes), spec.region_slots)

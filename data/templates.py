@@ -65,8 +65,10 @@ REFERRING = (  # Tab. 23
 #: The answer of a task record: the begin token followed by the token whose hidden state feeds the head.
 TASK_ANSWERS = {"region": ATBOXES_PLACEHOLDER, "temporal": ATTEMP_PLACEHOLDER, "mask": ATTRACK_PLACEHOLDER}
 
-#: Multiple choice: options are listed as "A. text" lines; the answer is "B. text" (letter first, so the
-#: letter is the first answer token).
+#: Multiple choice, in the released model's MVBench form (MODEL-SPEC §4.3, answer prompt "Best Option: ("):
+#: options are listed as "(A) text" lines and the answer is "(B) text". The letter follows "(" in both, so
+#: it is the same token ("B", not "▁B") in the option list and in the answer: emitting the right letter is
+#: copying a token of the prompt, not mapping one token onto another.
 OPTION_LETTERS = "ABCDEFGH"
 
 
@@ -99,10 +101,11 @@ def task_instruction(task: str, question: str, seed: int) -> str:
 
 
 def mc_question(question: str, options: tuple[str, ...]) -> str:
-    """The question followed by one "X. option" line per option."""
-    lines = [f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options)]
+    """The question followed by one "(X) option" line per option."""
+    lines = [f"({OPTION_LETTERS[i]}) {o}" for i, o in enumerate(options)]
     return question + "\nOptions:\n" + "\n".join(lines)
 
 
 def mc_answer_text(options: tuple[str, ...], index: int) -> str:
-    return f"{OPTION_LETTERS[index]}. {options[index]}"
+    """The answer of a multiple-choice question: "(X) option"."""
+    return f"({OPTION_LETTERS[index]}) {options[index]}"

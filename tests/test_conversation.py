@@ -142,12 +142,17 @@ def test_multiple_choice_letters():
     rec = Record(id="q0", task="mc", frames=FRAMES, question="What colour is the square?",
                  options=("Red.", "Green.", "Blue."), mc_answer=2)
     ex = example(rec)
-    np.testing.assert_array_equal(ex["mc_options"], [330, 365, 334, -1, -1])  # "▁A", "▁B", "▁C"
-    a = int(ex["answer_start"])
-    assert ex["input_ids"][a] == 334 and ex["labels"][a] == 334 and ex["mc_answer"] == 2
+    np.testing.assert_array_equal(ex["mc_options"], [28741, 28760, 28743, -1, -1])  # "A", "B", "C" (no "▁")
+    a, p = int(ex["answer_start"]), int(ex["mc_letter_pos"])
+    assert p == a + 1 and ex["input_ids"][a] == 325  # "▁(" then the letter
+    assert ex["input_ids"][p] == 28743 and ex["labels"][p] == 28743 and ex["mc_answer"] == 2
     n = int(ex["attention_mask"].sum())
-    assert TOK.decode(ex["input_ids"][a:n]) == "C. Blue.</s>"
-    assert "Options:\nA. Red.\nB. Green.\nC. Blue. [/INST]" in TOK.decode(ex["input_ids"][:a])
+    assert TOK.decode(ex["input_ids"][a:n]) == "(C) Blue.</s>"
+    prompt = ex["input_ids"][:a]
+    assert "Options:\n(A) Red.\n(B) Green.\n(C) Blue. [/INST]" in TOK.decode(prompt)
+    for letter in ex["mc_options"][:3]:  # each option letter is the same token in the option list
+        assert np.sum(prompt == letter) == 1
+    assert example(Record(id="c", task="conversation", frames=FRAMES, turns=[("?", "x")]))["mc_letter_pos"] == -1
 
 
 def test_long_conversations_drop_whole_turns():

@@ -184,7 +184,8 @@ def test_predictions_match_the_heads(eval_setup):
                 np.testing.assert_allclose(preds["region_pred"][i, 0], d["box"], atol=1e-5)
                 assert preds["region_valid"][i, 0]
             elif task == "mc":
-                pos = int(one["answer_start"][0]) - 1
+                pos = int(one["mc_letter_pos"][0]) - 1
+                assert one["input_ids"][0, pos + 1] == one["mc_options"][0, one["mc_answer"][0]]
                 opts = one["mc_options"][0]
                 k = int(np.sum(opts >= 0))
                 np.testing.assert_allclose(preds["mc_scores"][i, :k], d["logits"][pos, opts[:k]], rtol=1e-5, atol=1e-5)

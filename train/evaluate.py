@@ -5,8 +5,8 @@ One jitted forward pass per batch (`make_predict_fn`) gives every task's predict
 * region: the region head's box at each `<boxes>` token (hidden state gathered as `tpo_jax.losses` does);
 * temporal: CG-DETR outputs → `postprocess_spans` (duration 1: normalised time) → the top-1 window; the
   per-clip saliency scores for highlight detection;
-* multiple choice: the logits at the position before `answer_start` (the one predicting the first
-  answer token, the option letter) over the option tokens `mc_options`; in cloze form
+* multiple choice: the logits at the position before `mc_letter_pos` (the one predicting the answer's
+  option letter, "B" of "(B) text") over the option tokens `mc_options`; in cloze form
   (`data.pipeline.MC_CLOZE` batches, one row per option, the option's text as the answer to the bare
   question) each row's answer log-likelihood, the best option being the most likely answer;
 * mask: the predicted SAM2 sparse prompt at `<tracking>` and its target `sam2.box_prompt(mask_boxes)`.
@@ -77,8 +77,8 @@ def predict(model, batch: Mapping[str, jax.Array], label_rows: int = 0) -> dict[
     preds["saliency"] = t_out["saliency_scores"].astype(f32)
     preds["temporal_valid"] = masks["temporal"]
 
-    if "mc_options" in batch and "answer_start" in batch:
-        pos = jnp.clip(batch["answer_start"].astype(jnp.int32) - 1, 0, ids.shape[1] - 1)
+    if "mc_options" in batch and "mc_letter_pos" in batch:
+        pos = jnp.clip(batch["mc_letter_pos"].astype(jnp.int32) - 1, 0, ids.shape[1] - 1)
         logits = model.llm.logits(jnp.take_along_axis(out.hidden, pos[:, None, None], axis=1)[:, 0]).astype(f32)
         options = batch["mc_options"].astype(jnp.int32)
         scores = jnp.take_along_axis(logits, jnp.clip(options, 0, logits.shape[-1] - 1), axis=1)
