@@ -11,7 +11,7 @@ from tpo_jax import config as C
 from tpo_jax.lora import LoRALinear
 from tpo_jax.model import TPOModel
 from train.optim import OptimConfig, learning_rates, make_optimizer
-from train.stages import RECIPES, get_recipe, param_group
+from train.stages import RECIPES, StageRecipe, get_recipe, param_group
 from train.step import TrainConfig, init_train_state, make_grad_fn, make_train_step, split_model
 
 CFG = C.get_config("tiny")
@@ -157,6 +157,16 @@ def test_frozen_params_are_bit_identical_and_have_no_optimizer_state():
 
 def test_stage_recipes():
     assert set(RECIPES["stage1"].learning_rates) == {"lora"} and RECIPES["stage1"].heads == ()
+    # the LLM base trains only in the from-scratch stage 1; every TPO recipe keeps it frozen
+    assert RECIPES["stage1_scratch"].learning_rates == {"lora": 2e-5, "llm": 2e-5}
+    assert [n for n, r in RECIPES.items() if "llm" in r.learning_rates] == ["stage1_scratch"]
+    assert not [n for n, r in RECIPES.items() if "llm_embed" in r.learning_rates]
+    _, params, _ = split_model(_model(random_lora_b=False), RECIPES["stage1_scratch"])
+    trained = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(params)}
+    assert "llm/layers/0/self_attn/q_proj/kernel" in trained and "llm/lm_head/kernel" in trained
+    assert "llm/layers/0/self_attn/q_proj/lora_a" in trained and "llm/embed_tokens/embedding" not in trained
+    with pytest.raises(ValueError, match="'sam2'.*stay frozen"):
+        StageRecipe("bad", {"lora": 1e-4, "sam2": 1e-4}, ())
     assert RECIPES["stage2_temporal"].learning_rates == {"lora": 2e-5, "temporal_head": 1e-4, "temporal_token": 2e-4}
     s3 = RECIPES["stage3"]
     assert {"vision", "connector"} <= set(s3.learning_rates) and "sam2" not in s3.learning_rates

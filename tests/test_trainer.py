@@ -18,6 +18,7 @@ from train import trainer as T
 from train.cli import eval_main, train_main
 from train.nonfinite import NonFiniteError
 from train.run_config import apply_overrides, get_run_config, load_run_config
+from train.stages import get_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["stage1.steps=20", "checkpoint.every_steps=5", "checkpoint.keep=2", "data.batch_size=2", "eval.examples=2",
@@ -101,18 +102,21 @@ def test_next_stage_starts_from_the_previous_checkpoint(full_run):
     trainer = T.Trainer(cfg, workdir, progress=False)
     _, init_state, init_frozen, _, _ = trainer.build_stage("stage2")
     _, state, frozen, _, _ = trainer.init_stage("stage2")
+    groups = T.trained_groups(cfg, "stage1")  # the run's stage-1 recipe: LoRA and, from scratch, the LLM base
+    assert groups == set(get_recipe(cfg.stage1.recipe).learning_rates)
     with CheckpointManager(os.path.join(workdir, "stage1", "checkpoints")) as m:
-        target = T.params_of_groups(T._abstract(init_state.params), T._abstract(init_frozen), {"lora"})
+        target = T.params_of_groups(T._abstract(init_state.params), T._abstract(init_frozen), groups)
         saved = dict(leaf_paths(m.restore(20, params=target)["params"]))
     init = dict(leaf_paths(init_state.params)) | dict(leaf_paths(init_frozen))
     now = dict(leaf_paths(state.params)) | dict(leaf_paths(frozen))
-    assert {p for p in now if T._group(p) == "lora"} == set(saved)
+    assert {p for p in now if T._group(p) in groups} == set(saved)
     for path, value in now.items():
-        if path in saved:  # LoRA: the trained stage-1 values
+        if path in saved:  # the trained stage-1 values (in stage 2 the LLM base is frozen, LoRA trains on)
             np.testing.assert_array_equal(value, saved[path])
         else:  # heads, tokens, vision, ...: still at initialisation
             np.testing.assert_array_equal(value, init[path])
-    assert any(not np.array_equal(saved[p], init[p]) for p in saved)
+    for group in groups:
+        assert any(not np.array_equal(saved[p], init[p]) for p in saved if T._group(p) == group), group
 
 
 def test_nonfinite_update_is_skipped(full_run, tmp_path):

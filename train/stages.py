@@ -3,12 +3,17 @@
 A recipe says which parameter groups train, at which peak learning rate, and which head losses
 are on. Every parameter of the model belongs to exactly one group (`param_group`); groups not in
 a recipe are frozen: they are split off before the optimizer is built, so they get no optimizer
-state and stay bit-identical. The SAM2 weights (`sam2`) and the LLM base weights (`llm`) are
-frozen in every stage (LoRA trains instead).
+state and stay bit-identical. The SAM2 weights (`sam2`) are frozen in every recipe; the TPO recipes
+keep the LLM base weights (`llm`, and its input embeddings `llm_embed`) frozen too (LoRA trains
+instead). Only `stage1_scratch` trains the LLM base: it is for an LLM that starts from random weights
+(the tiny default run), where stage 1 stands in for the language-model pretraining the released model
+starts from. It leaves the input embeddings at their initialisation: the temporal head reads them as
+query-text features, and trained on chat they stop telling the queries apart (docs/training.md).
 
 | recipe           | trains (peak LR)                                                               | head losses      |
 |------------------|--------------------------------------------------------------------------------|------------------|
 | stage1           | LoRA 2e-5                                                                      | none (LM only)   |
+| stage1_scratch   | LoRA 2e-5, LLM base (not its input embeddings) 2e-5                            | none (LM only)   |
 | stage2_region    | LoRA 2e-5, region head 1e-4, box token 1e-4                                    | region           |
 | stage2_temporal  | LoRA 2e-5, temporal head 1e-4, temporal token 2e-4                             | temporal         |
 | stage2_mask      | LoRA 2e-5, mask adapter + loc_encoder 1e-4, track token 1e-4                   | mask             |
@@ -24,9 +29,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-GROUPS = ("lora", "llm", "vision", "connector", "loc_encoder", "box_token", "temporal_token", "track_token",
+GROUPS = ("lora", "llm", "llm_embed", "vision", "connector", "loc_encoder", "box_token", "temporal_token", "track_token",
           "region_head", "temporal_head", "mask_adapter", "sam2")
-ALWAYS_FROZEN = ("llm", "sam2")
+ALWAYS_FROZEN = ("sam2",)
 
 
 def param_group(path: tuple) -> str:
@@ -35,6 +40,8 @@ def param_group(path: tuple) -> str:
     top = keys[0]
     if keys[-1] in ("lora_a", "lora_b"):
         return "lora"
+    if top == "llm" and len(keys) > 1 and keys[1] == "embed_tokens":
+        return "llm_embed"
     return {
         "llm": "llm", "vision": "vision", "qformer": "connector", "loc_encoder": "loc_encoder",
         "box_token": "box_token", "temporal_token": "temporal_token", "track_token": "track_token",
@@ -60,7 +67,7 @@ class StageRecipe:
             raise ValueError(f"stage {self.name!r}: unknown parameter group(s) {sorted(unknown)}; known: {GROUPS}")
         frozen_trained = set(self.learning_rates) & set(ALWAYS_FROZEN)
         if frozen_trained:
-            raise ValueError(f"stage {self.name!r}: {sorted(frozen_trained)} stay frozen in every TPO stage")
+            raise ValueError(f"stage {self.name!r}: {sorted(frozen_trained)} stay frozen in every stage")
 
     @property
     def trainable_groups(self) -> frozenset[str]:
@@ -78,6 +85,7 @@ _STAGE3 = ("lora", "vision", "connector", "loc_encoder", "box_token", "temporal_
 
 RECIPES: dict[str, StageRecipe] = {
     "stage1": StageRecipe("stage1", {"lora": 2e-5}, ()),
+    "stage1_scratch": StageRecipe("stage1_scratch", {"lora": 2e-5, "llm": 2e-5}, ()),
     "stage2_region": StageRecipe("stage2_region", {"lora": 2e-5, **_REGION}, ("region",)),
     "stage2_temporal": StageRecipe("stage2_temporal", {"lora": 2e-5, **_TEMPORAL}, ("temporal",)),
     "stage2_mask": StageRecipe("stage2_mask", {"lora": 2e-5, **_MASK}, ("mask",)),

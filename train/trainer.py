@@ -67,11 +67,12 @@ class TrainingError(RuntimeError):
 
 # --- work directory checks -------------------------------------------------------------------------------------------
 
-def trained_groups(stage: str) -> frozenset[str]:
-    """Parameter groups trained by `stage` or any stage before it (what its checkpoint stores)."""
+def trained_groups(cfg: RunConfig, stage: str) -> frozenset[str]:
+    """Parameter groups trained by `stage` or any stage before it, by the recipes `cfg` runs them with
+    (what its checkpoint stores)."""
     out: set[str] = set()
     for name in STAGES[:STAGES.index(stage) + 1]:
-        out |= get_recipe(name).trainable_groups
+        out |= get_recipe(cfg.stage(name).recipe).trainable_groups
     return frozenset(out)
 
 
@@ -344,7 +345,7 @@ class Trainer:
             prev = STAGES[index - 1]
             mngr = _manager(self.workdir, prev, self.cfg, read_only=True)
             try:
-                target = params_of_groups(_abstract(state.params), _abstract(frozen), trained_groups(prev))
+                target = params_of_groups(_abstract(state.params), _abstract(frozen), trained_groups(self.cfg, prev))
                 restored = mngr.restore(self.cfg.stage(prev).steps, params=target)["params"]
             finally:
                 mngr.close()
@@ -356,7 +357,7 @@ class Trainer:
     def train_stage(self, stage: str, *, stop_after: int | None = None) -> dict[str, Any]:
         cfg, run = self.cfg, self.cfg.stage(stage)
         graphdef, state, frozen, tx, sh = self.init_stage(stage)
-        groups = trained_groups(stage)
+        groups = trained_groups(cfg, stage)
         mngr = _manager(self.workdir, stage, cfg)
         start, nonfinite, data_state = 0, 0, None
         latest = mngr.latest_step()
@@ -634,7 +635,7 @@ def evaluate_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = Non
         if diff:
             raise ConfigError(f"the {stage} checkpoint (step {step}) in {workdir} was trained with another config: "
                               + "; ".join(diff[:8]))
-        target = params_of_groups(_abstract(state.params), _abstract(frozen), trained_groups(stage))
+        target = params_of_groups(_abstract(state.params), _abstract(frozen), trained_groups(cfg, stage))
         restored = mngr.restore(step, params=target)["params"]
     finally:
         mngr.close()
