@@ -1,14 +1,15 @@
 """Can the tiny LLM learn letter-form multiple choice: bind each option's text to its letter and emit the
-right letter as the first answer token?
+right letter?
 
 Trains the default run's model from random weights on synthetic MC records only (stage-3 recipe, batch 16,
 LR × 30) and reports letter accuracy (`mc/acc`, as `tpo-train` scores it) on 128 validation questions
 every 100 steps. `--hint` appends the correct option's text to every question ("... Hint: Blue."), so
 the model need not see the answer in the clip: only the text-to-letter binding is left to learn.
-`--train-llm-base` also trains the LLM's base weights (the stage recipes keep them frozen; this lifts
-that for the probe only). Uniform guessing scores ~0.35 on these questions.
+`--train-llm-base` also trains the LLM's base weights, input embeddings included, at `--llm-lr` (the
+TPO stage-3 recipe keeps them frozen; this lifts that for the probe only). Uniform guessing scores ~0.35
+on these questions.
 
-    python benchmarks/probe_mc_binding.py --hint --train-llm-base --steps 600
+    python benchmarks/probe_mc_binding.py --hint --train-llm-base --llm-lr 2e-3 --steps 1000
     python benchmarks/probe_mc_binding.py --train-llm-base --steps 1000 --objects 1 --set llm.num_layers=4
 
 Measured numbers: docs/training.md, "How the default got here (MC)".
@@ -60,24 +61,26 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--hint", action="store_true", help="state the correct option's text in the question")
-    p.add_argument("--train-llm-base", action="store_true", help="train the LLM base weights too (LR 1e-3)")
+    p.add_argument("--train-llm-base", action="store_true", help="train the LLM base weights too")
+    p.add_argument("--llm-lr", type=float, default=1e-3 * 30, help="peak LR of the LLM base (--train-llm-base)")
+    p.add_argument("--lr-scale", type=float, default=30.0, help="multiplies the stage-3 recipe LRs")
     p.add_argument("--objects", type=int, default=2, help="1 to this many objects per clip")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="model config override, e.g. llm.num_layers=4")
     a = p.parse_args(argv)
 
     cfg = apply_overrides(RunConfig(model=tiny_train_model()), [f"model.{item}" for item in a.set]).model
-    if a.train_llm_base:  # the probe only: every stage recipe keeps the LLM base frozen
-        stages.ALWAYS_FROZEN = ("sam2",)
+    if a.train_llm_base:  # the probe only: the stage-3 recipe keeps the LLM base frozen
         r = stages.RECIPES["stage3"]
-        stages.RECIPES["stage3"] = stages.StageRecipe("stage3", {**r.learning_rates, "llm": 2e-5 * 50}, r.heads)
+        stages.RECIPES["stage3"] = stages.StageRecipe("stage3", {**r.learning_rates, "llm": a.llm_lr / a.lr_scale,
+                                                                     "llm_embed": a.llm_lr / a.lr_scale}, r.heads)
 
     train = mc_examples(cfg, "train", 3000, hint=a.hint, objects=a.objects)
     val = mc_examples(cfg, "validation", 128, hint=a.hint, objects=a.objects)
     val_batches = [collate(val[i:i + BATCH]) for i in range(0, len(val), BATCH)]
 
     tc = TrainConfig(stage="stage3", dropout=False, lm_rows=16,
-                     optim=OptimConfig(total_steps=a.steps, warmup_ratio=0.1, lr_scale=30.0))
+                     optim=OptimConfig(total_steps=a.steps, warmup_ratio=0.1, lr_scale=a.lr_scale))
     graphdef, state, frozen, tx = init_train_state(TPOModel(cfg, rngs=nnx.Rngs(0)), tc)
     step = make_train_step(graphdef, tx, cfg, tc)
     full_graphdef, _ = nnx.split(nnx.merge(graphdef, state.params, frozen))

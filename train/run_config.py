@@ -185,8 +185,9 @@ def tiny_run() -> RunConfig:
     """The default `tpo-train`: the tiny model from scratch on the synthetic data, ~9.5 min on a 2-core CPU.
 
     The released model starts TPO from a pretrained video-chat MLLM; this one starts from random weights,
-    so stage 1 is longer and mostly conversation: it stands in for that pretraining (teaching the LLM to
-    answer questions about the clip) while it learns the task prompts. Stage 3 trains on a region-heavy
+    so stage 1 is longer, mostly conversation and multiple choice, and trains the LLM base too
+    (`stage1_scratch`, input embeddings excepted): it stands in for that pretraining (teaching the LLM to
+    answer questions about the clip and to copy an option's letter) while it learns the task prompts. Stage 3 trains on a region-heavy
     mixture with the region loss × 3: the box has to travel from the visual tokens through the LLM to
     `<boxes>`, the slowest pathway to learn. LoRA moves at a tenth of the LR in stage 2, so the heads
     learn to read task-token states that stay put instead of undoing stage 1. The temporal loss × 2
@@ -197,8 +198,8 @@ def tiny_run() -> RunConfig:
         model=tiny_train_model(),
         data=DataConfig(batch_size=16, seq_len=128),
         optim=RunOptim(warmup_ratio=0.1),
-        stage1=StageRun("stage1", steps=800, lr_scale=100.0,
-                        data_weights={"conversation": 0.6, "mc": 0.1, "temporal": 0.1, "region": 0.1, "mask": 0.1}),
+        stage1=StageRun("stage1_scratch", steps=800, lr_scale=100.0,
+                        data_weights={"conversation": 0.4, "mc": 0.3, "temporal": 0.1, "region": 0.1, "mask": 0.1}),
         stage2=StageRun("stage2", steps=400, lr_scale=30.0, group_lr_scale={"lora": 0.1}),
         stage3=StageRun("stage3", steps=600, lr_scale=30.0, loss_weights={"region": 3.0, "temporal": 2.0, "lm": 2.0},
                         data_weights={"conversation": 0.25, "mc": 0.1, "temporal": 0.15, "region": 0.35,
