@@ -62,7 +62,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--hint", action="store_true", help="state the correct option's text in the question")
     p.add_argument("--train-llm-base", action="store_true", help="train the LLM base weights too")
-    p.add_argument("--llm-lr", type=float, default=1e-3 * 30, help="peak LR of the LLM base (--train-llm-base)")
+    p.add_argument("--llm-lr", type=float, default=0.03,
+                   help="peak LR of the LLM base with --train-llm-base (0.03: what the first probes used)")
     p.add_argument("--lr-scale", type=float, default=30.0, help="multiplies the stage-3 recipe LRs")
     p.add_argument("--objects", type=int, default=2, help="1 to this many objects per clip")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

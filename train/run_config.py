@@ -187,11 +187,11 @@ def tiny_run() -> RunConfig:
     The released model starts TPO from a pretrained video-chat MLLM; this one starts from random weights,
     so stage 1 is longer, mostly conversation and multiple choice, and trains the LLM base too
     (`stage1_scratch`, input embeddings excepted): it stands in for that pretraining (teaching the LLM to
-    answer questions about the clip and to copy an option's letter) while it learns the task prompts. Stage 3 trains on a region-heavy
-    mixture with the region loss × 3: the box has to travel from the visual tokens through the LLM to
-    `<boxes>`, the slowest pathway to learn. LoRA moves at a tenth of the LR in stage 2, so the heads
-    learn to read task-token states that stay put instead of undoing stage 1. The temporal loss × 2
-    keeps more of the temporal grounding stage 2 learned, and the LM loss × 2 with a quarter of
+    answer questions about the clip and to copy an option's letter) while it learns the task prompts.
+    Stage 3 trains on a region-heavy mixture with the region loss × 3: the box has to travel from the
+    visual tokens through the LLM to `<boxes>`, the slowest pathway to learn. LoRA moves at a tenth of
+    the LR in stage 2, so the heads learn to read task-token states that stay put instead of undoing
+    stage 1. The temporal loss × 2 keeps more of the temporal grounding stage 2 learned, and the LM loss × 2 with a quarter of
     conversation keeps the answers stage 1 learned (docs/training.md, "The default run").
     """
     return RunConfig(
