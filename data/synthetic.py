@@ -254,6 +254,19 @@ def scene_question(cfg: SyntheticConfig, scene: Scene, rng: np.random.Generator,
     raise ValueError(f"unknown question kind {kind!r}; known: {CONVERSATION_KINDS}")
 
 
+#: how each kind's question starts (`scene_question`), for breaking results down by kind
+QUESTION_STARTS = {"count": "How many ", "colour": "What colour ", "shape": "What shape ", "order": "Which appears first",
+                   "presence": "Is there "}
+
+
+def question_kind(question: str) -> str:
+    """The `CONVERSATION_KINDS` entry of a `scene_question` question (a multiple-choice record's `question`)."""
+    for kind, start in QUESTION_STARTS.items():
+        if question.startswith(start):
+            return kind
+    raise ValueError(f"question {question!r} is none of the synthetic kinds {CONVERSATION_KINDS}")
+
+
 def _pick_questions(cfg, scene, rng, count):
     out = []
     for i in rng.permutation(len(CONVERSATION_KINDS)):

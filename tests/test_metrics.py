@@ -128,6 +128,31 @@ def test_mc_cloze_accuracy_by_hand():
         acc.update({"answer_logprob": np.array(lp, np.float32)}, batch)
     out = acc.compute()
     assert out["mc_cloze/count"] == 3 and out["mc_cloze/acc"] == pytest.approx(2 / 3)
+    per_question = acc.mc_questions()["mc_cloze"]
+    np.testing.assert_array_equal(per_question["chosen"], [1, 1, 2])
+    np.testing.assert_array_equal(per_question["answer"], [1, 0, 2])
+    np.testing.assert_array_equal(per_question["correct"], [True, False, True])
+
+
+def test_mc_letter_form_per_question():
+    """Letter-form scores of two batches; the second row of the first is not an MC example (answer −1).
+    Row 0: logits 0, 2, pad → B, answer B; row 2: 1, 1, 0 (a tie: the first) → A, answer C."""
+    from train.evaluate import MetricAccumulator
+
+    acc = MetricAccumulator()
+    empty = {"region_valid": np.zeros((2, 1), bool), "region_pred": np.zeros((2, 1, 4)),
+             "temporal_valid": np.zeros(2, bool), "temporal_top1": np.zeros((2, 2)), "saliency": np.zeros((2, 4)),
+             "mask_valid": np.zeros(2, bool), "mask_pred": np.zeros((2, 3, 4)), "mask_target": np.zeros((2, 3, 4))}
+    batch = {"region_boxes": np.zeros((2, 1, 4)), "spans": np.zeros((2, 1, 2)), "span_valid": np.zeros((2, 1), bool),
+             "saliency_labels": np.zeros((2, 4)), "vid_mask": np.zeros((2, 4))}
+    for scores, answers in (([[0.0, 2.0, -1e30], [5.0, 0.0, 0.0]], [1, -1]), ([[1.0, 1.0, 0.0], [0.0, 0.0, 3.0]], [2, 2])):
+        acc.update(dict(empty, mc_scores=np.array(scores)), dict(batch, mc_answer=np.array(answers)))
+    letter = acc.mc_questions()["mc"]
+    np.testing.assert_array_equal(letter["chosen"], [1, 0, 2])
+    np.testing.assert_array_equal(letter["answer"], [1, 2, 2])
+    np.testing.assert_array_equal(letter["correct"], [True, False, True])
+    assert acc.compute()["mc/acc"] == pytest.approx(2 / 3)
+    assert len(acc.mc_questions()["mc_cloze"]["correct"]) == 0  # no cloze rows seen
 
 
 @pytest.fixture(scope="module")

@@ -99,6 +99,7 @@ def test_conversation_facts_match_the_pixels():
                 continue
             question, answer, options, idx = q
             assert options[idx] == answer and len(set(options)) == len(options)
+            assert S.question_kind(question) == kind
             kinds.add(kind)
             if kind == "count":
                 assert answer == S.NUMBER_WORDS[len(colours)].capitalize() + "."
@@ -114,6 +115,8 @@ def test_conversation_facts_match_the_pixels():
                               if colour_pixels(scene.frames, o.colour).any())
                 assert answer == ("Yes." if present else "No.")
     assert kinds == set(S.CONVERSATION_KINDS)
+    with pytest.raises(ValueError, match="none of the synthetic kinds"):
+        S.question_kind("What size is the square?")
 
 
 def test_shapes_and_motion():

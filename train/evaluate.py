@@ -152,6 +152,18 @@ class MetricAccumulator:
         answers[q] = self._get("cloze_answer")
         return scores, answers
 
+    def mc_questions(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per-question multiple choice in validation order, for the letter form (`"mc"`) and the cloze form
+        (`"mc_cloze"`): the option chosen (the first best-scored), the right option and whether they agree."""
+        out = {}
+        for name, (scores, answers) in (("mc", (self._get("mc_scores", (1,)), self._get("mc_answer"))),
+                                         ("mc_cloze", self._cloze_scores())):
+            answers = np.asarray(answers).astype(int)
+            keep = answers >= 0
+            chosen = np.argmax(scores[keep], axis=-1) if keep.any() else np.zeros(0, int)
+            out[name] = {"chosen": chosen, "answer": answers[keep], "correct": chosen == answers[keep]}
+        return out
+
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for prefix, values in (
@@ -170,10 +182,11 @@ class MetricAccumulator:
 
 
 def evaluate(predict_fn: Callable, state, batches: Iterable[Mapping[str, Any]],
-             place: Callable[[Mapping[str, Any]], Any] | None = None) -> dict[str, float]:
+             place: Callable[[Mapping[str, Any]], Any] | None = None,
+             accumulator: MetricAccumulator | None = None) -> dict[str, float]:
     """Metrics of `predict_fn(state, batch, label_rows)` over `batches` (numpy dicts); `place` puts a batch on the
-    devices (default: as is)."""
-    acc = MetricAccumulator()
+    devices (default: as is). Pass an empty `accumulator` to keep the per-example predictions too."""
+    acc = MetricAccumulator() if accumulator is None else accumulator
     for batch in batches:
         placed = place(batch) if place else batch
         preds = jax.device_get(predict_fn(state, placed, label_rows=cloze_label_rows(batch)))

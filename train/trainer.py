@@ -301,10 +301,11 @@ class Trainer:
             self._eval_batches = [b for task in EVAL_TASKS for b in per_task.get(task, [])]
         return self._eval_batches
 
-    def evaluate(self, graphdef, params, frozen) -> dict[str, float]:
+    def evaluate(self, graphdef, params, frozen, accumulator=None) -> dict[str, float]:
         full_graphdef, full_state = nnx.split(nnx.merge(graphdef, params, frozen))
         predict = compiled_predict(full_graphdef, self.cfg, self.mesh, self.rules)
-        return evaluate(predict, full_state, self.eval_batches(), place=lambda b: S.shard_batch(b, self.mesh))
+        return evaluate(predict, full_state, self.eval_batches(), place=lambda b: S.shard_batch(b, self.mesh),
+                        accumulator=accumulator)
 
     # model construction
     def full_model(self):
@@ -607,13 +608,14 @@ def run(cfg: RunConfig, workdir: str, *, stages: Sequence[str] = STAGES, resume:
 
 
 def evaluate_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = None, step: int | None = None,
-                        init: bool = False) -> dict[str, Any]:
+                        init: bool = False, accumulator=None) -> dict[str, Any]:
     """`tpo-eval`: metrics of a stage's checkpoint (default: the last stage that has one, its latest step),
-    or of the freshly initialised model (`init`). The checkpoint must come from the same config."""
+    or of the freshly initialised model (`init`). The checkpoint must come from the same config. An empty
+    `train.evaluate.MetricAccumulator` passed as `accumulator` keeps the per-example predictions."""
     trainer = Trainer(cfg, workdir, progress=False)
     if init:
         graphdef, state, frozen, _, _ = trainer.build_stage(STAGES[0])
-        return {"stage": None, "step": 0, "metrics": trainer.evaluate(graphdef, state.params, frozen)}
+        return {"stage": None, "step": 0, "metrics": trainer.evaluate(graphdef, state.params, frozen, accumulator)}
     if stage is None:
         have = [s for s in STAGES if _existing_steps(workdir, s, cfg)]
         if not have:
@@ -640,4 +642,4 @@ def evaluate_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = Non
     finally:
         mngr.close()
     params, frozen = replace_by_path(state.params, restored), replace_by_path(frozen, restored)
-    return {"stage": stage, "step": step, "metrics": trainer.evaluate(graphdef, params, frozen)}
+    return {"stage": stage, "step": step, "metrics": trainer.evaluate(graphdef, params, frozen, accumulator)}
