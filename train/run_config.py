@@ -182,7 +182,7 @@ def tiny_train_model() -> C.TPOConfig:
 
 
 def tiny_run() -> RunConfig:
-    """The default `tpo-train`: the tiny model from scratch on the synthetic data, ~9.5 min on a 2-core CPU.
+    """The default `tpo-train`: the tiny model from scratch on the synthetic data, ~8.5 min on a 2-core CPU.
 
     The released model starts TPO from a pretrained video-chat MLLM; this one starts from random weights,
     so stage 1 is longer, mostly conversation and multiple choice, and trains the LLM base too
