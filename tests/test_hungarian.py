@@ -40,7 +40,7 @@ def _compare(costs, exact_assignment):
         sr, sc = scipy_lsa(c.astype(np.float64))
         best = c.astype(np.float64)[sr, sc].sum()
         got = c.astype(np.float64)[r, k].sum()
-        assert got == pytest.approx(best, rel=1e-5, abs=1e-5 * max(1.0, np.abs(c).max()))
+        assert got == pytest.approx(best, rel=1e-5, abs=1e-5 * max(1.0, float(np.abs(c).max())))
         if exact_assignment:
             np.testing.assert_array_equal(r, sr)
             np.testing.assert_array_equal(k, sc)
