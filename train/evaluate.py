@@ -152,20 +152,22 @@ class MetricAccumulator:
         answers[q] = self._get("cloze_answer")
         return scores, answers
 
+    def _mc_scores(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(option scores, answers) of the letter form (`"mc"`) and the cloze form (`"mc_cloze"`)."""
+        return {"mc": (self._get("mc_scores", (1,)), self._get("mc_answer")), "mc_cloze": self._cloze_scores()}
+
     def mc_questions(self) -> dict[str, dict[str, np.ndarray]]:
-        """Per-question multiple choice in validation order, for the letter form (`"mc"`) and the cloze form
-        (`"mc_cloze"`): the option chosen (the first best-scored), the right option and whether they agree."""
+        """Per-question multiple choice in validation order, for each form of `_mc_scores`: the option chosen
+        (`train.metrics.mc_choices`), the right option and whether they agree."""
         out = {}
-        for name, (scores, answers) in (("mc", (self._get("mc_scores", (1,)), self._get("mc_answer"))),
-                                         ("mc_cloze", self._cloze_scores())):
-            answers = np.asarray(answers).astype(int)
-            keep = answers >= 0
-            chosen = np.argmax(scores[keep], axis=-1) if keep.any() else np.zeros(0, int)
-            out[name] = {"chosen": chosen, "answer": answers[keep], "correct": chosen == answers[keep]}
+        for name, (scores, answers) in self._mc_scores().items():
+            chosen, right = M.mc_choices(scores, answers)
+            out[name] = {"chosen": chosen, "answer": right, "correct": chosen == right}
         return out
 
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
+        mc = self._mc_scores()
         for prefix, values in (
             ("rec", M.rec_metrics(self._get("region_pred", (4,)), self._get("region_gt", (4,)))),
             ("temporal", M.temporal_grounding_metrics(self._get("temporal_pred", (2,)),
@@ -173,8 +175,8 @@ class MetricAccumulator:
                                                       self._get("temporal_gt_valid", (1,)))),
             ("highlight", M.highlight_metrics(self._get("saliency", (1,)), self._get("saliency_labels", (1,)),
                                               self._get("vid_mask", (1,)))),
-            ("mc", M.mc_accuracy(self._get("mc_scores", (1,)), self._get("mc_answer"))),
-            ("mc_cloze", M.mc_accuracy(*self._cloze_scores())),
+            ("mc", M.mc_accuracy(*mc["mc"])),
+            ("mc_cloze", M.mc_accuracy(*mc["mc_cloze"])),
             ("mask", M.prompt_l1(self._get("mask_pred", (1,)), self._get("mask_target", (1,)))),
         ):
             out.update({f"{prefix}/{k}": v for k, v in values.items()})

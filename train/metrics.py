@@ -110,16 +110,22 @@ def highlight_metrics(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray |
             "count": n}
 
 
-def mc_accuracy(option_scores: np.ndarray, answers: np.ndarray) -> dict[str, float]:
+def mc_choices(option_scores: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Multiple choice: option_scores (N, K) (e.g. logits of the option tokens), answers (N,) the index of the
-    right option (−1: not a multiple-choice example, skipped). The first best-scored option is the answer.
-    → {acc, count}."""
+    right option (−1: not a multiple-choice example, skipped). → (chosen, right) of the kept examples, the
+    chosen option being the first best-scored one."""
     scores = np.asarray(option_scores, np.float64)
-    answers = np.asarray(answers).reshape(-1)
+    answers = np.asarray(answers).reshape(-1).astype(int)
     keep = answers >= 0
-    n = int(keep.sum())
-    correct = np.argmax(scores[keep], axis=-1) == answers[keep] if n else np.zeros(0)
-    return {"acc": _nan_if_empty(n, np.mean(correct) if n else 0), "count": n}
+    chosen = np.argmax(scores[keep], axis=-1) if keep.any() else np.zeros(0, int)
+    return chosen, answers[keep]
+
+
+def mc_accuracy(option_scores: np.ndarray, answers: np.ndarray) -> dict[str, float]:
+    """Accuracy of `mc_choices(option_scores, answers)` → {acc, count}."""
+    chosen, right = mc_choices(option_scores, answers)
+    n = len(right)
+    return {"acc": _nan_if_empty(n, np.mean(chosen == right) if n else 0), "count": n}
 
 
 def prompt_l1(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
