@@ -1,5 +1,5 @@
 """Streaming conversion benchmark: a synthetic Mistral-shaped Hugging Face checkpoint (>= 2 GB, bf16) is
-converted with `checkpoints.convert.convert_hf` in a fresh subprocess; reports wall time, GB/s and the
+converted with `tpo_jax.checkpoints.convert.convert_hf` in a fresh subprocess; reports wall time, GB/s and the
 subprocess's peak RSS (resource.getrusage ru_maxrss), checked against 2 × largest tensor + 1 GB.
 
     python benchmarks/bench_convert.py                      # 4 layers, hidden 4096 (Mistral-7B widths): 2.3 GB
@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from checkpoints.safetensors_writer import ShardedWriter  # noqa: E402
+from tpo_jax.checkpoints.safetensors_writer import ShardedWriter  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
@@ -40,15 +40,15 @@ def hwm():  # peak RSS of this process image (Linux VmHWM), not inherited from t
             return int(line.split()[1]) * 1024
 
 t0 = time.perf_counter()
-from checkpoints.convert import convert_hf
-from checkpoints.export import export_hf
+from tpo_jax.checkpoints.convert import convert_hf
+from tpo_jax.checkpoints.export import export_hf
 imports = time.perf_counter() - t0
 rss_after_imports = hwm()
 t = time.perf_counter()
-import checkpoints.orbax_io as oio
+import tpo_jax.checkpoints.orbax_io as oio
 _write = oio.write_streaming
 oio.write_streaming = lambda *a, **k: _write(*a, **{{**k, "compression": {compression!r}}})
-import checkpoints.convert as cv
+import tpo_jax.checkpoints.convert as cv
 cv.write_streaming = oio.write_streaming
 convert_hf({src!r}, {out!r}, dtype={dtype!r}, budget_bytes={budget})
 convert_s = time.perf_counter() - t

@@ -14,7 +14,7 @@ Sources are synthetic (a panned smooth texture plus a moving object, libx264
 crf 23, key frame every 2 s as in typical web video). Also reports the mean pixel error of each stored form
 against decoding the source directly.
 
-Part b: samples/s of the pipeline's full per-example path (`data.pipeline.Prepare`: read the stored example,
+Part b: samples/s of the pipeline's full per-example path (`tpo_jax.data.pipeline.Prepare`: read the stored example,
 decode + sample + resize + normalise, templates + tokenization into the fixed-shape example of the 7B config:
 16 x 224², 96 visual tokens, seq_len 256) in a multiprocessing pool of 1 and 2 workers, per storage form
 (16 JPEG frames, or the source mp4 bytes). Prints one JSON line per measurement.
@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from data.video import (decode_jpeg_frames, decode_video, encode_jpeg_frames, encode_mp4, normalize,
+from tpo_jax.data.video import (decode_jpeg_frames, decode_video, encode_jpeg_frames, encode_mp4, normalize,
                         read_video_frames, resize_frames)
 
 SIZE = 224
@@ -124,16 +124,16 @@ class _Stored:
         return 1
 
     def __getitem__(self, index):
-        from data.builders import example_to_record
+        from tpo_jax.data.builders import example_to_record
         return example_to_record(self.example)
 
 
 def make_prepare(kind: str, ex) -> object:
-    """The pipeline's per-example transform (`data.pipeline.Prepare`) over one stored example: read the
+    """The pipeline's per-example transform (`tpo_jax.data.pipeline.Prepare`) over one stored example: read the
     stored record, `load_media`, `build_example` (templates + tokenization) at 16 x 224², 96 visual tokens."""
-    from data.builders import record_to_example
-    from data.pipeline import DataConfig, Prepare, example_spec
-    from data.records import Record
+    from tpo_jax.data.builders import record_to_example
+    from tpo_jax.data.pipeline import DataConfig, Prepare, example_spec
+    from tpo_jax.data.records import Record
     from tpo_jax.config import get_config
 
     if kind == "jpeg16":

@@ -1,5 +1,5 @@
 """Per-step time of the training loop (data pipeline + jitted step + metrics fetch) under CPython's
-automatic garbage collector vs `train.gc_schedule.GcSchedule`.
+automatic garbage collector vs `tpo_jax.train.gc_schedule.GcSchedule`.
 
     python benchmarks/bench_train_loop.py                       # tiny, stage 3, 80 steps, both modes
     python benchmarks/bench_train_loop.py --stage stage2 --steps 120
@@ -21,12 +21,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data.pipeline import DataConfig, make_train_iterator
+from tpo_jax.data.pipeline import DataConfig, make_train_iterator
 from tpo_jax.model import TPOModel
-from train.gc_schedule import GcSchedule
-from train.optim import OptimConfig
-from train.run_config import tiny_train_model
-from train.step import TrainConfig, init_train_state, make_train_step
+from tpo_jax.train.gc_schedule import GcSchedule
+from tpo_jax.train.optim import OptimConfig
+from tpo_jax.train.run_config import tiny_train_model
+from tpo_jax.train.step import TrainConfig, init_train_state, make_train_step
 
 
 def run(mode: str, stage: str, steps: int, batch: int, lm_rows: int) -> dict:

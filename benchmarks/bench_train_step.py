@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from data.synthetic import synthetic_batch
+from tpo_jax.data.synthetic import synthetic_batch
 from tpo_jax import config as C
 from tpo_jax.model import TPOModel
-from train.step import TrainConfig, init_train_state, make_train_step
+from tpo_jax.train.step import TrainConfig, init_train_state, make_train_step
 
 
 def small() -> C.TPOConfig:

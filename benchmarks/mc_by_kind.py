@@ -1,7 +1,7 @@
 """Multiple-choice accuracy of a trained run, broken down by question kind, letter form against cloze form.
 
 Evaluates a work directory's checkpoint as `tpo-eval` does (synthetic validation split, the run's
-`config.json`) and prints, per question kind (`data.synthetic.CONVERSATION_KINDS`): the letter-form
+`config.json`) and prints, per question kind (`tpo_jax.data.synthetic.CONVERSATION_KINDS`): the letter-form
 accuracy (`mc/acc`), the cloze-form accuracy (`mc_cloze/acc`) and uniform guessing, then how often the
 model emits each option letter next to how often each letter is right, and what always answering the
 most common right letter would score. A letter accuracy far below cloze on a kind means the model
@@ -25,11 +25,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from data.synthetic import SyntheticSource, question_kind  # noqa: E402
-from data.templates import OPTION_LETTERS  # noqa: E402
-from train.evaluate import MetricAccumulator  # noqa: E402
-from train.run_config import load_run_config  # noqa: E402
-from train.trainer import evaluate_checkpoint  # noqa: E402
+from tpo_jax.data.synthetic import SyntheticSource, question_kind  # noqa: E402
+from tpo_jax.data.templates import OPTION_LETTERS  # noqa: E402
+from tpo_jax.train.evaluate import MetricAccumulator  # noqa: E402
+from tpo_jax.train.run_config import load_run_config  # noqa: E402
+from tpo_jax.train.trainer import evaluate_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -29,17 +29,17 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from data.conversation import build_example, collate  # noqa: E402
-from data.pipeline import DataConfig, example_spec  # noqa: E402
-from data.synthetic import SyntheticConfig, SyntheticSource  # noqa: E402
-from data.video import load_media  # noqa: E402
+from tpo_jax.data.conversation import build_example, collate  # noqa: E402
+from tpo_jax.data.pipeline import DataConfig, example_spec  # noqa: E402
+from tpo_jax.data.synthetic import SyntheticConfig, SyntheticSource  # noqa: E402
+from tpo_jax.data.video import load_media  # noqa: E402
 from tpo_jax.model import TPOModel  # noqa: E402
 from tpo_jax.tokenizer import MultimodalTokenizer  # noqa: E402
-from train import stages  # noqa: E402
-from train.evaluate import evaluate, make_predict_fn  # noqa: E402
-from train.optim import OptimConfig  # noqa: E402
-from train.run_config import RunConfig, apply_overrides, tiny_train_model  # noqa: E402
-from train.step import TrainConfig, init_train_state, make_train_step  # noqa: E402
+from tpo_jax.train import stages  # noqa: E402
+from tpo_jax.train.evaluate import evaluate, make_predict_fn  # noqa: E402
+from tpo_jax.train.optim import OptimConfig  # noqa: E402
+from tpo_jax.train.run_config import RunConfig, apply_overrides, tiny_train_model  # noqa: E402
+from tpo_jax.train.step import TrainConfig, init_train_state, make_train_step  # noqa: E402
 
 BATCH = 16
 

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data.pipeline import DataConfig, make_train_iterator
-from data.synthetic import SyntheticConfig
+from tpo_jax.data.pipeline import DataConfig, make_train_iterator
+from tpo_jax.data.synthetic import SyntheticConfig
 from tpo_jax import config as C
 from tpo_jax.model import TPOModel
-from train import metrics as M
-from train.run_config import tiny_train_model
+from tpo_jax.train import metrics as M
+from tpo_jax.train.run_config import tiny_train_model
 
 RIDGE = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4)
 

@@ -16,11 +16,11 @@ The conversion API is importable from here lazily (`from checkpoints import load
 """
 
 _LAZY = {
-    "convert_videochat": "checkpoints.convert", "convert_hf": "checkpoints.convert",
-    "read_report": "checkpoints.convert", "model_config": "checkpoints.convert",
-    "export_hf": "checkpoints.export", "export_videochat": "checkpoints.export", "ParamSet": "checkpoints.export",
-    "load_params": "checkpoints.orbax_io", "load_extras": "checkpoints.orbax_io",
-    "ConversionError": "checkpoints.errors",
+    "convert_videochat": "tpo_jax.checkpoints.convert", "convert_hf": "tpo_jax.checkpoints.convert",
+    "read_report": "tpo_jax.checkpoints.convert", "model_config": "tpo_jax.checkpoints.convert",
+    "export_hf": "tpo_jax.checkpoints.export", "export_videochat": "tpo_jax.checkpoints.export", "ParamSet": "tpo_jax.checkpoints.export",
+    "load_params": "tpo_jax.checkpoints.orbax_io", "load_extras": "tpo_jax.checkpoints.orbax_io",
+    "ConversionError": "tpo_jax.checkpoints.errors",
 }
 
 

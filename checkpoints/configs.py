@@ -11,7 +11,7 @@ from typing import Any
 
 from tpo_jax.config import LLMConfig, LoRAConfig
 
-from checkpoints.errors import ConversionError
+from tpo_jax.checkpoints.errors import ConversionError
 
 
 def to_dict(cfg) -> dict:

@@ -9,7 +9,7 @@ failed conversion leaves nothing at `out_dir`):
                              e.g. `sam2/…`; read with `load_extras`
     out_dir/conversion.json  source, options, model config, and the full report (every key: where it went)
 
-Every source tensor is read, transformed and written one at a time (see `checkpoints.orbax_io`).
+Every source tensor is read, transformed and written one at a time (see `tpo_jax.checkpoints.orbax_io`).
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from checkpoints import tables
-from checkpoints.configs import adapter_info, from_dict, llm_config_from_hf, read_json, to_dict
-from checkpoints.errors import ConversionError
-from checkpoints.mapping import Job, Plan, build_plan
-from checkpoints.orbax_io import DEFAULT_BUDGET_BYTES, LazyArray, _flat_state, nest, write_streaming
-from checkpoints.sources import TensorSource, open_source
-from checkpoints.tables.llm import PEFT_PREFIX
+from tpo_jax.checkpoints import tables
+from tpo_jax.checkpoints.configs import adapter_info, from_dict, llm_config_from_hf, read_json, to_dict
+from tpo_jax.checkpoints.errors import ConversionError
+from tpo_jax.checkpoints.mapping import Job, Plan, build_plan
+from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES, LazyArray, _flat_state, nest, write_streaming
+from tpo_jax.checkpoints.sources import TensorSource, open_source
+from tpo_jax.checkpoints.tables.llm import PEFT_PREFIX
 from tpo_jax.config import ConfigError, LLMConfig, TPOConfig, get_config, replace
 from tpo_jax.llm import MistralDecoder
 from tpo_jax.model import TPOModel
@@ -403,7 +403,7 @@ def main(argv=None) -> int:
             if args.dry_run:
                 print(format_report(report))
         else:
-            from checkpoints.export import export_hf, export_videochat
+            from tpo_jax.checkpoints.export import export_hf, export_videochat
 
             kw = dict(dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
             if args.command == "export-hf":

@@ -17,14 +17,14 @@ from typing import Any, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from checkpoints import tables
-from checkpoints.configs import hf_config_from_llm, peft_adapter_config
-from checkpoints.convert import OUTPUT_DTYPES, _staged_output, contiguous, model_config, read_report
-from checkpoints.errors import ConversionError
-from checkpoints.mapping import Plan, Rule, build_export_plan
-from checkpoints.orbax_io import DEFAULT_BUDGET_BYTES, _flat_state, read_arrays, saved_arrays
-from checkpoints.safetensors_writer import ShardedWriter
-from checkpoints.tables.llm import PEFT_PREFIX, hf_llm_export
+from tpo_jax.checkpoints import tables
+from tpo_jax.checkpoints.configs import hf_config_from_llm, peft_adapter_config
+from tpo_jax.checkpoints.convert import OUTPUT_DTYPES, _staged_output, contiguous, model_config, read_report
+from tpo_jax.checkpoints.errors import ConversionError
+from tpo_jax.checkpoints.mapping import Plan, Rule, build_export_plan
+from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES, _flat_state, read_arrays, saved_arrays
+from tpo_jax.checkpoints.safetensors_writer import ShardedWriter
+from tpo_jax.checkpoints.tables.llm import PEFT_PREFIX, hf_llm_export
 from tpo_jax.config import LLMConfig, LoRAConfig, TPOConfig
 
 _LORA_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")

@@ -2,7 +2,7 @@
 built from them, in both directions.
 
 A `Rule` names its source keys and destination paths as templates with placeholders `{i}`, `{j}` (digits) and
-`{rest}` (anything), plus an op from `checkpoints.ops`. Kinds:
+`{rest}` (anything), plus an op from `tpo_jax.checkpoints.ops`. Kinds:
 
 * ``param``: destination paths are parameters of our model (dotted paths of the nnx.Param tree);
 * ``extra``: the tensor is kept unchanged in the `extras` tree of the output (PyTorch name and layout), e.g.
@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
-from checkpoints.errors import ConversionError
-from checkpoints.ops import COPY, NotInvertible, Op, Shape, T
+from tpo_jax.checkpoints.errors import ConversionError
+from tpo_jax.checkpoints.ops import COPY, NotInvertible, Op, Shape, T
 
 _PLACEHOLDERS = {"i": r"\d+", "j": r"\d+", "rest": r".+"}
 

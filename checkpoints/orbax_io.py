@@ -31,7 +31,7 @@ from orbax.checkpoint import future as ocp_future
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
 
-from checkpoints.errors import ConversionError
+from tpo_jax.checkpoints.errors import ConversionError
 
 DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
 

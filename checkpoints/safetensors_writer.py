@@ -11,8 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from checkpoints.errors import ConversionError
-from checkpoints.sources import DTYPE_NAMES
+from tpo_jax.checkpoints.errors import ConversionError
+from tpo_jax.checkpoints.sources import DTYPE_NAMES
 
 
 class SafetensorsWriter:

@@ -22,8 +22,8 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-from checkpoints.errors import ConversionError
-from checkpoints.mapping import Meta
+from tpo_jax.checkpoints.errors import ConversionError
+from tpo_jax.checkpoints.mapping import Meta
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),

@@ -11,10 +11,10 @@ Layout: `<data_dir>/<name>/<version>/` with `dataset_info.json`, `features.json`
 
 | builder        | records from                                   | media stored as (option `storage`)              |
 |----------------|------------------------------------------------|-------------------------------------------------|
-| `TpoSynthetic` | `data.synthetic` (`SyntheticConfig`, sizes)    | "jpeg" (default), "sampled_jpeg", "video" (MP4), "raw" (uint8) |
-| `TpoRecords`   | annotation files via `data.formats.iter_records` | "sampled_jpeg" (default), "video" (the file's bytes), "jpeg" (every frame), "raw" |
+| `TpoSynthetic` | `tpo_jax.data.synthetic` (`SyntheticConfig`, sizes)    | "jpeg" (default), "sampled_jpeg", "video" (MP4), "raw" (uint8) |
+| `TpoRecords`   | annotation files via `tpo_jax.data.formats.iter_records` | "sampled_jpeg" (default), "video" (the file's bytes), "jpeg" (every frame), "raw" |
 
-"sampled_jpeg" decodes each clip once at build time with `data.video` (MODEL-SPEC §8.2 "middle"
+"sampled_jpeg" decodes each clip once at build time with `tpo_jax.data.video` (MODEL-SPEC §8.2 "middle"
 sampling of `num_frames` frames, bicubic resize to `size`) and stores those frames as JPEG (`quality`)
 with their source times (`frame_times`), the source fps and duration: 7-32x cheaper to read than the
 source mp4 and ~20 kB per frame whatever the source (docs/benchmarks.md, "Data path"); the sampling,
@@ -39,10 +39,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data.formats import iter_records
-from data.records import TASKS, Record, RecordError
-from data.synthetic import SyntheticConfig, SyntheticSource
-from data.video import (MediaError, decode_jpeg_frames, encode_jpeg_frames, encode_mp4, list_frame_files,
+from tpo_jax.data.formats import iter_records
+from tpo_jax.data.records import TASKS, Record, RecordError
+from tpo_jax.data.synthetic import SyntheticConfig, SyntheticSource
+from tpo_jax.data.video import (MediaError, decode_jpeg_frames, encode_jpeg_frames, encode_mp4, list_frame_files,
                         read_video_frames, resize_frames, sample_indices)
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _sampled(frames: np.ndarray, times: np.ndarray, duration: float, fps: float,
 
 
 def _store_sampled(record: Record, num_frames: int, size, quality: int) -> dict[str, Any]:
-    """"sampled_jpeg": what `data.video.load_media` would decode ("middle" sampling), stored as JPEG."""
+    """"sampled_jpeg": what `tpo_jax.data.video.load_media` would decode ("middle" sampling), stored as JPEG."""
     tag = f"record {record.id!r}"
     src = record.video
     if record.frames is not None:
@@ -131,7 +131,7 @@ def _store_sampled(record: Record, num_frames: int, size, quality: int) -> dict[
         fps = float(record.fps or 1.0)
         idx, times = sample_indices(len(frames), num_frames, fps)
         return _sampled(frames[idx], times, len(frames) / fps, fps, size, quality)
-    if isinstance(src, str) and os.path.isdir(src):  # frame folder at record.fps, like data.video.decode_frame_dir
+    if isinstance(src, str) and os.path.isdir(src):  # frame folder at record.fps, like tpo_jax.data.video.decode_frame_dir
         files = list_frame_files(src)
         if not files:
             raise MediaError(f"{tag}: frame folder {src} has no images")
@@ -352,7 +352,7 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class TpoSynthetic(_RecordBuilder, skip_registration=True):
-    """The synthetic TPO dataset (`data.synthetic`) stored as ArrayRecord."""
+    """The synthetic TPO dataset (`tpo_jax.data.synthetic`) stored as ArrayRecord."""
 
     def __init__(self, synthetic=None, *, sizes: Mapping[str, int] | None = None, tasks: Sequence[str] = TASKS,
                  seed: int = 0, storage: str = "jpeg", **kwargs):
@@ -370,7 +370,7 @@ class TpoSynthetic(_RecordBuilder, skip_registration=True):
 
 
 class TpoRecords(_RecordBuilder, skip_registration=True):
-    """Real annotation files (`data.formats`) stored as ArrayRecord."""
+    """Real annotation files (`tpo_jax.data.formats`) stored as ArrayRecord."""
 
     def __init__(self, inputs: Sequence[Mapping[str, Any]], *, storage: str = "sampled_jpeg", **kwargs):
         """inputs: dicts {"path", "format", "split" ("train"), "media_root" (None), "options" ({})}.
@@ -422,7 +422,7 @@ class StoredSource:
 def open_task_sources(paths: Sequence[str], split: str, tasks: Sequence[str]) -> dict[str, StoredSource]:
     """{task: StoredSource} of `split` over the dataset directories `paths`; a task none of them holds
     is an error naming what they do hold."""
-    from data.pipeline import DataError  # noqa: PLC0415
+    from tpo_jax.data.pipeline import DataError  # noqa: PLC0415
 
     per_task: dict[str, list] = {t: [] for t in tasks}
     available: set[str] = set()
@@ -447,17 +447,17 @@ def open_task_sources(paths: Sequence[str], split: str, tasks: Sequence[str]) ->
 
 
 def main(argv=None) -> None:
-    """`python -m data.builders synthetic|records --data-dir DIR ...`: build and print the dataset directory."""
+    """`python -m tpo_jax.data.builders synthetic|records --data-dir DIR ...`: build and print the dataset directory."""
     p = argparse.ArgumentParser(description="Build a TPO dataset as ArrayRecord files (TFDS layout).")
     sub = p.add_subparsers(dest="kind", required=True)
-    syn = sub.add_parser("synthetic", help="the synthetic dataset (data.synthetic)")
+    syn = sub.add_parser("synthetic", help="the synthetic dataset (tpo_jax.data.synthetic)")
     syn.add_argument("--preset", default="default", help="SyntheticConfig preset: default, easy, hard")
     syn.add_argument("--size", type=int, help="frame side in pixels (default: the preset's)")
     syn.add_argument("--num-frames", type=int, help="frames per clip (default: the preset's)")
     syn.add_argument("--train", type=int, default=10000, help="train records per task")
     syn.add_argument("--validation", type=int, default=256, help="validation records per task")
     syn.add_argument("--seed", type=int, default=0)
-    rec = sub.add_parser("records", help="annotation files read by data.formats")
+    rec = sub.add_parser("records", help="annotation files read by tpo_jax.data.formats")
     rec.add_argument("--inputs", required=True,
                      help='JSON file: a list of {"path", "format", "split", "media_root", "options"}')
     rec.add_argument("--model-config", help="tpo_jax.config preset whose vit.num_frames / vit.img_size the "
@@ -474,7 +474,7 @@ def main(argv=None) -> None:
     if args.storage:
         common["storage"] = args.storage
     if args.kind == "synthetic":
-        from data.synthetic import get_synthetic_config  # noqa: PLC0415
+        from tpo_jax.data.synthetic import get_synthetic_config  # noqa: PLC0415
 
         overrides = {k: v for k, v in (("size", args.size), ("num_frames", args.num_frames)) if v is not None}
         builder = TpoSynthetic(get_synthetic_config(args.preset, **overrides),

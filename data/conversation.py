@@ -17,7 +17,7 @@ Images use `<Image>` and their one frame is repeated to the model's frame count.
 -100 everywhere else (prompt, placeholders, padding); each answer is tokenised on its own (its first
 piece carries the SentencePiece dummy prefix, as after the demo prompt's trailing space).
 
-What each task puts in the user text / answer (templates in `data.templates`):
+What each task puts in the user text / answer (templates in `tpo_jax.data.templates`):
 
 | task         | user text                              | answer                         | targets                         |
 |--------------|----------------------------------------|--------------------------------|---------------------------------|
@@ -42,8 +42,8 @@ from typing import Sequence
 
 import numpy as np
 
-from data.records import TASKS, Record, RecordError
-from data.templates import OPTION_LETTERS, TASK_ANSWERS, mc_answer_text, mc_question, task_instruction
+from tpo_jax.data.records import TASKS, Record, RecordError
+from tpo_jax.data.templates import OPTION_LETTERS, TASK_ANSWERS, mc_answer_text, mc_question, task_instruction
 from tpo_jax import config as C
 from tpo_jax.tokenizer import EOS_ID, MultimodalTokenizer, TokenizedPrompt, demo_prompt
 
@@ -230,7 +230,7 @@ def mc_cloze_examples(record: Record, media, spec: ExampleSpec, tok: MultimodalT
 def build_example(record: Record, media, spec: ExampleSpec, tok: MultimodalTokenizer, *, seed: int = 0) -> dict:
     """The arrays of one example (keys and shapes of `spec.shapes()`).
 
-    `media` is the record's decoded media (`data.video.Media`: normalised float32 frames (T, H, W, 3)
+    `media` is the record's decoded media (`tpo_jax.data.video.Media`: normalised float32 frames (T, H, W, 3)
     with T = 1 for an image, timestamps, duration, fps, indices). `seed` picks the template and the
     saliency pairs. Raises RecordError when the record cannot become an example of this shape.
     """

@@ -1,5 +1,5 @@
 """A fixed, hand-made batch for unit tests, benchmarks and the forward demo: clips of one coloured
-square on a grey background, one task per example (re-exported by `data.synthetic`).
+square on a grey background, one task per example (re-exported by `tpo_jax.data.synthetic`).
 
 Every example is the demo prompt (MODEL-SPEC §4.3) followed by a supervised answer and `</s>`:
 
@@ -11,7 +11,7 @@ Every example is the demo prompt (MODEL-SPEC §4.3) followed by a supervised ans
 | conversation | "What colour is the square?"               | the colour name             | —                                  |
 
 Everything is deterministic in the seed. The procedural dataset with all tasks, templates and exact
-ground truth is `data.synthetic` (`SyntheticConfig`, `make_record`) with `data.conversation`.
+ground truth is `tpo_jax.data.synthetic` (`SyntheticConfig`, `make_record`) with `tpo_jax.data.conversation`.
 """
 
 from __future__ import annotations

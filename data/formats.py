@@ -18,7 +18,7 @@ caller can skip and count. A file that cannot be read at all (missing, not JSON)
 | `mevis`        | MeViS `meta_expressions.json` (+ `mask_dict.json` beside it)             | mask         |
 
 Media paths are joined to `media_root` (absolute paths are kept); files are not opened here
-(`data.video.load_media` raises `MediaError` for missing or corrupt media) except to read an image's size
+(`tpo_jax.data.video.load_media` raises `MediaError` for missing or corrupt media) except to read an image's size
 when a `refcoco` entry has no width/height.
 """
 
@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from data import rle as R
-from data.records import Record, RecordError
+from tpo_jax.data import rle as R
+from tpo_jax.data.records import Record, RecordError
 
 _MISSING = object()
 

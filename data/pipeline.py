@@ -11,7 +11,7 @@
 The iterator's `get_state()` is a JSON-serialisable dict (grain's iterator state plus the skip
 counters); `set_state()` restores it, after which the iterator yields exactly the batches an
 uninterrupted run yields from that point. Sources: the built-in synthetic dataset
-(`source="synthetic"`, generated on demand) or datasets written by `data.builders`.
+(`source="synthetic"`, generated on demand) or datasets written by `tpo_jax.data.builders`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import grain
 import numpy as np
 from absl import flags
 
-from data.conversation import ExampleSpec, build_example, collate, mc_cloze_examples
-from data.records import TASKS, Record, RecordError
-from data.synthetic import SyntheticConfig, SyntheticSource
+from tpo_jax.data.conversation import ExampleSpec, build_example, collate, mc_cloze_examples
+from tpo_jax.data.records import TASKS, Record, RecordError
+from tpo_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from tpo_jax.config import ConfigError, TPOConfig, check_field
 from tpo_jax.tokenizer import MultimodalTokenizer
 
@@ -50,7 +50,7 @@ class DataError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str | tuple[str, ...] = "synthetic"  # "synthetic" or built dataset directories (data.builders)
+    source: str | tuple[str, ...] = "synthetic"  # "synthetic" or built dataset directories (tpo_jax.data.builders)
     batch_size: int = 8  # per host
     seq_len: int = 128
     seed: int = 0
@@ -112,7 +112,7 @@ def task_sources(data_cfg: DataConfig, model_cfg: TPOConfig, split: str, tasks: 
     if data_cfg.is_synthetic:
         cfg = synthetic_config(data_cfg, model_cfg)
         return {t: SyntheticSource(cfg, t, split, data_cfg.seed) for t in tasks}
-    from data.builders import open_task_sources  # noqa: PLC0415  (optional dependency on array_record)
+    from tpo_jax.data.builders import open_task_sources  # noqa: PLC0415  (optional dependency on array_record)
 
     paths = (data_cfg.source,) if isinstance(data_cfg.source, str) else tuple(data_cfg.source)
     return open_task_sources(paths, split, tasks)
@@ -159,7 +159,7 @@ class Prepare(grain.transforms.Map):
 
     def example(self, task: str, index: int, position: int, build=build_example):
         """`build(record, media, spec, tokenizer, seed=...)` of record `index` of `task`, or `Bad`."""
-        from data.video import load_media  # noqa: PLC0415  (PyAV import only where media is read)
+        from tpo_jax.data.video import load_media  # noqa: PLC0415  (PyAV import only where media is read)
 
         rid = f"{task}[{index}]"
         try:
@@ -276,7 +276,7 @@ def make_train_iterator(data_cfg: DataConfig, model_cfg: TPOConfig, stage: str, 
     return TrainIterator(ds, data_cfg.batch_size, data_cfg.max_bad_fraction, data_cfg.bad_check_after)
 
 
-#: Evaluation-only task: the cloze form of the `mc` records (`data.conversation.mc_cloze_examples`).
+#: Evaluation-only task: the cloze form of the `mc` records (`tpo_jax.data.conversation.mc_cloze_examples`).
 MC_CLOZE = "mc_cloze"
 #: Per-row fields of `mc_cloze` batches: the question's index among the evaluated records (−1: padding
 #: row), the option the row answers with, the question's right option.

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.records import RecordError
+from tpo_jax.data.records import RecordError
 
 
 def _check_mask(mask) -> np.ndarray:

@@ -18,7 +18,7 @@ never occluded; other objects may be partly or fully hidden, and every fact (cou
 is computed from what is actually visible. Objects are unambiguous by their "colour shape" name
 (by colour alone when `unique_colours`). `SyntheticConfig()` is easy enough for the `tiny` model
 (32 px, 4 frames: 1-2 big objects, flat background); `PRESETS["hard"]` is for bigger models.
-Frames are uint8 (T, H, W, 3) in `Record.frames`; normalisation happens in `data.conversation`.
+Frames are uint8 (T, H, W, 3) in `Record.frames`; normalisation happens in `tpo_jax.data.conversation`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import dataclasses
 
 import numpy as np
 
-from data.fixed_batch import synthetic_batch, synthetic_clip  # noqa: F401  (re-exported)
-from data.records import TASKS, Record
-from data.rle import rle_encode
-from data.synthetic_render import COLOURS, SHAPES, SceneObject, background, bounce, mask_box, render, runs
+from tpo_jax.data.fixed_batch import synthetic_batch, synthetic_clip  # noqa: F401  (re-exported)
+from tpo_jax.data.records import TASKS, Record
+from tpo_jax.data.rle import rle_encode
+from tpo_jax.data.synthetic_render import COLOURS, SHAPES, SceneObject, background, bounce, mask_box, render, runs
 from tpo_jax.config import ConfigError, check_field
 
 SPLITS = ("train", "validation", "test")

@@ -25,7 +25,7 @@ import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data.records import Record, RecordError
+from tpo_jax.data.records import Record, RecordError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)

@@ -25,8 +25,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from checkpoints.manager import CheckpointConfig, CheckpointManager, abstract_like  # noqa: E402
-from train.step import TrainState  # noqa: E402
+from tpo_jax.checkpoints.manager import CheckpointConfig, CheckpointManager, abstract_like  # noqa: E402
+from tpo_jax.train.step import TrainState  # noqa: E402
 
 
 class Net(nnx.Module):

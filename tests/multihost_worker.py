@@ -18,8 +18,8 @@ BATCH_TASKS = ("region", "conversation")
 def settings():
     """(model config, train config) shared by the workers and the single-process reference."""
     from tpo_jax import config as C
-    from train.optim import OptimConfig
-    from train.step import TrainConfig
+    from tpo_jax.train.optim import OptimConfig
+    from tpo_jax.train.step import TrainConfig
     # stage 2 (region): LoRA, region head and box token train; a small step that compiles quickly
     train_cfg = TrainConfig(stage="stage2_region", dropout=True,
                             optim=OptimConfig(total_steps=10, warmup_ratio=0.0, lr_scale=50.0))
@@ -44,13 +44,13 @@ def main() -> None:
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
 
-    from train.distributed import DistributedConfig, initialize, is_main_process, shutdown
+    from tpo_jax.train.distributed import DistributedConfig, initialize, is_main_process, shutdown
     initialize(DistributedConfig(coordinator_address=f"localhost:{args.port}", num_processes=args.num_processes,
                                  process_id=args.process_id, initialization_timeout=60))
 
-    from data.synthetic import synthetic_batch
+    from tpo_jax.data.synthetic import synthetic_batch
     from tpo_jax.sharding import MeshConfig, data_shard_for_process, get_rules, make_mesh, shard_batch
-    from train.step import init_sharded, make_sharded_train_step
+    from tpo_jax.train.step import init_sharded, make_sharded_train_step
 
     CFG, TRAIN_CFG = settings()
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))

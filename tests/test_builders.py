@@ -1,4 +1,4 @@
-"""The "sampled_jpeg" storage of `data.builders` (frames sampled and resized at build time) against a
+"""The "sampled_jpeg" storage of `tpo_jax.data.builders` (frames sampled and resized at build time) against a
 direct decode of the source video, and the `instruction` field from the annotation to the token ids."""
 
 import json
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import pipeline as P
-from data.builders import (DEFAULT_NUM_FRAMES, DEFAULT_SIZE, TpoRecords, build, encode_media, example_to_record,
+from tpo_jax.data import pipeline as P
+from tpo_jax.data.builders import (DEFAULT_NUM_FRAMES, DEFAULT_SIZE, TpoRecords, build, encode_media, example_to_record,
                            open_task_sources, record_to_example)
-from data.conversation import ExampleSpec, build_example
-from data.formats import read_records
-from data.records import Record
-from data.video import (IMAGENET_STD, MediaError, decode_frame_dir, decode_jpeg_frames, decode_video, encode_mp4, load_media,
+from tpo_jax.data.conversation import ExampleSpec, build_example
+from tpo_jax.data.formats import read_records
+from tpo_jax.data.records import Record
+from tpo_jax.data.video import (IMAGENET_STD, MediaError, decode_frame_dir, decode_jpeg_frames, decode_video, encode_mp4, load_media,
                         read_video_frames)
 from tpo_jax import config as C
 from tpo_jax.tokenizer import MultimodalTokenizer
@@ -114,7 +114,7 @@ def test_defaults_are_the_reference_sampling_and_size(tmp_path):
     np.testing.assert_array_equal(rec.frame_times, indices / 10.0)
     assert rec.frames.shape == (16, 224, 224, 3) and rec.fps == 10.0 and rec.source_duration == 3.0
     assert levels(load_media(rec).frames, direct.frames) < TOL_LEVELS
-    # a frame folder (MeViS layout) is sampled like data.video.decode_frame_dir
+    # a frame folder (MeViS layout) is sampled like tpo_jax.data.video.decode_frame_dir
     folder = tmp_path / "frames"
     folder.mkdir()
     for k, f in enumerate(clip[:7]):

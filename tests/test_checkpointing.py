@@ -1,4 +1,4 @@
-"""checkpoints.manager: exact round trip, keep-last-K, a save killed midway, other device counts."""
+"""tpo_jax.checkpoints.manager: exact round trip, keep-last-K, a save killed midway, other device counts."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from checkpoints.manager import (CheckpointConfig, CheckpointError, CheckpointManager, abstract_like, dict_to_tree,
+from tpo_jax.checkpoints.manager import (CheckpointConfig, CheckpointError, CheckpointManager, abstract_like, dict_to_tree,
                                  tree_to_dict)
 
 sys.path.insert(0, os.path.dirname(__file__))

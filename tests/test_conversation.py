@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data import templates as TPL
-from data.conversation import ExampleSpec, build_example, clip_saliency, collate
-from data.records import Record, RecordError
-from data.video import load_media, normalize
+from tpo_jax.data import templates as TPL
+from tpo_jax.data.conversation import ExampleSpec, build_example, clip_saliency, collate
+from tpo_jax.data.records import Record, RecordError
+from tpo_jax.data.video import load_media, normalize
 from tpo_jax import config as C
 from tpo_jax.losses import loss_counts
 from tpo_jax.model import gather_task_hidden

@@ -12,12 +12,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors.torch import load_file, save_file
 
-from checkpoints import convert as convert_mod
-from checkpoints.convert import convert_hf
-from checkpoints.errors import ConversionError
-from checkpoints.export import export_hf
-from checkpoints.orbax_io import load_params
-from checkpoints.sources import SafetensorsFile, open_source
+from tpo_jax.checkpoints import convert as convert_mod
+from tpo_jax.checkpoints.convert import convert_hf
+from tpo_jax.checkpoints.errors import ConversionError
+from tpo_jax.checkpoints.export import export_hf
+from tpo_jax.checkpoints.orbax_io import load_params
+from tpo_jax.checkpoints.sources import SafetensorsFile, open_source
 from tpo_jax.config import LLMConfig
 from tpo_jax.llm import MistralDecoder
 

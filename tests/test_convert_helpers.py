@@ -12,10 +12,10 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
-from checkpoints import tables
-from checkpoints.convert import abstract_params, param_shapes
-from checkpoints.mapping import build_export_plan
-from checkpoints.orbax_io import load_params
+from tpo_jax.checkpoints import tables
+from tpo_jax.checkpoints.convert import abstract_params, param_shapes
+from tpo_jax.checkpoints.mapping import build_export_plan
+from tpo_jax.checkpoints.orbax_io import load_params
 from tpo_jax.config import get_config, replace
 from tpo_jax.model import TPOModel
 

@@ -15,9 +15,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from checkpoints.convert import convert_videochat, main, model_config, read_report
-from checkpoints.export import export_videochat
-from checkpoints.orbax_io import load_extras, read_arrays, saved_arrays
+from tpo_jax.checkpoints.convert import convert_videochat, main, model_config, read_report
+from tpo_jax.checkpoints.export import export_videochat
+from tpo_jax.checkpoints.orbax_io import load_extras, read_arrays, saved_arrays
 from test_convert_helpers import fake_videochat, load_model, real_keys, real_layout_tiny, t2n
 
 CFG = real_layout_tiny()

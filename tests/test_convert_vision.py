@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
 
-from checkpoints.convert import convert_videochat
+from tpo_jax.checkpoints.convert import convert_videochat
 from test_convert_helpers import fake_videochat, load_model, real_layout_tiny
 from test_parity_vit import TorchUMT
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import rle as R
-from data.formats import iter_records, normalise_box, read_records
-from data.records import Record, RecordError
+from tpo_jax.data import rle as R
+from tpo_jax.data.formats import iter_records, normalise_box, read_records
+from tpo_jax.data.records import Record, RecordError
 
 # --- fixtures (shown in docs/data.md) ----------------------------------------------------------------------------
 

@@ -1,10 +1,10 @@
-"""train.gc_schedule: the automatic collector is off inside, collections follow the step schedule."""
+"""tpo_jax.train.gc_schedule: the automatic collector is off inside, collections follow the step schedule."""
 
 import gc
 
 import pytest
 
-from train.gc_schedule import GcSchedule
+from tpo_jax.train.gc_schedule import GcSchedule
 
 
 def test_collects_young_and_full_generations_on_schedule(monkeypatch):

@@ -9,7 +9,7 @@ from flax import nnx
 
 from tpo_jax import config as C
 from tpo_jax.model import TPOModel
-from train import metrics as M
+from tpo_jax.train import metrics as M
 
 
 def test_box_iou_and_rec():
@@ -83,7 +83,7 @@ def test_improvement_signs():
 
 def test_evaluate_perfect_predictions_score_perfectly():
     """The accumulator pipeline with ground-truth predictions gives the top score of every metric."""
-    from train.evaluate import MetricAccumulator
+    from tpo_jax.train.evaluate import MetricAccumulator
 
     batch = {
         "region_boxes": np.array([[[0.1, 0.2, 0.5, 0.6]], [[0, 0, 1, 1]]], np.float32),
@@ -115,7 +115,7 @@ def test_mc_cloze_accuracy_by_hand():
     """Cloze rows (question, option, answer log-likelihood) from several batches, padding rows dropped:
     question 0 (2 options, answer 1): −3 vs −1 → right; question 1 (3 options, answer 0): −2, −0.5, −4
     → wrong; question 2 (answer 2): −9, −8, −1 → right. Accuracy 2/3."""
-    from train.evaluate import MetricAccumulator
+    from tpo_jax.train.evaluate import MetricAccumulator
 
     acc = MetricAccumulator()
     batches = [  # (cloze_question, cloze_option, cloze_answer, answer_logprob)
@@ -137,7 +137,7 @@ def test_mc_cloze_accuracy_by_hand():
 def test_mc_letter_form_per_question():
     """Letter-form scores of two batches; the second row of the first is not an MC example (answer −1).
     Row 0: logits 0, 2, pad → B, answer B; row 2: 1, 1, 0 (a tie: the first) → A, answer C."""
-    from train.evaluate import MetricAccumulator
+    from tpo_jax.train.evaluate import MetricAccumulator
 
     acc = MetricAccumulator()
     empty = {"region_valid": np.zeros((2, 1), bool), "region_pred": np.zeros((2, 1, 4)),
@@ -157,8 +157,8 @@ def test_mc_letter_form_per_question():
 
 @pytest.fixture(scope="module")
 def eval_setup():
-    from data.pipeline import DataConfig, eval_batches
-    from train.evaluate import make_predict_fn
+    from tpo_jax.data.pipeline import DataConfig, eval_batches
+    from tpo_jax.train.evaluate import make_predict_fn
 
     cfg = C.get_config("tiny")
     data = DataConfig(batch_size=2, seq_len=128, eval_examples=2)
@@ -172,7 +172,7 @@ def test_predictions_match_the_heads(eval_setup):
     a direct computation on each example alone."""
     from tpo_jax.losses import temporal_features
     from tpo_jax.model import gather_task_hidden
-    from train.evaluate import MetricAccumulator
+    from tpo_jax.train.evaluate import MetricAccumulator
 
     graphdef, state, per_task, predict_fn = eval_setup
 
@@ -219,8 +219,8 @@ def test_predictions_match_the_heads(eval_setup):
                 np.testing.assert_allclose(preds["mask_pred"][i], d["prompt"], atol=1e-5)
                 np.testing.assert_allclose(preds["mask_target"][i], d["target"], atol=1e-5)
                 assert preds["mask_valid"][i]
-    from data.pipeline import CLOZE_FIELDS
-    from train.evaluate import cloze_label_rows
+    from tpo_jax.data.pipeline import CLOZE_FIELDS
+    from tpo_jax.train.evaluate import cloze_label_rows
 
     batch = per_task["mc_cloze"][0]  # cloze rows: the summed log-softmax of the answer's label tokens
     assert cloze_label_rows(batch) == 8  # answers of a few tokens: the lm_head runs on 8 rows, not 128

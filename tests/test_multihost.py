@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data.synthetic import synthetic_batch
+from tpo_jax.data.synthetic import synthetic_batch
 from tpo_jax.model import TPOModel
-from train.distributed import DistributedConfig, config_from_env
+from tpo_jax.train.distributed import DistributedConfig, config_from_env
 from tpo_jax.config import ConfigError
-from train.step import init_train_state, make_train_step
+from tpo_jax.train.step import init_train_state, make_train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

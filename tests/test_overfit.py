@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data.synthetic import synthetic_batch
+from tpo_jax.data.synthetic import synthetic_batch
 from tpo_jax import config as C
 from tpo_jax.model import TPOModel
-from train.optim import OptimConfig
-from train.step import TrainConfig, init_train_state, make_train_step
+from tpo_jax.train.optim import OptimConfig
+from tpo_jax.train.step import TrainConfig, init_train_state, make_train_step
 
 STEPS = 200
 

@@ -8,11 +8,11 @@ import logging
 import numpy as np
 import pytest
 
-from data import pipeline as P
-from data.builders import TpoRecords, TpoSynthetic, build, open_task_sources
-from data.records import TASKS, Record
-from data.synthetic import SyntheticConfig, SyntheticSource, make_record
-from data.video import encode_mp4
+from tpo_jax.data import pipeline as P
+from tpo_jax.data.builders import TpoRecords, TpoSynthetic, build, open_task_sources
+from tpo_jax.data.records import TASKS, Record
+from tpo_jax.data.synthetic import SyntheticConfig, SyntheticSource, make_record
+from tpo_jax.data.video import encode_mp4
 from tpo_jax import config as C
 
 CFG = C.get_config("tiny")
@@ -116,7 +116,7 @@ class FlakySource:
 def test_bad_records_are_skipped_counted_and_named(caplog):
     cfg = P.DataConfig(batch_size=4, weights={"region": 1.0}, max_bad_fraction=0.4)
     it = P.make_train_iterator(cfg, CFG, "stage2_region", sources={"region": FlakySource()})
-    with caplog.at_level(logging.WARNING, logger="data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="tpo_jax.data.pipeline"):
         batches = take(it, 10)
     assert all(b["region_valid"].all() for b in batches)
     assert it.seen == 40 + it.bad and 0 < it.bad
@@ -201,7 +201,7 @@ def test_records_builder_stores_video_bytes_and_counts_bad_entries(tmp_path, cap
     inputs = [{"path": str(ann), "format": "charades_sta", "media_root": str(tmp_path),
                "options": {"durations": {"v1": 2.0, "v2": 2.0}}}]
     builder = TpoRecords(inputs, storage="video", data_dir=str(tmp_path / "out"), max_bad_fraction=0.7)
-    with caplog.at_level(logging.WARNING, logger="data.builders"):
+    with caplog.at_level(logging.WARNING, logger="tpo_jax.data.builders"):
         path = build(builder)
     assert builder.info.metadata["bad_records"] == 2 and builder.info.metadata["records_seen"] == 3
     assert "v2" in caplog.text and "bad line" in caplog.text

@@ -10,15 +10,15 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from data.synthetic import synthetic_batch
+from tpo_jax.data.synthetic import synthetic_batch
 from tpo_jax import config as C
 from tpo_jax import sharding as S
 from tpo_jax import shard_report as R
 from tpo_jax.lora import LoRALinear
 from tpo_jax.model import TPOModel
-from train.optim import OptimConfig
-from train.stages import get_recipe
-from train.step import (TrainConfig, init_sharded, init_train_state, make_grad_fn, make_sharded_grad_fn,
+from tpo_jax.train.optim import OptimConfig
+from tpo_jax.train.stages import get_recipe
+from tpo_jax.train.step import (TrainConfig, init_sharded, init_train_state, make_grad_fn, make_sharded_grad_fn,
                         make_sharded_train_step, make_train_step, split_model, train_shardings)
 
 CFG = C.get_config("tiny")

@@ -9,9 +9,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from data import synthetic as S
-from data.rle import rle_decode
-from data.synthetic_render import COLOURS, bounce, shape_mask
+from tpo_jax.data import synthetic as S
+from tpo_jax.data.rle import rle_decode
+from tpo_jax.data.synthetic_render import COLOURS, bounce, shape_mask
 from tpo_jax.config import ConfigError
 
 CLEAN = S.SyntheticConfig(noise=0.0, num_objects=(2, 3), size=40, num_frames=6, fps=2.0).validate()

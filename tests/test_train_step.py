@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data.synthetic import synthetic_batch
+from tpo_jax.data.synthetic import synthetic_batch
 from tpo_jax import config as C
 from tpo_jax.lora import LoRALinear
 from tpo_jax.model import TPOModel
-from train.optim import OptimConfig, learning_rates, make_optimizer
-from train.stages import RECIPES, StageRecipe, get_recipe, param_group
-from train.step import TrainConfig, init_train_state, make_grad_fn, make_train_step, split_model
+from tpo_jax.train.optim import OptimConfig, learning_rates, make_optimizer
+from tpo_jax.train.stages import RECIPES, StageRecipe, get_recipe, param_group
+from tpo_jax.train.step import TrainConfig, init_train_state, make_grad_fn, make_train_step, split_model
 
 CFG = C.get_config("tiny")
 

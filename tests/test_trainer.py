@@ -11,14 +11,14 @@ import jax
 import numpy as np
 import pytest
 
-from checkpoints.manager import CheckpointManager, leaf_paths
+from tpo_jax.checkpoints.manager import CheckpointManager, leaf_paths
 from tpo_jax.config import ConfigError
 from tpo_jax import sharding as S
-from train import trainer as T
-from train.cli import eval_main, train_main
-from train.nonfinite import NonFiniteError
-from train.run_config import apply_overrides, get_run_config, load_run_config
-from train.stages import get_recipe
+from tpo_jax.train import trainer as T
+from tpo_jax.train.cli import eval_main, train_main
+from tpo_jax.train.nonfinite import NonFiniteError
+from tpo_jax.train.run_config import apply_overrides, get_run_config, load_run_config
+from tpo_jax.train.stages import get_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["stage1.steps=20", "checkpoint.every_steps=5", "checkpoint.keep=2", "data.batch_size=2", "eval.examples=2",

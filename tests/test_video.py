@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data.records import Record, RecordError
-from data.video import (MediaError, decode_frame_dir, decode_image, decode_jpeg_frames,
+from tpo_jax.data.records import Record, RecordError
+from tpo_jax.data.video import (MediaError, decode_frame_dir, decode_image, decode_jpeg_frames,
                         decode_video, encode_jpeg_frames, encode_mp4, load_media, normalize, read_video_frames,
                         resize_frames, sample_indices)
 

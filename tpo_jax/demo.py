@@ -5,7 +5,7 @@
 
 It builds the demo prompt (MODEL-SPEC §4.3) with the shipped tokenizer, appends a planted
 `<box_begin><boxes>` so a task-token hidden state exists, runs one jitted forward pass, then greedy-
-decodes a few tokens with the KV cache. The clip is `data.synthetic.synthetic_clip`: a coloured square
+decodes a few tokens with the KV cache. The clip is `tpo_jax.data.synthetic.synthetic_clip`: a coloured square
 moving over a grey background. With random weights the words are noise; the point is to
 show every stage running end to end with the shapes the real model uses.
 """
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data.synthetic import synthetic_clip
+from tpo_jax.data.synthetic import synthetic_clip
 from tpo_jax import config as C
 from tpo_jax.llm import KVCache
 from tpo_jax.model import TPOModel, gather_task_hidden

@@ -159,7 +159,7 @@ def measure(model_cfg, train_cfg, strategy: str, mesh_cfg, *, batch_per_shard: i
     import jax
 
     from tpo_jax.sharding import get_rules, make_mesh, shard_bytes
-    from train.step import make_sharded_train_step, train_shardings
+    from tpo_jax.train.step import make_sharded_train_step, train_shardings
 
     n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
     if n > jax.device_count():
@@ -263,7 +263,7 @@ def measure_exact_bytes(model_cfg, train_cfg, strategy, mesh_cfg, frozen_dtype) 
     import jax
 
     from tpo_jax.sharding import get_rules, make_mesh, shard_bytes
-    from train.step import train_shardings
+    from tpo_jax.train.step import train_shardings
     mesh = make_mesh(mesh_cfg, jax.devices()[:mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor])
     _, _, sh = train_shardings(model_cfg, train_cfg, mesh, get_rules(strategy), frozen_dtype=frozen_dtype)
     return {"params": shard_bytes(sh.abstract_state.params, sh.state.params)[0],
@@ -391,8 +391,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[tuple[str, dict]]]:
 
     With `args.out`, the Markdown, chart and a JSON of the numbers are rewritten after every plan."""
     from tpo_jax import config as C
-    from train.optim import OptimConfig
-    from train.step import TrainConfig
+    from tpo_jax.train.optim import OptimConfig
+    from tpo_jax.train.step import TrainConfig
 
     overrides = {k: _parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     if args.dtype:

@@ -1,7 +1,7 @@
-"""`python -m train`: the same as `tpo-train`."""
+"""`python -m tpo_jax.train`: the same as `tpo-train`."""
 
 import sys
 
-from train.cli import train_main
+from tpo_jax.train.cli import train_main
 
 sys.exit(train_main())

@@ -32,7 +32,7 @@ def set_fast_cpu_compile() -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", help="run preset (train.run_config.RUN_PRESETS)")
+    p.add_argument("--config", default="tiny", help="run preset (tpo_jax.train.run_config.RUN_PRESETS)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. optim.lr=1e-4, model.llm.num_layers=4, data.batch_size=16 "
                         "(repeatable)")
@@ -44,7 +44,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_stages(text: str) -> list[str]:
-    from train.run_config import STAGES  # noqa: PLC0415
+    from tpo_jax.train.run_config import STAGES  # noqa: PLC0415
     if text.strip().lower() == "all":
         return list(STAGES)
     out = []
@@ -65,22 +65,22 @@ def _setup(args, workdir_config: bool = False) -> "RunConfig":  # noqa: F821
         import jax  # noqa: PLC0415
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from train.distributed import initialize  # noqa: PLC0415
+    from tpo_jax.train.distributed import initialize  # noqa: PLC0415
     initialize()  # multi-process runs: jax.distributed from the TPO_* environment (no-op for one process)
     import logging  # noqa: PLC0415
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only managers etc.
-    from train.run_config import apply_overrides, get_run_config, load_run_config  # noqa: PLC0415
+    from tpo_jax.train.run_config import apply_overrides, get_run_config, load_run_config  # noqa: PLC0415
     saved = os.path.join(args.workdir, "config.json")
     base = load_run_config(saved) if workdir_config and os.path.exists(saved) else get_run_config(args.config)
     return apply_overrides(base, args.overrides)
 
 
 def _errors():
-    from checkpoints.manager import CheckpointError  # noqa: PLC0415
+    from tpo_jax.checkpoints.manager import CheckpointError  # noqa: PLC0415
     from tpo_jax.config import ConfigError  # noqa: PLC0415
-    from train.nonfinite import NonFiniteError  # noqa: PLC0415
-    from train.trainer import TrainingError  # noqa: PLC0415
+    from tpo_jax.train.nonfinite import NonFiniteError  # noqa: PLC0415
+    from tpo_jax.train.trainer import TrainingError  # noqa: PLC0415
     return (ConfigError, CheckpointError), (NonFiniteError, TrainingError)
 
 
@@ -97,7 +97,7 @@ def train_main(argv=None) -> int:
         args.stages = _parse_stages(args.stages)
     try:
         cfg = _setup(args)
-        from train.trainer import run  # noqa: PLC0415
+        from tpo_jax.train.trainer import run  # noqa: PLC0415
         summary = run(cfg, args.workdir, stages=args.stages, resume=args.resume, stop_after=args.stop_after,
                       progress=not args.no_progress)
     except Exception as e:  # noqa: BLE001
@@ -126,7 +126,7 @@ def eval_main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = _setup(args, workdir_config=True)
-        from train.trainer import evaluate_checkpoint  # noqa: PLC0415
+        from tpo_jax.train.trainer import evaluate_checkpoint  # noqa: PLC0415
         result = evaluate_checkpoint(cfg, args.workdir, stage=args.stage, step=args.step, init=args.init)
     except Exception as e:  # noqa: BLE001
         bad_input, _ = _errors()

@@ -1,4 +1,4 @@
-"""Model → task predictions → metrics (`train.metrics`), on teacher-forced evaluation batches.
+"""Model → task predictions → metrics (`tpo_jax.train.metrics`), on teacher-forced evaluation batches.
 
 One jitted forward pass per batch (`make_predict_fn`) gives every task's prediction at once:
 
@@ -7,11 +7,11 @@ One jitted forward pass per batch (`make_predict_fn`) gives every task's predict
   per-clip saliency scores for highlight detection;
 * multiple choice: the logits at the position before `mc_letter_pos` (the one predicting the answer's
   option letter, "B" of "(B) text") over the option tokens `mc_options`; in cloze form
-  (`data.pipeline.MC_CLOZE` batches, one row per option, the option's text as the answer to the bare
+  (`tpo_jax.data.pipeline.MC_CLOZE` batches, one row per option, the option's text as the answer to the bare
   question) each row's answer log-likelihood, the best option being the most likely answer;
 * mask: the predicted SAM2 sparse prompt at `<tracking>` and its target `sam2.box_prompt(mask_boxes)`.
 
-`evaluate` runs it over batches (dicts of numpy arrays in the `data.pipeline` format) and returns
+`evaluate` runs it over batches (dicts of numpy arrays in the `tpo_jax.data.pipeline` format) and returns
 flat metrics `{"rec/acc@0.5", "rec/miou", "temporal/r1@0.5", ..., "highlight/map", "mc/acc",
 "mc_cloze/acc", "mask/l1", "<task>/count"}`. Validity masks come from `tpo_jax.losses.valid_masks`, so
 an example counts for a task exactly when it would get that task's loss.
@@ -27,14 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data.pipeline import CLOZE_FIELDS
+from tpo_jax.data.pipeline import CLOZE_FIELDS
 from tpo_jax import config as C
 from tpo_jax.config import TPOConfig
 from tpo_jax.heads.box_ops import span_cw_to_xx
 from tpo_jax.heads.temporal import postprocess_spans
 from tpo_jax.losses import HEADS, label_log_likelihood, temporal_features, valid_masks
 from tpo_jax.model import gather_task_hidden
-from train import metrics as M
+from tpo_jax.train import metrics as M
 
 NEG_INF = -1e30  # score of a padded multiple-choice option
 
@@ -158,7 +158,7 @@ class MetricAccumulator:
 
     def mc_questions(self) -> dict[str, dict[str, np.ndarray]]:
         """Per-question multiple choice in validation order, for each form of `_mc_scores`: the option chosen
-        (`train.metrics.mc_choices`), the right option and whether they agree."""
+        (`tpo_jax.train.metrics.mc_choices`), the right option and whether they agree."""
         out = {}
         for name, (scores, answers) in self._mc_scores().items():
             chosen, right = M.mc_choices(scores, answers)

@@ -1,7 +1,7 @@
 """Skip updates whose loss or gradient is not finite (inside the jitted step, no host round trip).
 
 `skip_nonfinite(train_step)` wraps a pure `train_step(state, frozen, batch, rng) -> (state, metrics)`
-(`train.step.make_train_step(..., jit=False)`): when `loss/total` or `grad_norm` is NaN/Inf, the new
+(`tpo_jax.train.step.make_train_step(..., jit=False)`): when `loss/total` or `grad_norm` is NaN/Inf, the new
 params and optimizer state are discarded (`jnp.where` on every leaf) and the old ones returned; the
 step counter still advances (the batch was consumed). `metrics["nonfinite"]` is 1 for a skipped step,
 so the training loop counts them and stops past a threshold (`NonFiniteError`).
@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from train.step import TrainState
+from tpo_jax.train.step import TrainState
 
 
 class NonFiniteError(RuntimeError):

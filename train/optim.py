@@ -14,7 +14,7 @@ import jax
 import optax
 
 from tpo_jax.config import check_field, check_positive
-from train.stages import GROUPS, StageRecipe, param_group
+from tpo_jax.train.stages import GROUPS, StageRecipe, param_group
 
 
 @dataclasses.dataclass(frozen=True)

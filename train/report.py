@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from train.metrics import HIGHER_IS_BETTER
+from tpo_jax.train.metrics import HIGHER_IS_BETTER
 
 CURVES = ("loss/total", "loss/lm", "loss/region", "loss/temporal", "loss/mask", "grad_norm")
 

@@ -6,7 +6,7 @@ evaluation, mesh; presets and dotted `key=value` overrides.
 
 Stages run in the order stage1 → stage2 → stage3; each starts from the previous one's final
 checkpoint. A stage's optimizer has `steps` total steps (warmup + cosine over them) and the peak LRs
-of its recipe (`train.stages`) times `optim.lr_scale × stageN.lr_scale`, or, with `optim.lr` set,
+of its recipe (`tpo_jax.train.stages`) times `optim.lr_scale × stageN.lr_scale`, or, with `optim.lr` set,
 peak LRs rescaled so the stage's fastest group gets `optim.lr` (ratios between groups kept).
 
 The `tiny` preset trains a from-scratch model, so its LRs are far above the paper's (which fine-tune
@@ -23,21 +23,21 @@ import types
 import typing
 from typing import Any, Mapping, Sequence
 
-from data.pipeline import DataConfig
-from checkpoints.manager import CheckpointConfig
+from tpo_jax.data.pipeline import DataConfig
+from tpo_jax.checkpoints.manager import CheckpointConfig
 from tpo_jax import config as C
 from tpo_jax.config import ConfigError, check_field, check_positive
 from tpo_jax.sharding import MeshConfig, get_rules
-from train.optim import OptimConfig
-from train.stages import RECIPES, get_recipe
-from train.step import DEFAULT_LOSS_WEIGHTS, TrainConfig
+from tpo_jax.train.optim import OptimConfig
+from tpo_jax.train.stages import RECIPES, get_recipe
+from tpo_jax.train.step import DEFAULT_LOSS_WEIGHTS, TrainConfig
 
 STAGES = ("stage1", "stage2", "stage3")
 
 
 @dataclasses.dataclass(frozen=True)
 class StageRun:
-    """One stage of the run: a `train.stages` recipe trained for `steps` steps."""
+    """One stage of the run: a `tpo_jax.train.stages` recipe trained for `steps` steps."""
 
     recipe: str
     steps: int = 100
@@ -62,7 +62,7 @@ class StageRun:
 
 @dataclasses.dataclass(frozen=True)
 class RunOptim:
-    """`train.optim.OptimConfig` without `total_steps` and `group_lr_scale` (each stage sets them), plus `lr`."""
+    """`tpo_jax.train.optim.OptimConfig` without `total_steps` and `group_lr_scale` (each stage sets them), plus `lr`."""
 
     lr: float | None = None  # peak LR of each stage's fastest group; None: the recipe's LRs × lr_scale
     # the rest mirror OptimConfig and take its defaults (one source: the released run's values)
@@ -121,7 +121,7 @@ class RunConfig:
     micro_batches: int = 1
     dropout: bool = True
     loss_weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
-    lm_rows: int = 0  # LM logits only at the first N label positions per sample (0: every position); train.step
+    lm_rows: int = 0  # LM logits only at the first N label positions per sample (0: every position); tpo_jax.train.step
     log_every: int = 1  # TensorBoard / history every N steps
     max_nonfinite: int = 10  # stop the run when more steps than this had a non-finite loss or gradient
 

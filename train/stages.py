@@ -53,7 +53,7 @@ def param_group(path: tuple) -> str:
 
 def _unknown(path):
     raise KeyError(f"parameter {'.'.join(map(str, path))} belongs to no training group; add it to "
-                   f"train.stages.param_group")
+                   f"tpo_jax.train.stages.param_group")
 
 
 @dataclasses.dataclass(frozen=True)

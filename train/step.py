@@ -7,7 +7,7 @@
   loss normalisers (label tokens, valid task examples) are counted once on the whole batch, and a
   `lax.scan` sums each micro-batch's `sum / count_total` loss and gradient. The result equals one
   step on the whole batch.
-* Global-norm clipping, AdamW with warmup + cosine, per-group learning rates (`train.optim`).
+* Global-norm clipping, AdamW with warmup + cosine, per-group learning rates (`tpo_jax.train.optim`).
 * `state` is donated: its buffers are reused for the new state.
 
 Sharded training (`tpo_jax.sharding`): `train_shardings` gives the shapes and shardings of the state
@@ -30,8 +30,8 @@ from tpo_jax.losses import HEADS, loss_counts, total_loss
 from tpo_jax.model import TPOModel
 from tpo_jax.sharding import (abstract_model, activation_sharding, batch_sharding, fast_model_tracing, replicated,
                               tree_shardings)
-from train.optim import OptimConfig, learning_rates, make_optimizer
-from train.stages import StageRecipe, get_recipe, param_group
+from tpo_jax.train.optim import OptimConfig, learning_rates, make_optimizer
+from tpo_jax.train.stages import StageRecipe, get_recipe, param_group
 
 DEFAULT_LOSS_WEIGHTS = {"lm": 1.0, "region": 1.0, "temporal": 1.0, "mask": 1.0}
 

@@ -7,19 +7,19 @@ Work directory:
 
     WORKDIR/config.json               the resolved run config
     WORKDIR/metrics.json              {"before", "after", "improvement", "stages": {stage: metrics}}
-    WORKDIR/<stage>/checkpoints/      Orbax checkpoints (checkpoints.manager) of each stage
+    WORKDIR/<stage>/checkpoints/      Orbax checkpoints (tpo_jax.checkpoints.manager) of each stage
     WORKDIR/<stage>/history.jsonl     per-step training metrics
     WORKDIR/tensorboard/              TensorBoard scalars (every loss term, LRs, grad norm, tokens/s, evals)
     WORKDIR/curves.png, metrics.png   training curves; before/after metrics
 
 Each stage starts from the model initialised with `cfg.seed` (built once on the host and put into its
 shards on the mesh `cfg.mesh` with the rules `cfg.sharding`; with `cfg.sharded_init` created directly in
-its shards by `train.step.init_sharded`), loads the previous stage's final checkpoint (every parameter
+its shards by `tpo_jax.train.step.init_sharded`), loads the previous stage's final checkpoint (every parameter
 trained so far), and trains its recipe. A checkpoint holds the parameters of every group trained up to this
 stage, the optimizer state and step, the data-iterator state and the config: `resume=True` continues
 a stage exactly where it stopped (same batches, same dropout keys, bit-identical losses on CPU).
 SIGTERM finishes the current step, saves, and returns; a step with a non-finite loss or gradient keeps
-the old parameters (`train.nonfinite`), and more than `cfg.max_nonfinite` of them stop the run.
+the old parameters (`tpo_jax.train.nonfinite`), and more than `cfg.max_nonfinite` of them stop the run.
 Only process 0 writes files and logs.
 """
 
@@ -38,21 +38,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from checkpoints.manager import CheckpointError, CheckpointManager, leaf_paths
-from data.pipeline import eval_batches, make_train_iterator
+from tpo_jax.checkpoints.manager import CheckpointError, CheckpointManager, leaf_paths
+from tpo_jax.data.pipeline import eval_batches, make_train_iterator
 from tpo_jax import sharding as S
 from tpo_jax.config import ConfigError
-from train import report
-from train.distributed import is_main_process
-from train.evaluate import evaluate, make_predict_fn
-from train.gc_schedule import GcSchedule
-from train.metrics import improvement
-from train.nonfinite import NonFiniteError, skip_nonfinite
-from train.run_config import STAGES, RunConfig, from_dict
-from train.stages import get_recipe, param_group
+from tpo_jax.train import report
+from tpo_jax.train.distributed import is_main_process
+from tpo_jax.train.evaluate import evaluate, make_predict_fn
+from tpo_jax.train.gc_schedule import GcSchedule
+from tpo_jax.train.metrics import improvement
+from tpo_jax.train.nonfinite import NonFiniteError, skip_nonfinite
+from tpo_jax.train.run_config import STAGES, RunConfig, from_dict
+from tpo_jax.train.stages import get_recipe, param_group
 from tpo_jax.model import TPOModel
-from train.optim import make_optimizer
-from train.step import TrainShardings, TrainState, init_sharded, make_train_step, split_model
+from tpo_jax.train.optim import make_optimizer
+from tpo_jax.train.step import TrainShardings, TrainState, init_sharded, make_train_step, split_model
 
 log = logging.getLogger("tpo.train")
 
@@ -319,7 +319,7 @@ class Trainer:
         """(graphdef, state, frozen, tx, shardings) of `stage` at initialisation, placed on the mesh.
 
         Default: the model is built eagerly on the host once (fast for small models on CPU) and put into
-        its shards; with `cfg.sharded_init` each device creates its own shards (`train.step.init_sharded`,
+        its shards; with `cfg.sharded_init` each device creates its own shards (`tpo_jax.train.step.init_sharded`,
         for models that do not fit one host's memory)."""
         train_cfg = self.cfg.train_config(stage)
         if self.cfg.sharded_init:
@@ -611,7 +611,7 @@ def evaluate_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = Non
                         init: bool = False, accumulator=None) -> dict[str, Any]:
     """`tpo-eval`: metrics of a stage's checkpoint (default: the last stage that has one, its latest step),
     or of the freshly initialised model (`init`). The checkpoint must come from the same config. An empty
-    `train.evaluate.MetricAccumulator` passed as `accumulator` keeps the per-example predictions."""
+    `tpo_jax.train.evaluate.MetricAccumulator` passed as `accumulator` keeps the per-example predictions."""
     trainer = Trainer(cfg, workdir, progress=False)
     if init:
         graphdef, state, frozen, _, _ = trainer.build_stage(STAGES[0])

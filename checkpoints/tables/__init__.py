@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from checkpoints.mapping import Rule
-from checkpoints.tables import heads, llm, temporal, vision
+from tpo_jax.checkpoints.mapping import Rule
+from tpo_jax.checkpoints.tables import heads, llm, temporal, vision
 
 
 def videochat(lora: str = "keep", scaling: float = 2.0, rank: int = 16) -> list[Rule]:

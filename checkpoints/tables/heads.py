@@ -22,8 +22,8 @@ Kept as extras (group `unused`, built by the reference but used by no inference 
 
 from __future__ import annotations
 
-from checkpoints.mapping import Rule, extra, linear, rule
-from checkpoints.ops import SQUEEZE2, Stack
+from tpo_jax.checkpoints.mapping import Rule, extra, linear, rule
+from tpo_jax.checkpoints.ops import SQUEEZE2, Stack
 
 _PE = "sam.sam_prompt_encoder."
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from checkpoints.mapping import Rule, drop, norm, rule
-from checkpoints.ops import T, Duplicate, LoRAFold, LoRAMerge
+from tpo_jax.checkpoints.mapping import Rule, drop, norm, rule
+from tpo_jax.checkpoints.ops import T, Duplicate, LoRAFold, LoRAMerge
 
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))

@@ -20,8 +20,8 @@ transformer.mcls_encoder.*, txt_proj_linear.*, txt_position_embed.*.
 
 from __future__ import annotations
 
-from checkpoints.mapping import Rule, extra, linear, norm, rule
-from checkpoints.ops import Split
+from tpo_jax.checkpoints.mapping import Rule, extra, linear, norm, rule
+from tpo_jax.checkpoints.ops import Split
 
 _C, _O = "cg_model.", "temporal_head."
 _DECODER_PROJ = ("sa_qcontent_proj", "sa_qpos_proj", "sa_kcontent_proj", "sa_kpos_proj", "sa_v_proj",

@@ -27,8 +27,8 @@ Kept as extras (group `unused`): `qformer.bert.embeddings.position_ids` (int64 b
 
 from __future__ import annotations
 
-from checkpoints.mapping import Rule, extra, linear, norm, rule
-from checkpoints.ops import CONV3D, T
+from tpo_jax.checkpoints.mapping import Rule, extra, linear, norm, rule
+from tpo_jax.checkpoints.ops import CONV3D, T
 
 _V = "vision_encoder.encoder."
 _Q = "qformer.bert."
