@@ -124,14 +124,14 @@ class _Stored:
         return 1
 
     def __getitem__(self, index):
-        from tpo_jax.data.builders import example_to_record
+        from tpo_jax.data.record_codec import example_to_record
         return example_to_record(self.example)
 
 
 def make_prepare(kind: str, ex) -> object:
     """The pipeline's per-example transform (`tpo_jax.data.pipeline.Prepare`) over one stored example: read the
     stored record, `load_media`, `build_example` (templates + tokenization) at 16 x 224², 96 visual tokens."""
-    from tpo_jax.data.builders import record_to_example
+    from tpo_jax.data.record_codec import record_to_example
     from tpo_jax.data.pipeline import DataConfig, Prepare, example_spec
     from tpo_jax.data.records import Record
     from tpo_jax.config import get_config

@@ -1,8 +1,9 @@
 """Checkpoints: PyTorch <-> JAX conversion and Orbax save/restore.
 
-Conversion (`tpo-convert`, see docs/conversion.md):
-  convert.py            convert_videochat, convert_hf, main (the command line)
+Conversion (command line `tpo-convert` = `tpo_jax.cli.convert`, see docs/conversion.md):
+  convert.py            convert_videochat, convert_hf, read_report, model_config
   export.py             export_hf (merged or + PEFT adapter), export_videochat, ParamSet
+  staging.py            staged_output: write to a temporary directory, move into place at the end
   orbax_io.py           streaming Orbax writer, load_params, load_extras
   tables/               the declarative key tables, one module per component
   mapping.py, ops.py    the rule engine and the tensor transforms
@@ -12,7 +13,7 @@ Conversion (`tpo-convert`, see docs/conversion.md):
   errors.py             ConversionError
 Training checkpoints: manager.py.
 
-The conversion API is importable from here lazily (`from checkpoints import load_params`).
+The conversion API is importable from here lazily (`from tpo_jax.checkpoints import load_params`).
 """
 
 _LAZY = {
@@ -29,4 +30,4 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'checkpoints' has no attribute {name!r}")
+    raise AttributeError(f"module 'tpo_jax.checkpoints' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""PyTorch checkpoints -> Orbax: `convert_videochat`, `convert_hf`, and the `tpo-convert` command line (`main`).
+"""PyTorch checkpoints -> Orbax: `convert_videochat`, `convert_hf` (command line: `tpo_jax.cli.convert`).
 
 Output directory layout (written to a temporary directory next to `out_dir` and renamed at the end, so a
 failed conversion leaves nothing at `out_dir`):
@@ -14,15 +14,9 @@ Every source tensor is read, transformed and written one at a time (see `tpo_jax
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import os
-import shutil
-import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,8 +30,9 @@ from tpo_jax.checkpoints.errors import ConversionError
 from tpo_jax.checkpoints.mapping import Job, Plan, build_plan
 from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES, LazyArray, _flat_state, nest, write_streaming
 from tpo_jax.checkpoints.sources import TensorSource, open_source
+from tpo_jax.checkpoints.staging import staged_output
 from tpo_jax.checkpoints.tables.llm import PEFT_PREFIX
-from tpo_jax.config import ConfigError, LLMConfig, TPOConfig, get_config, replace
+from tpo_jax.config import LLMConfig, TPOConfig, get_config, replace
 from tpo_jax.llm import MistralDecoder
 from tpo_jax.model import TPOModel
 
@@ -127,25 +122,6 @@ class _Runner:
         return src + int(np.prod(job.dst_shapes[k], dtype=np.int64)) * self.out_dtype(job).itemsize
 
 
-@contextlib.contextmanager
-def _staged_output(out_dir: str | os.PathLike, overwrite: bool):
-    """Yield a temporary directory next to `out_dir`; rename it to `out_dir` on success, delete it on failure."""
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise ConversionError("output already exists (pass overwrite=True or --overwrite)", file=str(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def _shardings_by_path(mesh, rules, shardings, abstract: nnx.State, prefix: str) -> dict[str, Any] | None:
     if shardings is None and mesh is None:
         return None
@@ -180,7 +156,7 @@ def _execute(plan: Plan, source: TensorSource, out_dir, *, dtype: np.dtype | Non
               "dropped": {", ".join(j.src): j.rule.note or "dropped" for j in plan.dropped}}
     total = sum(int(np.prod(m.shape, dtype=np.int64)) * np.dtype(m.dtype).itemsize for m in source.meta.values())
     start = time.perf_counter()
-    with _staged_output(out_dir, overwrite) as tmp:
+    with staged_output(out_dir, overwrite) as tmp:
         if params:
             write_streaming(tmp / "params", nest(params), budget_bytes=budget_bytes, sharded=shardings is not None)
         if extras:
@@ -314,108 +290,3 @@ def model_config(report: dict) -> TPOConfig | tuple[LLMConfig, Any]:
     lo = report["config"]["lora"]
     return (from_dict(LLMConfig, report["config"]["llm"], file=REPORT_FILE),
             None if lo is None else from_dict(LoRAConfig, lo, file=REPORT_FILE))
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _cli_config(args) -> TPOConfig:
-    cfg = get_config(args.preset)
-    changes = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConversionError(f"--set expects KEY=VALUE, got {item!r}")
-        changes[key] = _parse_value(value)
-    return replace(cfg, **changes).validate() if changes else cfg
-
-
-def _cli_mesh(spec: str | None):
-    if not spec:
-        return None
-    from tpo_jax import sharding as tpo_sharding
-
-    sizes = {}
-    for part in spec.split(","):
-        name, _, size = part.partition("=")
-        sizes[name.strip()] = int(size)
-    return tpo_sharding.make_mesh(tpo_sharding.MeshConfig(**sizes))
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tpo-convert", description="Convert PyTorch checkpoints to tpo-jax (Orbax) "
-                                "and back. See docs/conversion.md.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def common(sp, lora_default):
-        sp.add_argument("source", help="checkpoint file, index .json, or directory")
-        sp.add_argument("out", help="output directory (must not exist unless --overwrite)")
-        sp.add_argument("--lora", choices=["keep", "merge"], default=lora_default)
-        sp.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="keep")
-        sp.add_argument("--mesh", help="shard while writing, e.g. data=1,fsdp=-1,tensor=1")
-        sp.add_argument("--rules", default="fsdp", help="sharding strategy of tpo_jax.sharding (with --mesh)")
-        sp.add_argument("--budget-mb", type=int, default=DEFAULT_BUDGET_BYTES // 2 ** 20,
-                        help="max MiB of tensors materialised at once (a larger tensor runs alone)")
-        sp.add_argument("--overwrite", action="store_true")
-        sp.add_argument("--dry-run", action="store_true", help="check and report, write nothing")
-
-    v = sub.add_parser("videochat", help="released VideoChat-TPO checkpoint -> Orbax")
-    common(v, "keep")
-    v.add_argument("--preset", default="videochat_tpo_7b")
-    v.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. llm.num_layers=4")
-    v.add_argument("--no-extras", action="store_true", help="do not keep SAM2 / unused tensors")
-    h = sub.add_parser("hf", help="Hugging Face Mistral/Llama (+ PEFT adapter) -> Orbax (under llm.)")
-    common(h, "merge")
-    h.add_argument("--adapter", help="PEFT adapter directory (adapter_config.json + weights)")
-    h.add_argument("--config", help="config.json of the LLM (default: next to the weights)")
-    for name, what in (("export-hf", "our LLM -> Hugging Face safetensors (+ PEFT adapter with --peft)"),
-                       ("export-videochat", "whole model -> VideoChat-TPO key layout")):
-        e = sub.add_parser(name, help=what)
-        e.add_argument("checkpoint", help="a directory written by tpo-convert")
-        e.add_argument("out")
-        e.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="keep")
-        e.add_argument("--max-shard-gb", type=float, default=5.0)
-        e.add_argument("--overwrite", action="store_true")
-        if name == "export-hf":
-            e.add_argument("--peft", action="store_true", help="base weights + PEFT adapter instead of merged")
-    return p
-
-
-def main(argv=None) -> int:
-    args = _build_parser().parse_args(argv)
-    try:
-        if args.command in ("videochat", "hf"):
-            common = dict(lora=args.lora, dtype=args.dtype, mesh=_cli_mesh(args.mesh), rules=args.rules,
-                          overwrite=args.overwrite, budget_bytes=args.budget_mb * 2 ** 20, dry_run=args.dry_run,
-                          log=print)
-            if args.command == "videochat":
-                report = convert_videochat(args.source, args.out, _cli_config(args), extras=not args.no_extras,
-                                           **common)
-            else:
-                llm_cfg = (llm_config_from_hf(read_json(args.config), file=args.config) if args.config else None)
-                report = convert_hf(args.source, args.out, adapter=args.adapter, llm_cfg=llm_cfg, **common)
-            if args.dry_run:
-                print(format_report(report))
-        else:
-            from tpo_jax.checkpoints.export import export_hf, export_videochat
-
-            kw = dict(dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
-            if args.command == "export-hf":
-                files = export_hf(args.checkpoint, args.out, peft=args.peft, **kw)
-            else:
-                files = export_videochat(args.checkpoint, args.out, **kw)
-            print("\n".join(str(f) for f in files))
-    except (ConversionError, ConfigError) as e:
-        print(f"tpo-convert: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

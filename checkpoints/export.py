@@ -19,11 +19,12 @@ import numpy as np
 
 from tpo_jax.checkpoints import tables
 from tpo_jax.checkpoints.configs import hf_config_from_llm, peft_adapter_config
-from tpo_jax.checkpoints.convert import OUTPUT_DTYPES, _staged_output, contiguous, model_config, read_report
+from tpo_jax.checkpoints.convert import OUTPUT_DTYPES, contiguous, model_config, read_report
 from tpo_jax.checkpoints.errors import ConversionError
 from tpo_jax.checkpoints.mapping import Plan, Rule, build_export_plan
 from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES, _flat_state, read_arrays, saved_arrays
 from tpo_jax.checkpoints.safetensors_writer import ShardedWriter
+from tpo_jax.checkpoints.staging import staged_output
 from tpo_jax.checkpoints.tables.llm import PEFT_PREFIX, hf_llm_export
 from tpo_jax.config import LLMConfig, LoRAConfig, TPOConfig
 
@@ -158,7 +159,7 @@ def export_hf(checkpoint, out_dir, *, peft: bool = False, dtype: str = "keep", m
     def route(key: str):
         return ("adapter", "adapter_model") if key.startswith(PEFT_PREFIX) else (".", "model")
 
-    with _staged_output(out_dir, overwrite) as tmp:
+    with staged_output(out_dir, overwrite) as tmp:
         files = _write(reader, plan, tmp, dtype=dtype, route=route, max_shard_bytes=max_shard_bytes,
                        budget_bytes=budget_bytes)
         kernel = reader.params["llm.embed_tokens.embedding"][1]
@@ -192,7 +193,7 @@ def export_videochat(checkpoint, out_dir, *, dtype: str = "keep", max_shard_byte
     rules: list[Rule] = tables.videochat("keep" if kept else "merge", scaling, rank)
     plan = build_export_plan({p: s for p, (s, _) in reader.params.items()},
                              {p: s for p, (s, _) in reader.extras.items()}, rules, where=reader.where)
-    with _staged_output(out_dir, overwrite) as tmp:
+    with staged_output(out_dir, overwrite) as tmp:
         files = _write(reader, plan, tmp, dtype=dtype, route=lambda key: (".", "model"),
                        max_shard_bytes=max_shard_bytes, budget_bytes=budget_bytes)
     out = Path(out_dir).absolute()

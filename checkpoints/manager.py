@@ -29,6 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tpo_jax.tree_paths import leaf_paths
+
 ITEMS = ("params", "state", "meta", "config")
 
 
@@ -37,23 +39,6 @@ class CheckpointError(RuntimeError):
 
 
 # --- pytrees ↔ nested dicts keyed by path --------------------------------------------------------------------------
-
-def _key_name(k) -> str | None:
-    if isinstance(k, jax.tree_util.GetAttrKey):
-        return None if k.name == "value" else k.name  # nnx.Variable's value attribute: not part of the path
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def leaf_paths(tree) -> list[tuple[tuple[str, ...], Any]]:
-    """(path of string keys, leaf) of every leaf, in flattening order."""
-    out = []
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out.append((tuple(n for n in (_key_name(k) for k in kp) if n is not None), leaf))
-    return out
-
 
 def tree_to_dict(tree) -> dict:
     """A nested dict {key: {key: ... leaf}} with the leaves of `tree` at their paths."""

@@ -1,7 +1,7 @@
 """One decoded `Record` → the fixed-shape arrays of one training example (the batch format of
 `tpo_jax.losses`, plus `task_id`, `mc_options`, `mc_answer`, `mc_letter_pos`, `answer_start`).
 
-Token layout (MODEL-SPEC §4.3, demo form, as `MultimodalTokenizer.encode_demo_prompt` builds it):
+Token layout (MODEL-SPEC §4.3, demo form, as `tpo_jax.data.prompts.encode_demo_prompt` builds it):
 
     [BOS] "[INST] <Video>"  ×num_visual_tokens placeholder ids 0  [BOS] "</Video>[/INST]"
     [BOS] " [INST] " user_1 " [/INST] "   answer_1 </s>
@@ -42,10 +42,11 @@ from typing import Sequence
 
 import numpy as np
 
+from tpo_jax.data.prompts import demo_prompt, encode_demo_prompt
 from tpo_jax.data.records import TASKS, Record, RecordError
 from tpo_jax.data.templates import OPTION_LETTERS, TASK_ANSWERS, mc_answer_text, mc_question, task_instruction
 from tpo_jax import config as C
-from tpo_jax.tokenizer import EOS_ID, MultimodalTokenizer, TokenizedPrompt, demo_prompt
+from tpo_jax.tokenizer import EOS_ID, MultimodalTokenizer, TokenizedPrompt
 
 IGNORE = -100
 SALIENCY_MAX = 4.0  # saliency label of a clip fully inside a ground-truth span (QVHighlights scale 0..4)
@@ -153,7 +154,7 @@ def tokenize_dialogue(tok: MultimodalTokenizer, turns: list[tuple[str, str]], *,
                                                                  is_video=is_video),
                                              tok.build_input_ids(part2, is_video=is_video)], is_video=is_video)
         elif k == 0:
-            p = tok.encode_demo_prompt(question, is_video=is_video, frame_times=frame_times, max_length=None)
+            p = encode_demo_prompt(tok, question, is_video=is_video, frame_times=frame_times, max_length=None)
         else:
             p = tok.build_input_ids(demo_prompt(question, is_video=is_video)[1], is_video=is_video)
         out.append((p.input_ids, p.visual_index, np.asarray(tok.encode(answer, add_bos=False) + [EOS_ID], np.int32)))

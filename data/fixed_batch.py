@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from tpo_jax.config import TPOConfig
+from tpo_jax.data.prompts import encode_demo_prompt
 from tpo_jax.tokenizer import MultimodalTokenizer
 
 TASKS = ("region", "temporal", "mask", "conversation")
@@ -86,7 +87,7 @@ def synthetic_batch(cfg: TPOConfig, batch_size: int, *, seq_len: int = 64, seed:
         frames, boxes, visible, colour = synthetic_clip(rng, t_frames, size, always_visible=task != "temporal")
         question = QUESTIONS[task]
         answer = ANSWERS.get(task, colour)
-        prompt = tok.encode_demo_prompt(question)
+        prompt = encode_demo_prompt(tok, question)
         answer_ids = tok.encode(answer, add_bos=False) + [tok.eos_id]
         ids = np.concatenate([prompt.input_ids, answer_ids])
         if len(ids) > seq_len:

@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags
 
 from tpo_jax.data.conversation import ExampleSpec, build_example, collate, mc_cloze_examples
-from tpo_jax.data.records import TASKS, Record, RecordError
+from tpo_jax.data.records import TASKS, DataError, Record, RecordError
 from tpo_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from tpo_jax.config import ConfigError, TPOConfig, check_field
 from tpo_jax.tokenizer import MultimodalTokenizer
@@ -42,10 +42,6 @@ STAGE_WEIGHTS: dict[str, dict[str, float]] = {
     "stage2_mask": {"mask": 1.0},
     "stage3": {"conversation": 0.2, "mc": 0.2, "temporal": 0.2, "region": 0.2, "mask": 0.2},
 }
-
-
-class DataError(RuntimeError):
-    """Too many bad records, or a data source that cannot be used at all."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +108,7 @@ def task_sources(data_cfg: DataConfig, model_cfg: TPOConfig, split: str, tasks: 
     if data_cfg.is_synthetic:
         cfg = synthetic_config(data_cfg, model_cfg)
         return {t: SyntheticSource(cfg, t, split, data_cfg.seed) for t in tasks}
-    from tpo_jax.data.builders import open_task_sources  # noqa: PLC0415  (optional dependency on array_record)
+    from tpo_jax.data.stored_source import open_task_sources  # noqa: PLC0415  (imports tensorflow_datasets)
 
     paths = (data_cfg.source,) if isinstance(data_cfg.source, str) else tuple(data_cfg.source)
     return open_task_sources(paths, split, tasks)

@@ -32,6 +32,10 @@ class RecordError(ValueError):
     """A record that cannot be used (malformed annotation, box outside the frame, missing media)."""
 
 
+class DataError(RuntimeError):
+    """Too many bad records, or a data source that cannot be used at all."""
+
+
 @dataclasses.dataclass
 class Record:
     id: str
@@ -55,7 +59,7 @@ class Record:
     track_boxes: np.ndarray | None = None  # (T, 4)
     track_visible: np.ndarray | None = None  # (T,)
     track_masks: list[dict[str, Any]] | None = None  # per frame COCO RLE {"size": [h, w], "counts": ...}
-    # media sampled at build time (tpo_jax.data.builders storage "sampled_jpeg"): `frames` are the sampled frames
+    # media sampled at build time (tpo_jax.data.record_codec storage "sampled_jpeg"): `frames` are the sampled frames
     frame_times: np.ndarray | None = None  # (T,) seconds of each frame of `frames` in the source video
     source_duration: float | None = None  # seconds of the source video (frame count / fps)
     instruction: str = ""  # system / instruction text before the first turn (VideoChat2 "i")

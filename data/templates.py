@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from tpo_jax.tokenizer import ATBOXES_PLACEHOLDER, ATTEMP_PLACEHOLDER, ATTRACK_PLACEHOLDER, TRACK_BOX
+from tpo_jax.tokenizer import BOX_BEGIN, BOXES, TEMP, TIME_BEGIN, TRACK_BEGIN, TRACK_BOX, TRACKING
+
+# Composite templates used in training targets (a task token follows its begin token).
+ATBOXES_PLACEHOLDER = BOX_BEGIN + BOXES
+ATTEMP_PLACEHOLDER = TIME_BEGIN + TEMP
+ATTRACK_PLACEHOLDER = TRACK_BEGIN + TRACKING
 
 TEMPORAL = (  # Tab. 20
     "Localize the visual content described by the given textual query '{query}' in the video, and output the "

@@ -133,15 +133,19 @@ def _name(src, name: str | None) -> str:
     return os.fspath(src)
 
 
-def _open_video(src, name: str):
+def _handle(src, name: str, kind: str):
+    """A file path or an in-memory file for `src` (bytes or a path); MediaError if there is nothing to read."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
-            raise MediaError(f"{name}: empty video bytes")
-        handle = io.BytesIO(bytes(src))
-    else:
-        if not os.path.isfile(src):
-            raise MediaError(f"{name}: video file not found")
-        handle = os.fspath(src)
+            raise MediaError(f"{name}: empty {kind} bytes")
+        return io.BytesIO(bytes(src))
+    if not os.path.isfile(src):
+        raise MediaError(f"{name}: {kind} file not found")
+    return os.fspath(src)
+
+
+def _open_video(src, name: str):
+    handle = _handle(src, name, "video")
     try:
         container = av.open(handle, mode="r")
     except (av.FFmpegError, OSError, ValueError) as e:
@@ -259,12 +263,7 @@ def decode_video(src: str | os.PathLike | bytes, num_frames: int = 16, size: int
 
 
 def _read_image(src, name: str) -> np.ndarray:
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        handle = io.BytesIO(bytes(src))
-    else:
-        if not os.path.isfile(src):
-            raise MediaError(f"{name}: image file not found")
-        handle = os.fspath(src)
+    handle = _handle(src, name, "image")
     try:
         with Image.open(handle) as img:
             return np.asarray(img.convert("RGB"))

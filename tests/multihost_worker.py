@@ -50,12 +50,12 @@ def main() -> None:
 
     from tpo_jax.data.synthetic import synthetic_batch
     from tpo_jax.sharding import MeshConfig, data_shard_for_process, get_rules, make_mesh, shard_batch
-    from tpo_jax.train.step import init_sharded, make_sharded_train_step
+    from tpo_jax.train.step import init_sharded, make_train_step
 
     CFG, TRAIN_CFG = settings()
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     graphdef, state, frozen, tx, sh = init_sharded(CFG, TRAIN_CFG, mesh, get_rules("fsdp"), seed=0)
-    step = make_sharded_train_step(graphdef, tx, CFG, TRAIN_CFG, sh)
+    step = make_train_step(graphdef, tx, CFG, TRAIN_CFG, shardings=sh)
     full = synthetic_batch(CFG, args.batch, seed=0, tasks=BATCH_TASKS)
     index, count = data_shard_for_process(mesh)
     rows = args.batch // count

@@ -1,4 +1,4 @@
-"""The "sampled_jpeg" storage of `tpo_jax.data.builders` (frames sampled and resized at build time) against a
+"""The "sampled_jpeg" storage of `tpo_jax.data.record_codec` (frames sampled and resized at build time) against a
 direct decode of the source video, and the `instruction` field from the annotation to the token ids."""
 
 import json
@@ -8,11 +8,14 @@ import pytest
 from PIL import Image
 
 from tpo_jax.data import pipeline as P
-from tpo_jax.data.builders import (DEFAULT_NUM_FRAMES, DEFAULT_SIZE, TpoRecords, build, encode_media, example_to_record,
-                           open_task_sources, record_to_example)
+from tpo_jax.data.builders import TpoRecords, build
 from tpo_jax.data.conversation import ExampleSpec, build_example
 from tpo_jax.data.formats import read_records
+from tpo_jax.data.prompts import encode_answer_prompt
+from tpo_jax.data.record_codec import (DEFAULT_NUM_FRAMES, DEFAULT_SIZE, encode_media, example_to_record,
+                                       record_to_example)
 from tpo_jax.data.records import Record
+from tpo_jax.data.stored_source import open_task_sources
 from tpo_jax.data.video import (IMAGENET_STD, MediaError, decode_frame_dir, decode_jpeg_frames, decode_video, encode_mp4, load_media,
                         read_video_frames)
 from tpo_jax import config as C
@@ -150,7 +153,7 @@ def test_videochat2_instruction_is_a_field_placed_before_the_first_inst(tmp_path
     a, b = (build_example(r, load_media(r, 4, 32), spec, tok) for r in (plain, instr))
     # head = the library form's first segment (MODEL-SPEC §4.3: instruction + "[INST] <Video>"), then the
     # placeholders; everything after the placeholders is the plain example's
-    ref = tok.encode_answer_prompt("What moves?", instruction="Watch carefully.\n").input_ids
+    ref = encode_answer_prompt(tok, "What moves?", instruction="Watch carefully.\n").input_ids
     start = int(np.flatnonzero(b["visual_mask"])[0])
     assert start > 7 == int(np.flatnonzero(a["visual_mask"])[0])
     np.testing.assert_array_equal(b["input_ids"][:start + 8], ref[:start + 8])

@@ -12,13 +12,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors.torch import load_file, save_file
 
-from tpo_jax.checkpoints import convert as convert_mod
 from tpo_jax.checkpoints.convert import convert_hf
 from tpo_jax.checkpoints.errors import ConversionError
 from tpo_jax.checkpoints.export import export_hf
 from tpo_jax.checkpoints.orbax_io import load_params
 from tpo_jax.checkpoints.sources import SafetensorsFile, open_source
+from tpo_jax.cli.convert import main
 from tpo_jax.config import LLMConfig
+from tpo_jax import sharding as tpo_sharding
 from tpo_jax.llm import MistralDecoder
 
 CFG = LLMConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
@@ -194,12 +195,11 @@ def test_sharded_write_and_restore(tmp_path):
 
 
 def test_sharded_write_with_project_mesh(tmp_path):
-    sharding = pytest.importorskip("tpo_jax.sharding")
     src = _write(tmp_path / "src", _state_dict(2))
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4, tensor=1))
+    mesh = tpo_sharding.make_mesh(tpo_sharding.MeshConfig(data=2, fsdp=4, tensor=1))
     convert_hf(src, tmp_path / "out", mesh=mesh, rules="fsdp")
     abstract = _abstract_state()
-    shardings = sharding.tree_shardings(abstract, mesh, sharding.get_rules("fsdp"))
+    shardings = tpo_sharding.tree_shardings(abstract, mesh, tpo_sharding.get_rules("fsdp"))
     restored = load_params(tmp_path / "out", abstract, shardings, prefix="llm")
     w = restored["layers"][1]["mlp"]["down_proj"]["kernel"].get_value()
     np.testing.assert_array_equal(np.asarray(w), load_file(str(src / "model.safetensors"))[
@@ -239,6 +239,6 @@ def test_cli_reports_error(tmp_path, capsys):
     sd = _state_dict()
     del sd["lm_head.weight"]
     src = _write(tmp_path / "src", sd)
-    assert convert_mod.main(["hf", str(src), str(tmp_path / "out")]) == 2
+    assert main(["hf", str(src), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tpo-convert: error: ") and "key 'lm_head.weight'" in err and "missing key" in err

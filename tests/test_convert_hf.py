@@ -11,9 +11,10 @@ import transformers
 from flax import nnx
 from safetensors.torch import load_file
 
-from tpo_jax.checkpoints.convert import convert_hf, main
+from tpo_jax.checkpoints.convert import convert_hf
 from tpo_jax.checkpoints.export import ParamSet, export_hf
 from tpo_jax.checkpoints.orbax_io import load_params, saved_arrays
+from tpo_jax.cli.convert import main
 from tpo_jax.config import LLMConfig, LoRAConfig
 from tpo_jax.llm import MistralDecoder
 

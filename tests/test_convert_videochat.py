@@ -15,9 +15,10 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from tpo_jax.checkpoints.convert import convert_videochat, main, model_config, read_report
+from tpo_jax.checkpoints.convert import convert_videochat, model_config, read_report
 from tpo_jax.checkpoints.export import export_videochat
 from tpo_jax.checkpoints.orbax_io import load_extras, read_arrays, saved_arrays
+from tpo_jax.cli.convert import main
 from test_convert_helpers import fake_videochat, load_model, real_keys, real_layout_tiny, t2n
 
 CFG = real_layout_tiny()

@@ -170,7 +170,6 @@ def eval_setup():
 def test_predictions_match_the_heads(eval_setup):
     """Region boxes, top-1 windows, saliency, MC option scores and mask prompts of the batched `predict` equal
     a direct computation on each example alone."""
-    from tpo_jax.losses import temporal_features
     from tpo_jax.model import gather_task_hidden
     from tpo_jax.train.evaluate import MetricAccumulator
 
@@ -185,7 +184,7 @@ def test_predictions_match_the_heads(eval_setup):
         h_box, _, _ = gather_task_hidden(out.hidden, ids, C.BOXES_ID, 1)
         h_temp, _, _ = gather_task_hidden(out.hidden, ids, C.TEMP_ID, 1)
         h_track, _, _ = gather_task_hidden(out.hidden, ids, C.TRACKING_ID, 1)
-        t = model.temporal_head(*temporal_features(model, one, out.vision_features), h_temp[:, 0])
+        t = model.temporal_head(*model.temporal_features(one, out.vision_features), h_temp[:, 0])
         return {"box": model.region_head(h_box)[0, 0], "logits": out.logits[0],
                 "prompt": model.mask_head(h_track[:, 0])[0][0], "target": model.sam2.box_prompt(one["mask_boxes"])[0],
                 "t_logits": t["pred_logits"][0], "t_spans": t["pred_spans"][0], "saliency": t["saliency_scores"][0]}

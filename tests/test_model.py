@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from tpo_jax import config as C
+from tpo_jax.data.prompts import encode_demo_prompt
 from tpo_jax.model import TPOModel, gather_task_hidden, scatter_rows
 from tpo_jax.tokenizer import MultimodalTokenizer
 
@@ -104,11 +105,48 @@ def test_scatter_rows_keeps_rows_beyond_values():
     np.testing.assert_array_equal(got[0], [[0, 0], [1, 1], [2, 2], [0, 0], [0, 0]])
 
 
+def test_head_outputs_are_the_heads_at_the_planted_rows(tiny):
+    """`model(..., heads=...)` runs each head on the hidden state of its own task token (and nothing else):
+    region at both `<boxes>` rows, mask at `<tracking>`, CG-DETR at `<temp>` on the batch's features."""
+    cfg, model = tiny
+    ids, visual, frames, boxes = _batch(cfg)
+    assert cfg.heads.temporal.feature_source == "model"  # CG-DETR reads pooled ViT clips + LLM text embeddings
+    clips = cfg.vit.num_frames // cfg.vit.tubelet_size
+    inputs = {"region_boxes": jnp.zeros((2, 2, 4)), "mask_boxes": jnp.asarray(boxes[:, 0]),
+              "temporal_text_ids": jnp.asarray(ids[:, 18:23]), "text_mask": jnp.ones((2, 5), bool),
+              "vid_mask": jnp.ones((2, clips), bool)}
+    out = model(jnp.asarray(ids), visual_mask=jnp.asarray(visual), frames=jnp.asarray(frames),
+                track_boxes=jnp.asarray(boxes), heads=("region", "temporal", "mask"), head_inputs=inputs)
+    h = np.asarray(out.hidden)
+    region = out.heads.region
+    np.testing.assert_array_equal(np.asarray(region.present), [[True, True], [False, False]])
+    np.testing.assert_array_equal(np.asarray(region.positions[0]), [14, 20])
+    np.testing.assert_allclose(np.asarray(region.boxes[0]), np.asarray(model.region_head(jnp.asarray(h[0, [14, 20]]))),
+                               rtol=1e-6, atol=1e-6)
+    mask = out.heads.mask
+    np.testing.assert_array_equal(np.asarray(mask.present), [False, True])
+    prompt, box = model.mask_head(jnp.asarray(h[1:2, 13]))
+    np.testing.assert_allclose(np.asarray(mask.prompt[1]), np.asarray(prompt[0]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(mask.box[1]), np.asarray(box[0]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(mask.target), np.asarray(model.sam2.box_prompt(jnp.asarray(boxes[:, 0]))))
+    temporal = out.heads.temporal
+    np.testing.assert_array_equal(np.asarray(temporal.present), [True, False])
+    assert int(temporal.position[0]) == 17
+    feats = model.temporal_features(inputs, out.vision_features)
+    direct = model.temporal_head(*(f[:1] for f in feats), jnp.asarray(h[0:1, 17]))
+    for key in ("pred_spans", "pred_logits", "saliency_scores"):
+        np.testing.assert_allclose(np.asarray(temporal.outputs[key][0]), np.asarray(direct[key][0]), rtol=1e-5, atol=1e-5)
+    # no heads asked: none run
+    assert model(jnp.asarray(ids), visual_mask=jnp.asarray(visual), frames=jnp.asarray(frames)).heads is None
+    with pytest.raises(ValueError, match="unknown head"):
+        model(jnp.asarray(ids), visual_mask=jnp.asarray(visual), frames=jnp.asarray(frames), heads=("box",))
+
+
 def test_tiny_forward_on_a_real_prompt(tiny):
     """The shipped tokenizer's demo prompt with the tiny model's visual-token count runs end to end."""
     cfg, model = tiny
     tok = MultimodalTokenizer(num_visual_tokens=cfg.num_visual_tokens)
-    prompt = tok.encode_demo_prompt("What is happening?")
+    prompt = encode_demo_prompt(tok, "What is happening?")
     assert prompt.visual_index.sum() == cfg.num_visual_tokens
     frames = jnp.zeros((1, cfg.vit.num_frames, cfg.vit.img_size, cfg.vit.img_size, 3))
     out = model(jnp.asarray(prompt.input_ids)[None], visual_mask=jnp.asarray(prompt.visual_index)[None],

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from tpo_jax.data import pipeline as P
-from tpo_jax.data.builders import TpoRecords, TpoSynthetic, build, open_task_sources
+from tpo_jax.data.builders import TpoRecords, TpoSynthetic, build
+from tpo_jax.data.stored_source import open_task_sources
 from tpo_jax.data.records import TASKS, Record
 from tpo_jax.data.synthetic import SyntheticConfig, SyntheticSource, make_record
 from tpo_jax.data.video import encode_mp4

@@ -13,13 +13,15 @@ from jax.sharding import PartitionSpec as P
 from tpo_jax.data.synthetic import synthetic_batch
 from tpo_jax import config as C
 from tpo_jax import sharding as S
-from tpo_jax import shard_report as R
+from tpo_jax.model import abstract_model
+from tpo_jax.cli import shard_report as report_cli
+from tpo_jax.train import shard_report as R
 from tpo_jax.lora import LoRALinear
 from tpo_jax.model import TPOModel
 from tpo_jax.train.optim import OptimConfig
 from tpo_jax.train.stages import get_recipe
 from tpo_jax.train.step import (TrainConfig, init_sharded, init_train_state, make_grad_fn, make_sharded_grad_fn,
-                        make_sharded_train_step, make_train_step, split_model, train_shardings)
+                        make_train_step, split_model, train_shardings)
 
 CFG = C.get_config("tiny")
 # region + mask heads: every trunk module (ViT, Q-Former, LoRA) and two heads get gradients, and the step
@@ -169,7 +171,7 @@ def test_sharded_train_step_matches_unsharded(batch_np):
     mesh = S.make_mesh(S.MeshConfig(1, 4, 2))
     graphdef, state, frozen, tx, sh = init_sharded(CFG, train_cfg, mesh, S.get_rules("fsdp_tp"), seed=0)
     g2, ref_state, ref_frozen, tx2 = init_train_state(TPOModel(CFG, rngs=nnx.Rngs(0)), train_cfg)
-    step = make_sharded_train_step(graphdef, tx, CFG, train_cfg, sh)
+    step = make_train_step(graphdef, tx, CFG, train_cfg, shardings=sh)
     ref_step = make_train_step(g2, tx2, CFG, train_cfg)
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     for i in range(2):
@@ -215,7 +217,7 @@ def test_mesh_and_rules_errors_name_the_field():
     mesh = S.make_mesh(S.MeshConfig(1, 8, 1))
     bad = S.get_rules("fsdp") + (("mlp", "model"),)
     with pytest.raises(C.ConfigError, match=r"config field 'sharding.rules\[\d+\]'.*unknown mesh axis 'model'"):
-        S.tree_shardings(nnx.state(S.abstract_model(CFG)), mesh, bad)
+        S.tree_shardings(nnx.state(abstract_model(CFG)), mesh, bad)
     with pytest.raises(C.ConfigError, match="config field 'sharding.strategy'"):
         S.get_rules("zero3")
 
@@ -235,7 +237,7 @@ def test_logical_to_mesh_fallbacks():
 
 def test_every_parameter_has_logical_axes():
     for name in ("tiny", "videochat_tpo_7b"):
-        state = nnx.state(S.abstract_model(C.get_config(name)))
+        state = nnx.state(abstract_model(C.get_config(name)))
         flat = nnx.to_flat_state(state)
         assert len(flat) > 400
         for path, var in flat:
@@ -295,10 +297,10 @@ def test_extrapolation_is_linear_per_knob():
 
 @pytest.mark.slow
 def test_shard_report_end_to_end(tmp_path):
-    args = R._parser().parse_args([
+    args = report_cli._parser().parse_args([
         "--config", "tiny", "--stage", "stage1", "--plans", "dp:8x1x1,fsdp:1x8x1", "--seq-len", "64",
         "--set", "llm.num_layers=1", "--set", "vit.depth=1", "--out", str(tmp_path / "r")])
-    markdown, rows = R.run(args)
+    markdown, rows = report_cli.run(args)
     (dp, r_dp), (fsdp, r_fsdp) = rows
     assert "| dp:8x1x1 | 8 | 8 |" in markdown and "| fsdp:1x8x1 |" in markdown
     # dp: replicated state, gradients summed with all-reduce, no parameter all-gathers

@@ -1,12 +1,13 @@
-"""CG-DETR temporal head (tpo_jax.heads.temporal): losses vs hand / NumPy / scipy values, structural properties of
-the forward, and a full-forward parity check against an independent per-sample PyTorch re-derivation of
-MODEL-SPEC §6.3 that reads the weights under their checkpoint (`cg_model.*`) names."""
+"""CG-DETR temporal head (tpo_jax.heads.temporal: model, blocks, loss, postprocess): losses vs hand / NumPy /
+scipy values, structural properties of the forward, a full-forward parity check against an independent per-sample
+PyTorch re-derivation of MODEL-SPEC §6.3 that reads the weights under their checkpoint (`cg_model.*`) names, and
+those names checked against the released checkpoint index shipped in tpo_jax/assets/videochat_tpo/."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
-import os
 import re
 
 import jax
@@ -16,13 +17,14 @@ import pytest
 from flax import nnx
 
 from tpo_jax.config import TemporalHeadConfig
-from tpo_jax.heads import temporal as T
+from tpo_jax.heads.temporal import blocks as TB, loss as TL, model as TM, postprocess as TP
 
 CFG = TemporalHeadConfig(hidden_dim=32, num_heads=4, ffn_dim=64, num_queries=4, num_dummies=5, total_prompts=4,
                          txt_dim=24, vid_dim=10, max_spans=2)
 PROMPT_DIM = 24
 B, LT, LV = 2, 6, 8
-INDEX_JSON = "/work/shared/reference/videochat-tpo/model.safetensors.index.json"
+# the released checkpoint index, shipped with the package (tpo_jax/assets/videochat_tpo/)
+INDEX_JSON = importlib.resources.files("tpo_jax") / "assets" / "videochat_tpo" / "model.safetensors.index.json"
 
 
 def _fast_compile_options():
@@ -91,7 +93,7 @@ def cw_to_xx(s):
 def test_margin_term_hand_value():
     s = jnp.array([0.4, 0.5, 0.3, 0.2])
     # pairs (pos 1, neg 0): 0.2 + 0.4 − 0.5 = 0.1; (pos 2, neg 3): 0.2 + 0.2 − 0.3 = 0.1 → 0.2 / 2 · 2 = 0.2
-    mg = fast_jit(T.margin_loss, static_argnums=3)
+    mg = fast_jit(TL.margin_loss, static_argnums=3)
     got = mg(s, jnp.array([1, 2]), jnp.array([0, 3]), 0.2)
     np.testing.assert_allclose(got, 0.2, rtol=1e-6)
     # all pairs beyond the margin → 0
@@ -101,7 +103,7 @@ def test_margin_term_hand_value():
 def test_rank_contrastive_and_bce_hand_values():
     # two valid clips, labels (1, 0), equal scores: only rank 1 has a positive;
     # logp(clip 0) = −log(2 + 1e-6), RC = log(2 + 1e-6) / (1 + 1e-6) / 12
-    rc, bce = fast_jit(T.rank_contrastive), fast_jit(T.binary_cross_entropy)
+    rc, bce = fast_jit(TL.rank_contrastive), fast_jit(TL.binary_cross_entropy)
     got = rc(jnp.zeros(2), jnp.array([1.0, 0.0]), jnp.ones(2))
     np.testing.assert_allclose(got, math.log(2 + 1e-6) / (1 + 1e-6) / 12, rtol=1e-6)
     # a padded clip gets score −1000 and drops out of the softmax; no positive at all → 0
@@ -124,7 +126,7 @@ def test_saliency_loss_matches_numpy():
     M[1, 6:] = 0.0
     pos = np.array([[0, 1], [2, 3], [4, 4]])
     neg = np.array([[5, 6], [0, 1], [2, 8]])
-    got = fast_jit(lambda *a: T.saliency_loss(*a, cfg=CFG))(S, A, y, pos, neg, M)
+    got = fast_jit(lambda *a: TL.saliency_loss(*a, cfg=CFG))(S, A, y, pos, neg, M)
     want = [np_saliency(S[i].astype(np.float64), A[i].astype(np.float64), y[i], pos[i], neg[i], M[i],
                         CFG.saliency_margin, CFG.w_wattn) for i in range(b)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -136,7 +138,7 @@ def test_label_ce_with_eos_weight_hand_value():
     spans = jnp.array([[[0.5, 0.2], [0.1, 0.05], [0.9, 0.1]]])
     tgt = jnp.array([[[0.5, 0.2]]])
     cfg = TemporalHeadConfig(num_queries=3, max_spans=1)
-    out = fast_jit(lambda *a: T.set_losses(*a, cfg=cfg))(logits, spans, tgt, jnp.array([[True]]))
+    out = fast_jit(lambda *a: TL.set_losses(*a, cfg=cfg))(logits, spans, tgt, jnp.array([[True]]))
     assert int(out["query_index"][0, 0]) == 0
     # fg CE of q0: log(1 + e^-2); bg CE of q1: log(1 + e^-1) · 0.1; bg CE of q2: log 2 · 0.1; plain mean over 3
     want = (math.log(1 + math.exp(-2)) + 0.1 * math.log(1 + math.exp(-1)) + 0.1 * math.log(2)) / 3
@@ -154,7 +156,7 @@ def test_matching_and_span_losses_match_scipy():
     spans = rng.uniform(0.05, 0.95, size=(b, q, 2)).astype(np.float32)
     tgt = rng.uniform(0.05, 0.6, size=(b, g, 2)).astype(np.float32)
     valid = np.array([[1, 1, 1], [1, 0, 1], [0, 1, 0], [0, 0, 0]], bool)  # last: no valid span
-    out = fast_jit(lambda *a: T.set_losses(*a, cfg=cfg))(logits, spans, tgt, valid)
+    out = fast_jit(lambda *a: TL.set_losses(*a, cfg=cfg))(logits, spans, tgt, valid)
     for i in range(b):
         cols = np.flatnonzero(valid[i])
         p = np.exp(logits[i]) / np.exp(logits[i]).sum(-1, keepdims=True)
@@ -187,7 +189,7 @@ def test_matching_and_span_losses_match_scipy():
 def test_postprocess_spans():
     out = {"pred_logits": jnp.array([[[0.0, 1.0], [2.0, 0.0], [0.0, 0.0]]]),
            "pred_spans": jnp.array([[[0.5, 0.2], [0.05, 0.3], [0.9, 0.4]]])}
-    pp = fast_jit(T.postprocess_spans, static_argnames="clip_length")
+    pp = fast_jit(TP.postprocess_spans, static_argnames="clip_length")
     res = pp(out, 10.0)
     np.testing.assert_array_equal(res["order"][0], [1, 2, 0])
     np.testing.assert_allclose(res["windows"][0], [[0.0, 2.0], [7.0, 10.0], [4.0, 6.0]], atol=1e-5)
@@ -241,14 +243,14 @@ def randomize(model, seed=0):
 def head():
     """(model, step) with step(inputs) → (outputs, loss terms, d Σ loss_temporal / d prompt), one compile."""
     # every parameter is overwritten by `randomize`, so skip the (eager, slow) initialisers
-    model = randomize(nnx.eval_shape(lambda: T.CGDETR(CFG, PROMPT_DIM, rngs=nnx.Rngs(0))))
+    model = randomize(nnx.eval_shape(lambda: TM.CGDETR(CFG, PROMPT_DIM, rngs=nnx.Rngs(0))))
     graphdef, state = nnx.split(model)
 
     @fast_jit
     def _step(state, txt, tm, vid, vm, prompt):
         def loss_fn(p):
             out = nnx.merge(graphdef, state)(txt, tm, vid, vm, p)
-            terms = T.temporal_loss_terms(out, dict(TARGETS, vid_mask=vm), CFG)
+            terms = TL.temporal_loss_terms(out, dict(TARGETS, vid_mask=vm), CFG)
             return jnp.sum(terms["loss_temporal"]), (out, terms)
         grad, (out, terms) = jax.grad(loss_fn, has_aux=True)(prompt)
         return out, terms, grad
@@ -300,7 +302,7 @@ def test_forward_shapes_finite_losses_and_prompt_gradient(base):
 def test_prompt_inserted_after_valid_text():
     txt = jnp.arange(2 * 4, dtype=jnp.float32).reshape(2, 4, 1) + 1
     tm = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1]])
-    out, mask = fast_jit(T.insert_prompt)(txt, tm, jnp.array([[-1.0], [-2.0]]))
+    out, mask = fast_jit(TM.insert_prompt)(txt, tm, jnp.array([[-1.0], [-2.0]]))
     np.testing.assert_array_equal(out[..., 0], [[1, 2, -1, 3, 4], [5, 6, 7, 8, -2]])
     np.testing.assert_array_equal(mask, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
 
@@ -371,7 +373,7 @@ def _np_ffn_post(y, p):
 
 def test_t2v_layer_dummies_take_mass_but_give_no_value():
     nd, d, h = CFG.num_dummies, CFG.hidden_dim, CFG.num_heads
-    layer = randomize(T.T2VEncoderLayer(CFG, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(3)), 3)
+    layer = randomize(TB.T2VEncoderLayer(CFG, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(3)), 3)
     r = np.random.default_rng(3)
     x, pos = r.normal(size=(1, 4, d)), r.normal(size=(1, 4, d))
     keys, kpos = r.normal(size=(1, nd + 3, d)), r.normal(size=(1, nd + 3, d))
@@ -397,7 +399,7 @@ def test_t2v_layer_dummies_take_mass_but_give_no_value():
 
 def test_t2v_empty_key_pass_closed_form():
     d = CFG.hidden_dim
-    layer = randomize(T.T2VEncoderLayer(CFG, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(4)), 4)
+    layer = randomize(TB.T2VEncoderLayer(CFG, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(4)), 4)
     g = np.random.default_rng(4).normal(size=(2, 1, d)).astype(np.float32)
     p = _np_params(layer)
     want = _np_ffn_post(g.astype(np.float64) + p["self_attn.out_proj.bias"], p)
@@ -410,12 +412,12 @@ def test_t2v_empty_key_pass_closed_form():
 
 def test_dropout_paths():
     x = jnp.ones((64, 3, 4))
-    y = fast_jit(lambda a, k: T.drop_path(a, 0.5, k))(x, jax.random.key(0))
+    y = fast_jit(lambda a, k: TB.drop_path(a, 0.5, k))(x, jax.random.key(0))
     per_sample = np.asarray(y).reshape(64, -1)
     assert np.all((per_sample == 0).all(1) | (per_sample == 2).all(1))  # whole samples dropped / rescaled
     assert 0 < (per_sample[:, 0] == 0).sum() < 64
-    assert T.drop_path(x, 0.5, None) is x
-    layer = T.EncoderLayer(CFG, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(5))
+    assert TB.drop_path(x, 0.5, None) is x
+    layer = TB.EncoderLayer(CFG, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(5))
     xs = jax.random.normal(jax.random.key(1), (2, 5, CFG.hidden_dim))
     valid, pos = jnp.ones((2, 5), bool), jnp.zeros((2, 5, CFG.hidden_dim))
     run = fast_jit(lambda *a: layer(*a))
@@ -433,7 +435,7 @@ DROPPED = ("moment_rep_token", "moment_rep_pos", "sent_rep_token", "sent_rep_pos
 
 def checkpoint_state(model) -> dict[str, np.ndarray]:
     """The model's parameters under their released names (`cg_model.*`, PyTorch layouts), following the mapping
-    in the tpo_jax.heads.temporal docstring."""
+    in the tpo_jax.heads.temporal.model docstring."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     out, packed = {}, {}
     for path, var in flat:
@@ -457,14 +459,13 @@ def checkpoint_state(model) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.skipif(not os.path.exists(INDEX_JSON), reason="checkpoint index not available")
 def test_checkpoint_names_and_sizes():
     full = TemporalHeadConfig()  # released shapes
-    model = nnx.eval_shape(lambda: T.CGDETR(full, full.txt_dim, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: TM.CGDETR(full, full.txt_dim, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     count = sum(int(np.prod(var.get_value().shape)) for _, var in flat)
     names = _names_from_paths([p for p, _ in flat])
-    keys = {k for k in json.load(open(INDEX_JSON))["weight_map"] if k.startswith("cg_model.")}
+    keys = {k for k in json.loads(INDEX_JSON.read_text())["weight_map"] if k.startswith("cg_model.")}
     kept = {k for k in keys if not k[len("cg_model."):].startswith(DROPPED)}
     assert names == kept
     # Appendix B: CG-DETR model = 13,953,835 values, of which the dropped training-only / unused tensors hold

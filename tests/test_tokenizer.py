@@ -1,5 +1,5 @@
-"""Tests for tpo_jax.tokenizer: the verified §4.3 prompt ids, parity with an independent slow HF tokenizer,
-placeholder expansion, templates, decoding and load errors."""
+"""Tests for tpo_jax.tokenizer and the prompts built with it (tpo_jax.data.prompts): the verified §4.3 prompt
+ids, parity with an independent slow HF tokenizer, placeholder expansion, templates, decoding and load errors."""
 
 import random
 
@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 
 from tpo_jax import config
+from tpo_jax.data.prompts import (BEST_OPTION_PREFIX, answer_prompt, demo_prompt, encode_answer_prompt,
+                                  encode_demo_prompt)
 from tpo_jax.tokenizer import (
     ADDED_TOKENS,
-    BEST_OPTION_PREFIX,
     IMAGE_PLACEHOLDER,
     VIDEO_PLACEHOLDER,
     MultimodalTokenizer,
     TokenizerError,
-    answer_prompt,
     default_tokenizer_dir,
-    demo_prompt,
 )
 
 # MODEL-SPEC §4.3, verified with transformers 4.44.2 slow LlamaTokenizer(legacy=True) on the released file.
@@ -90,7 +89,7 @@ def hf_slow(model_path):
 
 
 def test_demo_prompt_ids_match_spec_example(tok):
-    p = tok.encode_demo_prompt("What is happening?")
+    p = encode_demo_prompt(tok, "What is happening?")
     assert p.input_ids.dtype == np.int32
     assert p.input_ids.tolist() == DEMO_IDS_WHAT_IS_HAPPENING
     assert p.visual_index.dtype == np.bool_
@@ -118,7 +117,7 @@ def test_image_template_uses_image_placeholder(tok):
     part1, _ = demo_prompt("What is this?", is_video=False)
     assert part1 == "[INST] <Image>[<IMG_PLH>]</Image>[/INST]"
     assert VIDEO_PLACEHOLDER not in part1
-    p = tok.encode_demo_prompt("What is this?", is_video=False)
+    p = encode_demo_prompt(tok, "What is this?", is_video=False)
     idx = np.flatnonzero(p.visual_index)
     assert not p.is_video and p.image_index is p.visual_index and p.video_index is None
     assert len(idx) == 96 and idx.tolist() == list(range(idx[0], idx[0] + 96))
@@ -127,7 +126,7 @@ def test_image_template_uses_image_placeholder(tok):
 
 
 def test_empty_question_part2_is_bos_and_space(tok):
-    p = tok.encode_demo_prompt("")
+    p = encode_demo_prompt(tok, "")
     assert p.input_ids[-2:].tolist() == [1, 259]  # " " alone is the piece '▁▁'
 
 
@@ -212,14 +211,14 @@ def test_build_input_ids_every_segment_gets_bos():
 
 
 def test_truncation(tok):
-    full = tok.encode_demo_prompt("What is happening?", max_length=None)
-    assert len(tok.encode_demo_prompt("What is happening?")) == len(full)  # < 1024: unchanged
-    cut = tok.encode_demo_prompt("What is happening?", max_length=110)
+    full = encode_demo_prompt(tok, "What is happening?", max_length=None)
+    assert len(encode_demo_prompt(tok, "What is happening?")) == len(full)  # < 1024: unchanged
+    cut = encode_demo_prompt(tok, "What is happening?", max_length=110)
     assert cut.input_ids.tolist() == DEMO_IDS_WHAT_IS_HAPPENING[:110]
     assert len(cut.visual_index) == 110 and cut.num_visual_positions == 96
     with pytest.raises(ValueError, match="visual placeholder block"):
-        tok.encode_demo_prompt("What is happening?", max_length=50)
-    long = tok.encode_demo_prompt("word " * 2000)
+        encode_demo_prompt(tok, "What is happening?", max_length=50)
+    long = encode_demo_prompt(tok, "word " * 2000)
     assert len(long) == 1024
 
 
@@ -227,13 +226,13 @@ def test_answer_prompt(tok):
     text = answer_prompt("Which one?", history=[("What is it?", "A dog.")], answer_prefix=BEST_OPTION_PREFIX)
     assert text == ("[INST] <Video>[<VID_PLH>]</Video>[/INST] [INST] What is it? [/INST]A dog.</s>"
                     " [INST] Which one? [/INST]Best Option: (")
-    p = tok.encode_answer_prompt("What is happening?")
+    p = encode_answer_prompt(tok, "What is happening?")
     ids = p.input_ids.tolist()
     assert int((p.input_ids == 1).sum()) == 2
     assert ids == DEMO_IDS_WHAT_IS_HAPPENING[:111] + [733, 16289, 28793, 1824, 349, 9615, 28804, 733, 28748, 16289,
                                                       28793]
-    assert 2 in tok.encode_answer_prompt("q", history=[("a", "b")]).input_ids.tolist()
-    sys_p = tok.encode_answer_prompt("q", instruction="Be brief. ", is_video=False)
+    assert 2 in encode_answer_prompt(tok, "q", history=[("a", "b")]).input_ids.tolist()
+    sys_p = encode_answer_prompt(tok, "q", instruction="Be brief. ", is_video=False)
     head = tok.encode("Be brief. [INST] <Image>")
     assert sys_p.input_ids[: len(head)].tolist() == head and not sys_p.is_video
     assert np.flatnonzero(sys_p.visual_index)[0] == len(head)

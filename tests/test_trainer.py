@@ -11,13 +11,17 @@ import jax
 import numpy as np
 import pytest
 
-from tpo_jax.checkpoints.manager import CheckpointManager, leaf_paths
+from tpo_jax.checkpoints.manager import CheckpointManager, abstract_like
+from tpo_jax.tree_paths import leaf_paths
 from tpo_jax.config import ConfigError
 from tpo_jax import sharding as S
+from tpo_jax.data.pipeline import make_train_iterator
 from tpo_jax.train import trainer as T
-from tpo_jax.train.cli import eval_main, train_main
+from tpo_jax.train import workdir as W
+from tpo_jax.cli.train import eval_main, train_main
 from tpo_jax.train.nonfinite import NonFiniteError
-from tpo_jax.train.run_config import apply_overrides, get_run_config, load_run_config
+from tpo_jax.overrides import apply_overrides
+from tpo_jax.train.run_config import get_run_config, load_run_config
 from tpo_jax.train.stages import get_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,29 +106,29 @@ def test_next_stage_starts_from_the_previous_checkpoint(full_run):
     trainer = T.Trainer(cfg, workdir, progress=False)
     _, init_state, init_frozen, _, _ = trainer.build_stage("stage2")
     _, state, frozen, _, _ = trainer.init_stage("stage2")
-    groups = T.trained_groups(cfg, "stage1")  # the run's stage-1 recipe: LoRA and, from scratch, the LLM base
+    groups = W.trained_groups(cfg, "stage1")  # the run's stage-1 recipe: LoRA and, from scratch, the LLM base
     assert groups == set(get_recipe(cfg.stage1.recipe).learning_rates)
     with CheckpointManager(os.path.join(workdir, "stage1", "checkpoints")) as m:
-        target = T.params_of_groups(T._abstract(init_state.params), T._abstract(init_frozen), groups)
+        target = W.params_of_groups(abstract_like(init_state.params), abstract_like(init_frozen), groups)
         saved = dict(leaf_paths(m.restore(20, params=target)["params"]))
     init = dict(leaf_paths(init_state.params)) | dict(leaf_paths(init_frozen))
     now = dict(leaf_paths(state.params)) | dict(leaf_paths(frozen))
-    assert {p for p in now if T._group(p) in groups} == set(saved)
+    assert {p for p in now if W.group_of(p) in groups} == set(saved)
     for path, value in now.items():
         if path in saved:  # the trained stage-1 values (in stage 2 the LLM base is frozen, LoRA trains on)
             np.testing.assert_array_equal(value, saved[path])
         else:  # heads, tokens, vision, ...: still at initialisation
             np.testing.assert_array_equal(value, init[path])
     for group in groups:
-        assert any(not np.array_equal(saved[p], init[p]) for p in saved if T._group(p) == group), group
+        assert any(not np.array_equal(saved[p], init[p]) for p in saved if W.group_of(p) == group), group
 
 
 def test_nonfinite_update_is_skipped(full_run, tmp_path):
     cfg = _cfg()
     trainer = T.Trainer(cfg, str(tmp_path), progress=False)
     graphdef, state, frozen, tx, sh = trainer.build_stage("stage1")
-    step = T.compiled_train_step(graphdef, tx, cfg, "stage1", sh)
-    it = T.make_train_iterator(cfg.data, cfg.model, "stage1")
+    step = trainer.compiled_train_step(graphdef, tx, "stage1", sh)
+    it = make_train_iterator(cfg.data, cfg.model, "stage1")
     good = next(it)
     bad = dict(good, frames=np.full_like(good["frames"], np.nan))
     before = [np.array(x) for _, x in leaf_paths(state.params)]
@@ -179,7 +183,7 @@ def test_bad_input_gives_one_clear_error(full_run, tmp_path, capsys):
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f))
-    cmd = [sys.executable, "-m", "train", "--workdir", str(tmp_path), "--stages", "1", "--no-progress",
+    cmd = [sys.executable, "-m", "tpo_jax.cli.train", "--workdir", str(tmp_path), "--stages", "1", "--no-progress",
            "--compilation-cache", "none",
            "--set", "stage1.steps=10000", "--set", "data.batch_size=2", "--set", "eval.enabled=false",
            "--set", "checkpoint.every_steps=10000"]
@@ -247,8 +251,8 @@ def test_saved_config_without_newer_fields_matches_at_defaults():
     saved = cfg.to_dict()
     del saved["stage1"]["loss_weights"], saved["stage3"]["group_lr_scale"]  # both None (the default) here
     current = cfg.to_dict()
-    assert T.config_diff(T.stage_identity(saved, "stage3"), T.stage_identity(current, "stage3"))  # raw: differs
-    assert T.config_diff(T.stage_identity(T.with_defaults(saved), "stage3"), T.stage_identity(current, "stage3")) == []
+    assert W.config_diff(W.stage_identity(saved, "stage3"), W.stage_identity(current, "stage3"))  # raw: differs
+    assert W.config_diff(W.stage_identity(W.with_defaults(saved), "stage3"), W.stage_identity(current, "stage3")) == []
     changed = _cfg('stage1.loss_weights={"region": 3}').to_dict()
-    assert T.config_diff(T.stage_identity(T.with_defaults(saved), "stage3"), T.stage_identity(changed, "stage3")) == [
+    assert W.config_diff(W.stage_identity(W.with_defaults(saved), "stage3"), W.stage_identity(changed, "stage3")) == [
         "stage1.loss_weights: None (checkpoint) != {'region': 3} (this run)"]

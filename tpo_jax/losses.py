@@ -28,11 +28,10 @@ import jax.numpy as jnp
 from tpo_jax import config as C
 from tpo_jax.heads.mask import mask_loss_terms
 from tpo_jax.heads.region import region_loss_terms
-from tpo_jax.heads.temporal import temporal_loss_terms
-from tpo_jax.model import TPOModel, gather_task_hidden
+from tpo_jax.heads.temporal.loss import temporal_loss_terms
+from tpo_jax.model import HEADS, HeadOutputs, TPOModel
 
 IGNORE = -100
-HEADS = ("region", "temporal", "mask")
 
 
 def shifted_labels(labels: jax.Array) -> jax.Array:
@@ -121,43 +120,20 @@ def loss_counts(batch: Mapping[str, jax.Array], cfg: C.TPOConfig, heads=HEADS) -
     return {name: jnp.sum(m).astype(jnp.float32) for name, m in valid_masks(batch, cfg, heads).items()}
 
 
-def temporal_features(model: TPOModel, batch: Mapping[str, jax.Array], vision_feats: jax.Array | None):
-    """CG-DETR inputs: from the batch, or from the model (pooled per-frame ViT features + TEF, and the
-    LLM's input embeddings of the query text). Model features are inputs to the head, not trained
-    through it (stop_gradient), as precomputed features would be."""
-    cfg = model.cfg.heads.temporal
-    if cfg.feature_source == "batch":
-        return batch["text_feats"], batch["text_mask"], batch["video_feats"], batch["vid_mask"]
-    b, n, w = vision_feats.shape
-    t = model.cfg.vit.num_frames // model.cfg.vit.tubelet_size
-    clips = vision_feats.reshape(b, t, n // t, w).mean(axis=2)
-    tef = jnp.stack([jnp.arange(t) / t, (jnp.arange(t) + 1) / t], axis=-1).astype(clips.dtype)
-    video = jnp.concatenate([clips, jnp.broadcast_to(tef, (b, t, 2))], axis=-1)
-    text = model.llm.embed(batch["temporal_text_ids"])
-    return (jax.lax.stop_gradient(text), batch["text_mask"], jax.lax.stop_gradient(video), batch["vid_mask"])
-
-
-def head_loss_terms(model: TPOModel, batch: Mapping[str, jax.Array], hidden: jax.Array,
-                    vision_feats: jax.Array | None, heads=HEADS, rng: jax.Array | None = None):
-    """Per-slot / per-sample loss terms of each head: {head: {term: array}}; `loss_<head>` is the total."""
-    cfg, ids = model.cfg, batch["input_ids"]
+def head_loss_terms(heads: HeadOutputs, batch: Mapping[str, jax.Array], cfg: C.TPOConfig) -> dict:
+    """Per-slot / per-sample loss terms of each head in `heads` (the model's `TPOOutput.heads`):
+    {head: {term: array}}; `loss_<head>` is the head's total."""
     terms = {}
-    if "region" in heads:
-        k = batch["region_boxes"].shape[1]
-        h, _, _ = gather_task_hidden(hidden, ids, C.BOXES_ID, k)
-        terms["region"] = region_loss_terms(model.region_head(h), batch["region_boxes"], cfg.heads.region)
-    if "mask" in heads:
-        h, _, _ = gather_task_hidden(hidden, ids, C.TRACKING_ID, 1)
-        prompt, box = model.mask_head(h[:, 0])
-        target = jax.lax.stop_gradient(model.sam2.box_prompt(batch["mask_boxes"]))
-        terms["mask"] = mask_loss_terms(prompt, target, box, batch["mask_boxes"], cfg.heads.mask)
-    if "temporal" in heads:
-        h, _, _ = gather_task_hidden(hidden, ids, C.TEMP_ID, 1)
-        txt, txt_mask, vid, vid_mask = temporal_features(model, batch, vision_feats)
-        outputs = model.temporal_head(txt, txt_mask, vid, vid_mask, h[:, 0], rng=rng)
+    if heads.region is not None:
+        terms["region"] = region_loss_terms(heads.region.boxes, batch["region_boxes"], cfg.heads.region)
+    if heads.mask is not None:
+        m = heads.mask
+        terms["mask"] = mask_loss_terms(m.prompt, jax.lax.stop_gradient(m.target), m.box, batch["mask_boxes"],
+                                        cfg.heads.mask)
+    if heads.temporal is not None:
         targets = {key: batch[key] for key in ("spans", "span_valid", "saliency_labels", "saliency_pos",
                                                "saliency_neg", "vid_mask")}
-        terms["temporal"] = temporal_loss_terms(outputs, targets, cfg.heads.temporal)
+        terms["temporal"] = temporal_loss_terms(heads.temporal.outputs, targets, cfg.heads.temporal)
     return terms
 
 
@@ -178,11 +154,10 @@ def total_loss(model: TPOModel, batch: Mapping[str, jax.Array], counts: Mapping[
     `count/lm_dropped`. 0 computes logits at every position.
     """
     r_model, r_heads = (None, None) if rng is None else tuple(jax.random.split(rng))
-    need_vision = "temporal" in heads and model.cfg.heads.temporal.feature_source == "model"
     out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 visual_mask=batch.get("visual_mask"), frames=batch.get("frames"),
-                track_boxes=batch.get("track_boxes"), return_vision_features=need_vision, rng=r_model,
-                logits=lm_rows <= 0)
+                track_boxes=batch.get("track_boxes"), rng=r_model, logits=lm_rows <= 0,
+                heads=heads, head_inputs=batch, head_rng=r_heads)
     masks = valid_masks(batch, model.cfg, heads)
 
     def norm(name):
@@ -197,7 +172,7 @@ def total_loss(model: TPOModel, batch: Mapping[str, jax.Array], counts: Mapping[
     lm = lm_sum / norm("lm")
     metrics["loss/lm"] = lm
     loss = weights.get("lm", 1.0) * lm
-    for head, head_terms in head_loss_terms(model, batch, out.hidden, out.vision_features, heads, r_heads).items():
+    for head, head_terms in (head_loss_terms(out.heads, batch, model.cfg) if heads else {}).items():
         mask = masks[head]
         for term, value in head_terms.items():
             metrics[f"{head}/{term}"] = _masked_sum(value, mask) / norm(head)

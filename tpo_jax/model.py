@@ -6,9 +6,16 @@ the token embeddings; the learnable task-token vectors are written at `<boxes>` 
 logits and the final-norm hidden states, from which `gather_task_hidden` takes the rows that feed
 the task heads. Every step uses static shapes: rows are selected by masks and ranks, never by
 Python loops over the batch.
+
+The model owns its forward pass: `model(input_ids, ..., heads=("region", "temporal", "mask"),
+head_inputs=batch)` returns a `TPOOutput` whose `heads` hold each head's outputs at its task-token
+slots (`RegionOutput`, `TemporalOutput`, `MaskOutput`). `run_heads` is the one place heads are
+dispatched; the losses (`tpo_jax.losses`), evaluation and generation read these outputs.
 """
 
 from __future__ import annotations
+
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +25,52 @@ from tpo_jax import config as C
 from tpo_jax.config import TPOConfig
 from tpo_jax.heads.mask import MaskHead, SAM2PromptEncoder
 from tpo_jax.heads.region import RegionHead
-from tpo_jax.heads.temporal import CGDETR
+from tpo_jax.heads.temporal.model import CGDETR
 from tpo_jax.layers import MLP, param, split_rng
 from tpo_jax.llm import KVCache, MistralDecoder
 from tpo_jax.qformer import QFormer
+from tpo_jax.sharding import fast_model_tracing
 from tpo_jax.vit import UMTViT
 
 # placeholder id → name of the task-token vector written there
 TASK_TOKEN_ROWS = {C.BOXES_ID: "box_token", C.TEMP_ID: "temporal_token", C.TRACKING_ID: "track_token"}
+
+
+HEADS = ("region", "temporal", "mask")
+
+
+@struct.dataclass
+class RegionOutput:
+    """The region head at the first K `<boxes>` tokens of each sample."""
+    boxes: jax.Array  # (B, K, 4) predicted normalised xyxy boxes (f32 where the model computes in f32)
+    present: jax.Array  # (B, K) bool: the sample has a k-th `<boxes>` token
+    positions: jax.Array  # (B, K) int32 token positions (0 where absent)
+
+
+@struct.dataclass
+class TemporalOutput:
+    """CG-DETR at the first `<temp>` token: `outputs` as `CGDETR.__call__` returns them (pred_spans,
+    pred_logits, saliency_scores, aux outputs, ... — everything its losses and post-processing read)."""
+    outputs: dict
+    present: jax.Array  # (B,) bool: the sample has a `<temp>` token
+    position: jax.Array  # (B,) int32
+
+
+@struct.dataclass
+class MaskOutput:
+    """The mask head at the first `<tracking>` token."""
+    prompt: jax.Array  # (B, 3, D_sam) predicted SAM2 sparse prompt
+    box: jax.Array  # (B, 4) box decoded from the task-token state
+    target: jax.Array | None  # (B, 3, D_sam) SAM2 box prompt of the given ground-truth boxes (the loss target)
+    present: jax.Array  # (B,) bool: the sample has a `<tracking>` token
+    position: jax.Array  # (B,) int32
+
+
+@struct.dataclass
+class HeadOutputs:
+    region: RegionOutput | None = None
+    temporal: TemporalOutput | None = None
+    mask: MaskOutput | None = None
 
 
 @struct.dataclass
@@ -34,6 +79,7 @@ class TPOOutput:
     hidden: jax.Array  # (B, L, D) final-norm hidden states
     cache: KVCache | None = None
     vision_features: jax.Array | None = None  # (B, T·N, vit width), when asked for
+    heads: HeadOutputs | None = None  # the heads asked for with `heads=`
 
 
 def scatter_rows(embeds: jax.Array, row_mask: jax.Array, values: jax.Array) -> jax.Array:
@@ -124,13 +170,79 @@ class TPOModel(nnx.Module):
                  track_boxes: jax.Array | None = None, positions: jax.Array | None = None,
                  cache: KVCache | None = None, qformer_text_ids=None, qformer_text_mask=None,
                  return_vision_features: bool = False, rng: jax.Array | None = None,
-                 logits: bool = True) -> TPOOutput:
+                 logits: bool = True, heads: Sequence[str] = (), head_inputs: Mapping[str, jax.Array] | None = None,
+                 head_rng: jax.Array | None = None) -> TPOOutput:
+        """The whole model: LLM logits / hidden states and, for each head in `heads`, its outputs at the
+        task-token slots (`HeadOutputs`). `head_inputs` holds what the heads read besides the hidden states
+        (`run_heads`); `rng` drives the encoder and LLM dropout, `head_rng` the heads' (None: deterministic)."""
         r_embed, r_llm = split_rng(rng, 2)
+        need_vision = return_vision_features or ("temporal" in heads and self.cfg.heads.temporal.feature_source == "model")
         embeds, feats = self.embed_inputs(
             input_ids, visual_mask=visual_mask, frames=frames, track_boxes=track_boxes,
             qformer_text_ids=qformer_text_ids, qformer_text_mask=qformer_text_mask, rng=r_embed,
             return_vision_features=True)
         out = self.llm(inputs_embeds=embeds, positions=positions, attention_mask=attention_mask, cache=cache,
                        rng=r_llm, logits=logits)
+        head_out = None
+        if heads:
+            head_out = self.run_heads(out.hidden, input_ids, heads, head_inputs or {}, feats, rng=head_rng)
         return TPOOutput(logits=out.logits, hidden=out.hidden, cache=out.cache,
-                         vision_features=feats if return_vision_features else None)
+                         vision_features=feats if need_vision else None, heads=head_out)
+
+    # --- the task heads: the one place that dispatches them ------------------------------------------------------
+
+    def run_heads(self, hidden: jax.Array, input_ids: jax.Array, heads: Sequence[str],
+                  inputs: Mapping[str, jax.Array], vision_features: jax.Array | None = None,
+                  rng: jax.Array | None = None) -> HeadOutputs:
+        """Each head in `heads` applied to the final hidden states at its task-token slots.
+
+        `inputs` (a batch in the `tpo_jax.data.pipeline` format, or just these keys):
+          region:   `region_boxes` (B, K, 4) — only its K (slots per sample) is read; default
+                    `cfg.heads.region.max_slots`;
+          mask:     `mask_boxes` (B, 4) optional — their SAM2 box prompt becomes `MaskOutput.target`;
+          temporal: `temporal_features` (feature_source "batch": `text_feats`, `text_mask`, `video_feats`,
+                    `vid_mask`; "model": `temporal_text_ids`, `text_mask`, `vid_mask` with `vision_features`).
+        """
+        unknown = set(heads) - set(HEADS)
+        if unknown:
+            raise ValueError(f"TPOModel.run_heads: unknown head(s) {sorted(unknown)}; known: {list(HEADS)}")
+        cfg, out = self.cfg, {}
+        if "region" in heads:
+            k = inputs["region_boxes"].shape[1] if "region_boxes" in inputs else cfg.heads.region.max_slots
+            h, pos, present = gather_task_hidden(hidden, input_ids, C.BOXES_ID, k)
+            out["region"] = RegionOutput(boxes=self.region_head(h), present=present, positions=pos)
+        if "mask" in heads:
+            h, pos, present = gather_task_hidden(hidden, input_ids, C.TRACKING_ID, 1)
+            prompt, box = self.mask_head(h[:, 0])
+            target = self.sam2.box_prompt(inputs["mask_boxes"]) if "mask_boxes" in inputs else None
+            out["mask"] = MaskOutput(prompt=prompt, box=box, target=target, present=present[:, 0], position=pos[:, 0])
+        if "temporal" in heads:
+            h, pos, present = gather_task_hidden(hidden, input_ids, C.TEMP_ID, 1)
+            txt, txt_mask, vid, vid_mask = self.temporal_features(inputs, vision_features)
+            outputs = self.temporal_head(txt, txt_mask, vid, vid_mask, h[:, 0], rng=rng)
+            out["temporal"] = TemporalOutput(outputs=outputs, present=present[:, 0], position=pos[:, 0])
+        return HeadOutputs(**out)
+
+    def temporal_features(self, inputs: Mapping[str, jax.Array], vision_features: jax.Array | None):
+        """CG-DETR inputs (text, text mask, video, video mask): from `inputs` (feature_source "batch"), or from
+        the model ("model": per-clip means of the ViT features + TEF, and the LLM's input embeddings of
+        `temporal_text_ids`). Model features are inputs to the head, not trained through it (stop_gradient), as
+        precomputed features would be."""
+        cfg = self.cfg.heads.temporal
+        if cfg.feature_source == "batch":
+            return inputs["text_feats"], inputs["text_mask"], inputs["video_feats"], inputs["vid_mask"]
+        if vision_features is None:
+            raise ValueError("TPOModel.temporal_features: feature_source 'model' needs the ViT features (frames)")
+        b, n, w = vision_features.shape
+        t = self.cfg.vit.num_frames // self.cfg.vit.tubelet_size
+        clips = vision_features.reshape(b, t, n // t, w).mean(axis=2)
+        tef = jnp.stack([jnp.arange(t) / t, (jnp.arange(t) + 1) / t], axis=-1).astype(clips.dtype)
+        video = jnp.concatenate([clips, jnp.broadcast_to(tef, (b, t, 2))], axis=-1)
+        text = self.llm.embed(inputs["temporal_text_ids"])
+        return (jax.lax.stop_gradient(text), inputs["text_mask"], jax.lax.stop_gradient(video), inputs["vid_mask"])
+
+
+def abstract_model(cfg: TPOConfig, seed: int = 0) -> TPOModel:
+    """The TPOModel of `cfg` with ShapeDtypeStructs for parameters (nothing allocated)."""
+    with fast_model_tracing():
+        return nnx.eval_shape(lambda: TPOModel(cfg, rngs=nnx.Rngs(seed)))

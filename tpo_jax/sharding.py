@@ -324,12 +324,3 @@ def fast_model_tracing():
         yield
     finally:
         tracer._origin_msg = original
-
-
-def abstract_model(model_cfg, seed: int = 0):
-    """The TPOModel of `model_cfg` with ShapeDtypeStructs for parameters (nothing allocated)."""
-    from flax import nnx
-
-    from tpo_jax.model import TPOModel
-    with fast_model_tracing():
-        return nnx.eval_shape(lambda: TPOModel(model_cfg, rngs=nnx.Rngs(seed)))

@@ -1,4 +1,4 @@
-"""Text tokenisation and prompt construction for VideoChat-TPO (MODEL-SPEC §4).
+"""Text tokenisation for VideoChat-TPO (MODEL-SPEC §4.1-4.2).
 
 The released model was trained and served with a *slow* Hugging Face ``LlamaTokenizer`` (``legacy=True``) on the
 Mistral-7B SentencePiece model plus 7 added task tokens. This module reproduces its encoding rule with the
@@ -15,8 +15,8 @@ Mistral-7B SentencePiece model plus 7 added task tokens. This module reproduces 
 
 On top of that, :meth:`MultimodalTokenizer.build_input_ids` expands the visual placeholders ``[<IMG_PLH>]`` /
 ``[<VID_PLH>]`` into ``num_visual_tokens`` placeholder ids (id 0, later replaced by the projected Q-Former outputs)
-with the reference quirk that *every* text segment gets its own BOS, and :meth:`encode_demo_prompt` /
-:meth:`encode_answer_prompt` build the two conversation templates of §4.3.
+with the reference quirk that *every* text segment gets its own BOS. The conversation templates of §4.3 that
+use it (demo and library prompts, as strings and ids) are in ``tpo_jax.data.prompts``.
 """
 
 from __future__ import annotations
@@ -43,12 +43,7 @@ from tpo_jax.config import (
 
 __all__ = [
     "ADDED_TOKENS",
-    "ATBOXES_PLACEHOLDER",
-    "ATTEMP_PLACEHOLDER",
-    "ATTRACK_PLACEHOLDER",
-    "BEST_OPTION_PREFIX",
     "BOS_ID",
-    "DEMO_MAX_LENGTH",
     "EOS_ID",
     "IMAGE_PLACEHOLDER",
     "PAD_ID",
@@ -57,10 +52,7 @@ __all__ = [
     "MultimodalTokenizer",
     "TokenizedPrompt",
     "TokenizerError",
-    "answer_prompt",
     "default_tokenizer_dir",
-    "demo_prompt",
-    "timestamp_message",
 ]
 
 # --- vocabulary constants -------------------------------------------------------------------------------------------
@@ -80,22 +72,9 @@ ADDED_TOKENS: tuple[str, ...] = (BOX_BEGIN, TIME_BEGIN, TEMP, BOXES, TRACK_BEGIN
 _ADDED_IDS = (BOX_BEGIN_ID, TIME_BEGIN_ID, TEMP_ID, BOXES_ID, TRACK_BEGIN_ID, TRACKING_ID, TRACK_BOX_ID)
 assert len(ADDED_TOKENS) == NUM_ADDED_TOKENS and _ADDED_IDS == tuple(range(BASE_VOCAB_SIZE, BASE_VOCAB_SIZE + 7))
 
-# Composite templates used in training targets (a task token follows its begin token).
-ATBOXES_PLACEHOLDER = BOX_BEGIN + BOXES
-ATTEMP_PLACEHOLDER = TIME_BEGIN + TEMP
-ATTRACK_PLACEHOLDER = TRACK_BEGIN + TRACKING
-
 #: Visual placeholders: never tokenised, replaced by ``num_visual_tokens`` ids 0 in :meth:`build_input_ids`.
 IMAGE_PLACEHOLDER = "[<IMG_PLH>]"
 VIDEO_PLACEHOLDER = "[<VID_PLH>]"
-IMAGE_BLOCK = "<Image>" + IMAGE_PLACEHOLDER + "</Image>"
-VIDEO_BLOCK = "<Video>" + VIDEO_PLACEHOLDER + "</Video>"
-
-#: Answer prefix the library ``generate_answer`` appends for multiple-choice questions.
-BEST_OPTION_PREFIX = "Best Option: ("
-
-#: The demo cuts the concatenated prompt ids to at most this many tokens.
-DEMO_MAX_LENGTH = 1024
 
 _ASSET_PACKAGE = "tpo_jax"
 _ASSET_DIR = ("assets", "videochat_tpo")
@@ -405,97 +384,9 @@ class MultimodalTokenizer:
         )
         return out if max_length is None else out.truncate(max_length)
 
-    def encode_demo_prompt(
-        self,
-        question: str,
-        *,
-        is_video: bool = True,
-        frame_times: Sequence[float] | None = None,
-        max_length: int | None = DEMO_MAX_LENGTH,
-    ) -> TokenizedPrompt:
-        """Ids of the demo (``app.py``) prompt: the two strings of :func:`demo_prompt`, each through
-        :meth:`build_input_ids`, concatenated (three BOS in total) and cut to ``max_length`` (1024 in the demo)."""
-        part1, part2 = demo_prompt(question, is_video=is_video, frame_times=frame_times)
-        out = TokenizedPrompt.concatenate(
-            [self.build_input_ids(part1, is_video=is_video), self.build_input_ids(part2, is_video=is_video)],
-            is_video=is_video,
-        )
-        return out if max_length is None else out.truncate(max_length)
-
-    def encode_answer_prompt(
-        self,
-        question: str,
-        *,
-        is_video: bool = True,
-        instruction: str = "",
-        msg: str = "",
-        history: Sequence[tuple[str, str]] = (),
-        answer_prefix: str | None = None,
-        max_length: int | None = None,
-    ) -> TokenizedPrompt:
-        """Ids of the library ``generate_answer`` prompt (one string, tokenised once → two BOS); see
-        :func:`answer_prompt` for the arguments."""
-        text = answer_prompt(
-            question, is_video=is_video, instruction=instruction, msg=msg, history=history,
-            answer_prefix=answer_prefix,
-        )
-        return self.build_input_ids(text, is_video=is_video, max_length=max_length)
-
     def __repr__(self) -> str:
         return (f"MultimodalTokenizer(model_file={self.model_file!r}, num_visual_tokens={self.num_visual_tokens}, "
                 f"vocab_size={self.vocab_size})")
-
-
-# --- prompt templates (strings) --------------------------------------------------------------------------------------
-
-
-def timestamp_message(frame_times: Sequence[float]) -> str:
-    """``" The video contains N frames sampled at t1, t2, …, tN seconds. "`` with each time ``str(round(t, 1))``."""
-    times = ", ".join(str(round(float(t), 1)) for t in frame_times)
-    return f" The video contains {len(frame_times)} frames sampled at {times} seconds. "
-
-
-def _media_block(is_video: bool) -> str:
-    return VIDEO_BLOCK if is_video else IMAGE_BLOCK
-
-
-def demo_prompt(question: str, *, is_video: bool = True, frame_times: Sequence[float] | None = None) -> tuple[str, str]:
-    """The two strings of the demo template (``app.py Inference.process_qa``, MODEL-SPEC §4.3).
-
-    Part 1: ``"[INST] " + "<Video>[<VID_PLH>]</Video>" + msg.rstrip() + "[/INST]"`` (images:
-    ``"<Image>[<IMG_PLH>]</Image>"``), where ``msg`` is :func:`timestamp_message` of ``frame_times`` if the question
-    contains ``"timestamp"`` and ``frame_times`` are given, else empty.
-    Part 2: ``" [INST] " + question + " [/INST]" + " "``, or just ``" "`` for an empty question.
-    """
-    msg = timestamp_message(frame_times) if frame_times is not None and "timestamp" in question else ""
-    part1 = "[INST] " + _media_block(is_video) + msg.rstrip() + "[/INST]"
-    part2 = (" [INST] " + question + " [/INST]" if question else "") + " "
-    return part1, part2
-
-
-def answer_prompt(
-    question: str,
-    *,
-    is_video: bool = True,
-    instruction: str = "",
-    msg: str = "",
-    history: Sequence[tuple[str, str]] = (),
-    answer_prefix: str | None = None,
-) -> str:
-    """The single string of the library ``MultiModalLLM_PT.generate_answer`` template (MODEL-SPEC §4.3).
-
-    ``instruction + "[INST] " + media block + msg.rstrip() + "[/INST]"``, then per ``(q, a)`` in ``history``
-    ``" [INST] " + q + " [/INST]" + a + "</s>"``, then ``" [INST] " + question + " [/INST]"`` (no trailing space),
-    then ``answer_prefix`` if given (e.g. :data:`BEST_OPTION_PREFIX` = ``"Best Option: ("``).
-    ``msg`` is the optional timestamp sentence (see :func:`timestamp_message`).
-    """
-    text = instruction + "[INST] " + _media_block(is_video) + msg.rstrip() + "[/INST]"
-    for q, a in history:
-        text += " [INST] " + q + " [/INST]" + a + EOS_TOKEN
-    text += " [INST] " + question + " [/INST]"
-    if answer_prefix:
-        text += answer_prefix
-    return text
 
 
 # --- loading ---------------------------------------------------------------------------------------------------------

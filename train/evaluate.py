@@ -2,7 +2,7 @@
 
 One jitted forward pass per batch (`make_predict_fn`) gives every task's prediction at once:
 
-* region: the region head's box at each `<boxes>` token (hidden state gathered as `tpo_jax.losses` does);
+* region: the region head's box at each `<boxes>` token (the model's `TPOOutput.heads`, as the losses read them);
 * temporal: CG-DETR outputs → `postprocess_spans` (duration 1: normalised time) → the top-1 window; the
   per-clip saliency scores for highlight detection;
 * multiple choice: the logits at the position before `mc_letter_pos` (the one predicting the answer's
@@ -28,12 +28,12 @@ import numpy as np
 from flax import nnx
 
 from tpo_jax.data.pipeline import CLOZE_FIELDS
-from tpo_jax import config as C
 from tpo_jax.config import TPOConfig
 from tpo_jax.heads.box_ops import span_cw_to_xx
-from tpo_jax.heads.temporal import postprocess_spans
-from tpo_jax.losses import HEADS, label_log_likelihood, temporal_features, valid_masks
-from tpo_jax.model import gather_task_hidden
+from tpo_jax.heads.temporal.postprocess import postprocess_spans
+from tpo_jax.losses import label_log_likelihood, valid_masks
+from tpo_jax.model import HEADS
+from tpo_jax.sharding import activation_sharding
 from tpo_jax.train import metrics as M
 
 NEG_INF = -1e30  # score of a padded multiple-choice option
@@ -50,32 +50,19 @@ def predict(model, batch: Mapping[str, jax.Array], label_rows: int = 0) -> dict[
                     frames=batch.get("frames"), logits=False)
         logprob, _ = label_log_likelihood(model.llm, out.hidden, batch["labels"], label_rows or ids.shape[1])
         return {"answer_logprob": logprob}
-    need_vision = cfg.heads.temporal.feature_source == "model"
     out = model(ids, attention_mask=batch.get("attention_mask"), visual_mask=batch.get("visual_mask"),
-                frames=batch.get("frames"), track_boxes=batch.get("track_boxes"), return_vision_features=need_vision,
-                logits=False)
+                frames=batch.get("frames"), track_boxes=batch.get("track_boxes"), logits=False,
+                heads=HEADS, head_inputs=batch)
     masks = valid_masks(batch, cfg, HEADS)
     f32 = jnp.float32
-    preds: dict[str, jax.Array] = {}
-
-    k = batch["region_boxes"].shape[1]
-    h, _, _ = gather_task_hidden(out.hidden, ids, C.BOXES_ID, k)
-    preds["region_pred"] = model.region_head(h).astype(f32)
-    preds["region_valid"] = masks["region"]
-
-    h, _, _ = gather_task_hidden(out.hidden, ids, C.TRACKING_ID, 1)
-    prompt, _ = model.mask_head(h[:, 0])
-    preds["mask_pred"] = prompt.astype(f32)
-    preds["mask_target"] = model.sam2.box_prompt(batch["mask_boxes"]).astype(f32)
-    preds["mask_valid"] = masks["mask"]
-
-    h, _, _ = gather_task_hidden(out.hidden, ids, C.TEMP_ID, 1)
-    txt, txt_mask, vid, vid_mask = temporal_features(model, batch, out.vision_features)
-    t_out = model.temporal_head(txt, txt_mask, vid, vid_mask, h[:, 0])
-    post = postprocess_spans(t_out, 1.0)
-    preds["temporal_top1"] = post["windows"][:, 0]
-    preds["saliency"] = t_out["saliency_scores"].astype(f32)
-    preds["temporal_valid"] = masks["temporal"]
+    heads = out.heads
+    preds: dict[str, jax.Array] = {
+        "region_pred": heads.region.boxes.astype(f32), "region_valid": masks["region"],
+        "mask_pred": heads.mask.prompt.astype(f32), "mask_target": heads.mask.target.astype(f32),
+        "mask_valid": masks["mask"],
+        "temporal_top1": postprocess_spans(heads.temporal.outputs, 1.0)["windows"][:, 0],
+        "saliency": heads.temporal.outputs["saliency_scores"].astype(f32), "temporal_valid": masks["temporal"],
+    }
 
     if "mc_options" in batch and "mc_letter_pos" in batch:
         pos = jnp.clip(batch["mc_letter_pos"].astype(jnp.int32) - 1, 0, ids.shape[1] - 1)
@@ -86,12 +73,16 @@ def predict(model, batch: Mapping[str, jax.Array], label_rows: int = 0) -> dict[
     return preds
 
 
-def make_predict_fn(graphdef) -> Callable:
+def make_predict_fn(graphdef, mesh=None, rules=None) -> Callable:
     """Jitted `predict_fn(state, batch, label_rows=0) -> predictions` for the full model state
-    `nnx.split(model)` (`label_rows` static)."""
+    `nnx.split(model)` (`label_rows` static); with a `mesh`, the activation constraints of `rules` apply."""
     @functools.partial(jax.jit, static_argnames="label_rows")
     def predict_fn(state, batch, label_rows=0):
-        return predict(nnx.merge(graphdef, state), batch, label_rows)
+        model = nnx.merge(graphdef, state)
+        if mesh is None:
+            return predict(model, batch, label_rows)
+        with activation_sharding(mesh, rules):
+            return predict(model, batch, label_rows)
     return predict_fn
 
 

@@ -15,6 +15,7 @@ import optax
 
 from tpo_jax.config import check_field, check_positive
 from tpo_jax.train.stages import GROUPS, StageRecipe, param_group
+from tpo_jax.tree_paths import keypath_to_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,28 +52,18 @@ def schedule(peak: float, cfg: OptimConfig) -> optax.Schedule:
         end_value=peak * cfg.min_lr_ratio)
 
 
-def _path(keypath) -> tuple:
-    """Attribute path of a leaf of an nnx.State (or pure dict), without the Variable's `.value` key."""
-    keys = []
-    for k in keypath:
-        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
-            continue
-        keys.append(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-    return tuple(keys)
-
-
 def _decays(path, leaf) -> bool:
     return getattr(leaf, "ndim", 0) >= 2 and str(path[-1]) not in ("bias", "scale")
 
 
 def decay_mask(params):
     """True for the leaves that get weight decay: matrices and embeddings, not biases, norms or vectors."""
-    return jax.tree_util.tree_map_with_path(lambda kp, leaf: _decays(_path(kp), leaf), params)
+    return jax.tree_util.tree_map_with_path(lambda kp, leaf: _decays(keypath_to_path(kp), leaf), params)
 
 
 def group_labels(params):
     """A pytree like `params` (an nnx.State of trainable params) holding each leaf's group name."""
-    return jax.tree_util.tree_map_with_path(lambda kp, _: param_group(_path(kp)), params)
+    return jax.tree_util.tree_map_with_path(lambda kp, _: param_group(keypath_to_path(kp)), params)
 
 
 def make_optimizer(recipe: StageRecipe, params, cfg: OptimConfig) -> optax.GradientTransformation:

@@ -1,5 +1,5 @@
 """The config of a training run (`tpo-train`): model, data, optimizer, the three stages, checkpoints,
-evaluation, mesh; presets and dotted `key=value` overrides.
+evaluation, mesh; presets; and the dotted `key=value` overrides of `tpo_jax.overrides`.
 
     cfg = get_run_config("tiny")                              # the default run
     cfg = apply_overrides(cfg, ["optim.lr=1e-4", "model.llm.num_layers=4", "stage2.steps=50"])
@@ -15,13 +15,12 @@ pretrained weights): see docs/training.md for the choices.
 
 from __future__ import annotations
 
-import ast
 import collections.abc
 import dataclasses
 import json
 import types
 import typing
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from tpo_jax.data.pipeline import DataConfig
 from tpo_jax.checkpoints.manager import CheckpointConfig
@@ -173,7 +172,7 @@ def tiny_train_model() -> C.TPOConfig:
 
     With 8 visual tokens the box never reached the `<boxes>` hidden state in a CPU-sized run: region-only
     stage-3 training sat at the mean-box loss for 600 steps; with 32 it learned (docs/training.md,
-    "The default run"; `benchmarks/probe_region_info.py`).
+    "The default run"; `experiments/probe_region_info.py`).
     """
     cfg = C.tiny()
     return C.replace(cfg, **{"qformer.num_query_tokens": 16, "qformer.num_extra_query_tokens": 16,
@@ -226,118 +225,6 @@ def get_run_config(name: str = "tiny") -> RunConfig:
     if name not in RUN_PRESETS:
         raise ConfigError(f"config field 'preset': unknown run preset {name!r}; known: {sorted(RUN_PRESETS)}")
     return RUN_PRESETS[name]().validate()
-
-
-# --- overrides -----------------------------------------------------------------------------------------------------
-
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _literal(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_value(text: str, current: Any, key: str) -> Any:
-    """`text` as the type of the field's current value."""
-    def bad(expected):
-        raise ConfigError(f"config field '{key}': cannot read {text!r} as {expected}")
-
-    low = text.strip().lower()
-    if low in ("none", "null") and current is None:
-        return None
-    if isinstance(current, bool):
-        if low in _TRUE + _FALSE:
-            return low in _TRUE
-        bad("a boolean (true/false)")
-    if isinstance(current, int):
-        try:
-            return int(text)
-        except ValueError:
-            bad("an integer")
-    if isinstance(current, float):
-        try:
-            return float(text)
-        except ValueError:
-            bad("a number")
-    if isinstance(current, str):
-        return text
-    if isinstance(current, (tuple, list)):
-        value = _literal(text)
-        if isinstance(value, (tuple, list)):
-            return tuple(value)
-        return tuple(_literal(p.strip()) for p in text.split(",") if p.strip())
-    if isinstance(current, Mapping):
-        value = _literal(text)
-        if not isinstance(value, Mapping):
-            bad("a dict, e.g. \"{'a': 1.0}\"")
-        return dict(value)
-    if current is None:
-        return _literal(text)
-    if dataclasses.is_dataclass(current):
-        raise ConfigError(f"config field '{key}' is a section; set one of its fields, e.g. "
-                          f"'{key}.{dataclasses.fields(current)[0].name}=...'")
-    return _literal(text)
-
-
-def _lookup(cfg, key: str):
-    obj, parts = cfg, key.split(".")
-    for i, part in enumerate(parts):
-        where = ".".join(parts[:i])
-        if dataclasses.is_dataclass(obj):
-            names = [f.name for f in dataclasses.fields(obj)]
-            if part not in names:
-                raise ConfigError(f"unknown override key '{key}': {type(obj).__name__}"
-                                  f"{' at ' + repr(where) if where else ''} has no field {part!r}; "
-                                  f"fields: {', '.join(names)}")
-            obj = getattr(obj, part)
-        elif isinstance(obj, Mapping):
-            if part not in obj:
-                raise ConfigError(f"unknown override key '{key}': {where!r} has no entry {part!r}; "
-                                  f"entries: {', '.join(map(str, obj))}")
-            obj = obj[part]
-        else:
-            raise ConfigError(f"unknown override key '{key}': {where!r} is a value, not a section")
-    return obj
-
-
-def _optional(cfg, parts: list[str]) -> bool:
-    """Whether the dataclass field at `parts` is declared as `... | None`."""
-    parent = _lookup(cfg, ".".join(parts[:-1])) if len(parts) > 1 else cfg
-    if not dataclasses.is_dataclass(parent):
-        return False
-    tp = typing.get_type_hints(type(parent)).get(parts[-1])
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-
-
-def apply_override(cfg: RunConfig, item: str) -> RunConfig:
-    """Apply one `dotted.key=value`."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
-    key, text = (s.strip() for s in item.split("=", 1))
-    current = _lookup(cfg, key)
-    parts = key.split(".")
-    if text.lower() in ("none", "null") and _optional(cfg, parts):
-        return C.replace(cfg, **{key: None})
-    value = parse_value(text, current, key)
-    # a key inside a dict field (e.g. loss_weights.region): replace the whole dict
-    for i in range(len(parts) - 1, 0, -1):
-        parent = _lookup(cfg, ".".join(parts[:i]))
-        if isinstance(parent, Mapping):
-            inner = dict(parent)
-            inner[parts[i]] = value
-            value, parts = inner, parts[:i]
-        else:
-            break
-    return C.replace(cfg, **{".".join(parts): value})
-
-
-def apply_overrides(cfg: RunConfig, items: Sequence[str]) -> RunConfig:
-    for item in items:
-        cfg = apply_override(cfg, item)
-    return cfg.validate()
 
 
 # --- from JSON -----------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@
 * `state` is donated: its buffers are reused for the new state.
 
 Sharded training (`tpo_jax.sharding`): `train_shardings` gives the shapes and shardings of the state
-without allocating, `init_sharded` builds the state directly in its shards, `make_sharded_train_step`
-jits the same step with explicit in/out shardings and activation constraints on a device mesh.
+without allocating, `init_sharded` builds the state directly in its shards, and
+`make_train_step(..., shardings=...)` jits the same step with explicit in/out shardings and activation
+constraints on a device mesh.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import optax
 from flax import nnx, struct
 
 from tpo_jax.config import ConfigError, TPOConfig, check_field, check_positive
-from tpo_jax.losses import HEADS, loss_counts, total_loss
-from tpo_jax.model import TPOModel
-from tpo_jax.sharding import (abstract_model, activation_sharding, batch_sharding, fast_model_tracing, replicated,
+from tpo_jax.losses import loss_counts, total_loss
+from tpo_jax.model import HEADS, TPOModel, abstract_model
+from tpo_jax.sharding import (activation_sharding, batch_sharding, fast_model_tracing, replicated,
                               tree_shardings)
+from tpo_jax.train.nonfinite import skip_nonfinite
 from tpo_jax.train.optim import OptimConfig, learning_rates, make_optimizer
 from tpo_jax.train.stages import StageRecipe, get_recipe, param_group
 
@@ -139,8 +141,17 @@ def make_grad_fn(graphdef, model_cfg: TPOConfig, train_cfg: TrainConfig):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: TPOConfig, train_cfg: TrainConfig,
-                    *, jit: bool = True, donate: bool = True):
-    """Build `train_step(state, frozen, batch, rng) -> (state, metrics)` (jitted unless `jit=False`)."""
+                    *, shardings: "TrainShardings | None" = None, guard_nonfinite: bool = False, jit: bool = True,
+                    donate: bool = True):
+    """Build `train_step(state, frozen, batch, rng) -> (state, metrics)` — the one place the step is assembled.
+
+    * `shardings` (from `train_shardings` / `init_sharded`): jit with explicit in/out shardings on its mesh and
+      the activation constraints of its rules active; `batch` then holds global arrays
+      (`tpo_jax.sharding.shard_batch`) and the metrics come back replicated. None: plain `jax.jit`.
+    * `guard_nonfinite`: a step whose loss or gradient is not finite keeps the old params and optimizer
+      state (`tpo_jax.train.nonfinite.skip_nonfinite`); `metrics["nonfinite"]` counts it.
+    * `jit=False` returns the pure function (no jit, no shardings); `donate` donates the state's buffers.
+    """
     recipe = get_recipe(train_cfg.stage)
     grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg)
 
@@ -152,9 +163,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: TPOCo
                        **learning_rates(recipe, train_cfg.optim, state.step))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
+    step = skip_nonfinite(train_step) if guard_nonfinite else train_step
     if not jit:
-        return train_step
-    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+        return step
+    donate_argnums = (0,) if donate else ()
+    if shardings is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    sh = shardings
+    return jax.jit(_in_context(step, sh), in_shardings=(sh.state, sh.frozen, sh.batch, sh.replicated),
+                   out_shardings=(sh.state, sh.replicated), donate_argnums=donate_argnums)
 
 
 def make_eval_step(graphdef, model_cfg: TPOConfig, heads=HEADS,
@@ -255,17 +272,6 @@ def _in_context(fn, shardings: TrainShardings):
         with activation_sharding(shardings.mesh, shardings.rules):
             return fn(*args)
     return wrapped
-
-
-def make_sharded_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: TPOConfig,
-                            train_cfg: TrainConfig, shardings: TrainShardings, *, donate: bool = True):
-    """`train_step(state, frozen, batch, rng) -> (state, metrics)` jitted with explicit in/out shardings
-    (from `init_sharded`), activation constraints active, and the state donated. `batch` holds global
-    arrays (`tpo_jax.sharding.shard_batch`); metrics come back replicated."""
-    step = make_train_step(graphdef, tx, model_cfg, train_cfg, jit=False)
-    sh = shardings
-    return jax.jit(_in_context(step, sh), in_shardings=(sh.state, sh.frozen, sh.batch, sh.replicated),
-                   out_shardings=(sh.state, sh.replicated), donate_argnums=(0,) if donate else ())
 
 
 def make_sharded_grad_fn(graphdef, model_cfg: TPOConfig, train_cfg: TrainConfig, shardings: TrainShardings):

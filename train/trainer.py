@@ -3,7 +3,7 @@
     summary = run(get_run_config("tiny"), "runs/tiny")                 # what `tpo-train` does
     summary = run(cfg, workdir, stages=("stage2",), resume=True)
 
-Work directory:
+Work directory (`tpo_jax.train.workdir` checks it and loads stage checkpoints back):
 
     WORKDIR/config.json               the resolved run config
     WORKDIR/metrics.json              {"before", "after", "improvement", "stages": {stage: metrics}}
@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tpo_jax.checkpoints.manager import CheckpointError, CheckpointManager, leaf_paths
 from tpo_jax.data.pipeline import eval_batches, make_train_iterator
 from tpo_jax import sharding as S
 from tpo_jax.config import ConfigError
@@ -47,189 +46,40 @@ from tpo_jax.train.distributed import is_main_process
 from tpo_jax.train.evaluate import evaluate, make_predict_fn
 from tpo_jax.train.gc_schedule import GcSchedule
 from tpo_jax.train.metrics import improvement
-from tpo_jax.train.nonfinite import NonFiniteError, skip_nonfinite
-from tpo_jax.train.run_config import STAGES, RunConfig, from_dict
-from tpo_jax.train.stages import get_recipe, param_group
+from tpo_jax.train.nonfinite import NonFiniteError
+from tpo_jax.train.run_config import STAGES, RunConfig
+from tpo_jax.train.stages import get_recipe
 from tpo_jax.model import TPOModel
 from tpo_jax.train.optim import make_optimizer
 from tpo_jax.train.step import TrainShardings, TrainState, init_sharded, make_train_step, split_model
+from tpo_jax.train.workdir import (check_workdir, config_diff, existing_steps, open_manager, params_of_groups,
+                                   restore_params, stage_dir, stage_identity, trained_groups)
 
 log = logging.getLogger("tpo.train")
 
 EVAL_TASKS = ("mc", "mc_cloze", "temporal", "region", "mask")
-# config sections a checkpoint depends on; the others (logging, eval, checkpoint cadence, mesh) may change
-IDENTITY_FIELDS = ("model", "data", "optim", "seed", "micro_batches", "dropout", "loss_weights")
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (stopped by non-finite losses, a broken work directory, ...)."""
 
 
-# --- work directory checks -------------------------------------------------------------------------------------------
+# --- compiled functions, shared by the runs of one process --------------------------------------------------------------
 
-def trained_groups(cfg: RunConfig, stage: str) -> frozenset[str]:
-    """Parameter groups trained by `stage` or any stage before it, by the recipes `cfg` runs them with
-    (what its checkpoint stores)."""
-    out: set[str] = set()
-    for name in STAGES[:STAGES.index(stage) + 1]:
-        out |= get_recipe(cfg.stage(name).recipe).trainable_groups
-    return frozenset(out)
-
-
-def stage_identity(cfg_dict: Mapping[str, Any], stage: str) -> dict[str, Any]:
-    """The part of a config that a checkpoint of `stage` depends on."""
-    out = {k: cfg_dict[k] for k in IDENTITY_FIELDS}
-    out.update({s: cfg_dict[s] for s in STAGES[:STAGES.index(stage) + 1]})
-    return out
-
-
-def with_defaults(cfg_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A saved config with the fields added since it was written filled in at their defaults (as is, if it
-    no longer parses: the diff then names what differs)."""
-    try:
-        return from_dict(RunConfig, cfg_dict).to_dict()
-    except (ConfigError, TypeError, ValueError):
-        return cfg_dict
-
-
-def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """`key: a != b` for every leaf where two JSON-like trees differ."""
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        out = []
-        for k in list(a) + [k for k in b if k not in a]:
-            out += config_diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} (checkpoint) != {b!r} (this run)"]
-
-
-def stage_dir(workdir: str, stage: str) -> str:
-    return os.path.join(workdir, stage)
-
-
-def _manager(workdir: str, stage: str, cfg: RunConfig, read_only: bool = False) -> CheckpointManager:
-    return CheckpointManager(os.path.join(stage_dir(workdir, stage), "checkpoints"), cfg.checkpoint,
-                             read_only=read_only)
-
-
-def _existing_steps(workdir: str, stage: str, cfg: RunConfig) -> list[int]:
-    if not os.path.isdir(os.path.join(stage_dir(workdir, stage), "checkpoints")):
-        return []
-    mngr = _manager(workdir, stage, cfg, read_only=True)
-    try:
-        return mngr.all_steps()
-    finally:
-        mngr.close()
-
-
-def check_workdir(cfg: RunConfig, workdir: str, stages: Sequence[str], resume: bool) -> None:
-    """One clear ConfigError when `workdir` cannot serve this run: a checkpoint of another config, a
-    stage with checkpoints but no `resume`, or a missing previous-stage checkpoint."""
-    current = cfg.to_dict()
-    for stage in STAGES:
-        steps = _existing_steps(workdir, stage, cfg)
-        if not steps:
-            continue
-        mngr = _manager(workdir, stage, cfg, read_only=True)
-        try:
-            saved = with_defaults(mngr.read_json(steps[-1])["config"])
-        finally:
-            mngr.close()
-        diff = config_diff(stage_identity(saved, stage), stage_identity(current, stage))
-        if diff:
-            raise ConfigError(
-                f"work directory {workdir} holds a {stage} checkpoint (step {steps[-1]}) of another config: "
-                + "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
-                + ". Use a new --workdir, or the checkpoint's config.")
-        if stage in stages and not resume:
-            raise ConfigError(f"work directory {workdir} already holds {stage} checkpoints (steps {steps}); pass "
-                              f"--resume to continue them, or use a new --workdir")
-    first = min(STAGES.index(s) for s in stages)
-    if first > 0:
-        prev = STAGES[first - 1]
-        steps = _existing_steps(workdir, prev, cfg)
-        need = cfg.stage(prev).steps
-        if need not in steps:
-            have = f"it has steps {steps}" if steps else "there is none"
-            raise ConfigError(
-                f"{STAGES[first]} starts from the final {prev} checkpoint (step {need}) in "
-                f"{os.path.join(stage_dir(workdir, prev), 'checkpoints')}, but {have}; run --stages "
-                f"{prev[-1]} first (add --resume to finish a stopped one), or --stages all")
-
-
-# --- params by model path ------------------------------------------------------------------------------------------
-
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    out: dict = {}
-    for path, leaf in flat.items():
-        d = out
-        for k in path[:-1]:
-            d = d.setdefault(k, {})
-        d[path[-1]] = leaf
-    return out
-
-
-def _group(path: tuple[str, ...]) -> str | None:
-    try:
-        return param_group(path)
-    except KeyError:
-        return None
-
-
-def params_of_groups(params, frozen, groups) -> dict:
-    """Nested dict (by model path) of the leaves of `params` and `frozen` in parameter `groups`."""
-    flat = {p: x for tree in (params, frozen) for p, x in leaf_paths(tree) if _group(p) in groups}
-    return _nest(flat)
-
-
-def replace_by_path(tree, values: Mapping) -> Any:
-    """`tree` with every leaf whose path is in the nested dict `values` replaced by that value."""
-    flat = dict(leaf_paths(values))
-    leaves = [flat.get(p, x) for p, x in leaf_paths(tree)]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), leaves)
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-# --- compiled functions, shared by runs in one process ---------------------------------------------------------------
-
+# A training process (a test session, a notebook) often builds the same stage many times: the jitted step and
+# predict function are kept per (kind, model config, train config, mesh, rules), so each is traced and compiled
+# once. Configs hold dicts (not hashable), so their repr is the key.
 _COMPILED: dict[tuple, Any] = {}
+
+
+def _cached(key: tuple, build):
+    if key not in _COMPILED:
+        _COMPILED[key] = build()
+    return _COMPILED[key]
 
 
 def _mesh_key(mesh) -> tuple:
     return tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat)
-
-
-def compiled_train_step(graphdef, tx, cfg: RunConfig, stage: str, shardings):
-    """The jitted, sharded, non-finite-guarded train step of `stage` (cached per config and mesh)."""
-    train_cfg = cfg.train_config(stage)
-    key = ("train", repr(cfg.model), repr(train_cfg), _mesh_key(shardings.mesh), tuple(shardings.rules))
-    if key not in _COMPILED:
-        step = skip_nonfinite(make_train_step(graphdef, tx, cfg.model, train_cfg, jit=False))
-        mesh, rules = shardings.mesh, shardings.rules
-
-        def in_context(*args):
-            with S.activation_sharding(mesh, rules):
-                return step(*args)
-
-        sh = shardings
-        _COMPILED[key] = jax.jit(in_context, in_shardings=(sh.state, sh.frozen, sh.batch, sh.replicated),
-                                 out_shardings=(sh.state, sh.replicated), donate_argnums=(0,))
-    return _COMPILED[key]
-
-
-def compiled_predict(graphdef, cfg: RunConfig, mesh, rules):
-    key = ("predict", repr(cfg.model), _mesh_key(mesh), tuple(rules))
-    if key not in _COMPILED:
-        predict = make_predict_fn(graphdef)
-
-        def in_context(state, batch, label_rows=0):
-            with S.activation_sharding(mesh, rules):
-                return predict(state, batch, label_rows=label_rows)
-
-        _COMPILED[key] = in_context
-    return _COMPILED[key]
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
@@ -303,7 +153,8 @@ class Trainer:
 
     def evaluate(self, graphdef, params, frozen, accumulator=None) -> dict[str, float]:
         full_graphdef, full_state = nnx.split(nnx.merge(graphdef, params, frozen))
-        predict = compiled_predict(full_graphdef, self.cfg, self.mesh, self.rules)
+        key = ("predict", repr(self.cfg.model), _mesh_key(self.mesh), tuple(self.rules))
+        predict = _cached(key, lambda: make_predict_fn(full_graphdef, self.mesh, self.rules))
         return evaluate(predict, full_state, self.eval_batches(), place=lambda b: S.shard_batch(b, self.mesh),
                         accumulator=accumulator)
 
@@ -311,9 +162,14 @@ class Trainer:
     def full_model(self):
         """(graphdef, state) of the whole freshly initialised model (built once per process and config)."""
         key = ("init", repr(self.cfg.model), self.cfg.seed)
-        if key not in _COMPILED:
-            _COMPILED[key] = nnx.split(TPOModel(self.cfg.model, rngs=nnx.Rngs(self.cfg.seed)))
-        return _COMPILED[key]
+        return _cached(key, lambda: nnx.split(TPOModel(self.cfg.model, rngs=nnx.Rngs(self.cfg.seed))))
+
+    def compiled_train_step(self, graphdef, tx, stage: str, shardings: TrainShardings):
+        """The jitted, sharded, non-finite-guarded train step of `stage` (compiled once per process and config)."""
+        train_cfg = self.cfg.train_config(stage)
+        key = ("train", repr(self.cfg.model), repr(train_cfg), _mesh_key(shardings.mesh), tuple(shardings.rules))
+        return _cached(key, lambda: make_train_step(graphdef, tx, self.cfg.model, train_cfg, shardings=shardings,
+                                                    guard_nonfinite=True))
 
     def build_stage(self, stage: str):
         """(graphdef, state, frozen, tx, shardings) of `stage` at initialisation, placed on the mesh.
@@ -344,14 +200,9 @@ class Trainer:
         index = STAGES.index(stage)
         if index > 0:
             prev = STAGES[index - 1]
-            mngr = _manager(self.workdir, prev, self.cfg, read_only=True)
-            try:
-                target = params_of_groups(_abstract(state.params), _abstract(frozen), trained_groups(self.cfg, prev))
-                restored = mngr.restore(self.cfg.stage(prev).steps, params=target)["params"]
-            finally:
-                mngr.close()
-            state = state.replace(params=replace_by_path(state.params, restored))
-            frozen = replace_by_path(frozen, restored)
+            with open_manager(self.workdir, prev, self.cfg, read_only=True) as mngr:
+                state, frozen, _ = restore_params(mngr, self.cfg.stage(prev).steps, state, frozen,
+                                                  trained_groups(self.cfg, prev))
         return graphdef, state, frozen, tx, sh
 
     # one stage
@@ -359,17 +210,12 @@ class Trainer:
         cfg, run = self.cfg, self.cfg.stage(stage)
         graphdef, state, frozen, tx, sh = self.init_stage(stage)
         groups = trained_groups(cfg, stage)
-        mngr = _manager(self.workdir, stage, cfg)
+        mngr = open_manager(self.workdir, stage, cfg)
         start, nonfinite, data_state = 0, 0, None
         latest = mngr.latest_step()
         if latest is not None:
-            target_params = params_of_groups(_abstract(state.params), _abstract(frozen), groups)
-            target_state = {"step": _abstract(state.step), "opt_state": _abstract(state.opt_state)}
-            got = mngr.restore(latest, params=target_params, state=target_state)
-            state = state.replace(params=replace_by_path(state.params, got["params"]), step=got["state"]["step"],
-                                  opt_state=got["state"]["opt_state"])
-            frozen = replace_by_path(frozen, got["params"])
-            start, nonfinite, data_state = latest, int(got["meta"]["nonfinite"]), got["meta"]["data_state"]
+            state, frozen, meta = restore_params(mngr, latest, state, frozen, groups, opt_state=True)
+            start, nonfinite, data_state = latest, int(meta["nonfinite"]), meta["data_state"]
             self._log(f"{stage}: resumed from step {latest}")
         history_path = os.path.join(stage_dir(self.workdir, stage), "history.jsonl")
         if self.main:
@@ -385,7 +231,7 @@ class Trainer:
         it = make_train_iterator(cfg.data_config(stage), cfg.model, run.recipe, data_index, data_count)
         if data_state is not None:
             it.set_state(data_state)
-        step_fn = compiled_train_step(graphdef, tx, cfg, stage, sh)
+        step_fn = self.compiled_train_step(graphdef, tx, stage, sh)
         base_key = jax.random.fold_in(jax.random.key(cfg.seed), STAGES.index(stage))
         offset = self.global_offset(stage)
         bar = None
@@ -617,29 +463,24 @@ def evaluate_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = Non
         graphdef, state, frozen, _, _ = trainer.build_stage(STAGES[0])
         return {"stage": None, "step": 0, "metrics": trainer.evaluate(graphdef, state.params, frozen, accumulator)}
     if stage is None:
-        have = [s for s in STAGES if _existing_steps(workdir, s, cfg)]
+        have = [s for s in STAGES if existing_steps(workdir, s, cfg)]
         if not have:
             raise ConfigError(f"no checkpoint in {os.path.abspath(workdir)} (looked in <stage>/checkpoints for "
                               f"{list(STAGES)}); train first or pass --init")
         stage = have[-1]
     cfg.stage(stage)
-    steps = _existing_steps(workdir, stage, cfg)
+    steps = existing_steps(workdir, stage, cfg)
     if not steps:
         raise ConfigError(f"no {stage} checkpoint in {os.path.join(stage_dir(os.path.abspath(workdir), stage), 'checkpoints')}")
     step = steps[-1] if step is None else step
     if step not in steps:
         raise ConfigError(f"no {stage} checkpoint of step {step} in {os.path.abspath(workdir)}; have {steps}")
     graphdef, state, frozen, _, _ = trainer.build_stage(stage)
-    mngr = _manager(workdir, stage, cfg, read_only=True)
-    try:
+    with open_manager(workdir, stage, cfg, read_only=True) as mngr:
         saved = mngr.read_json(step)["config"]
         diff = config_diff(stage_identity(saved, stage), stage_identity(cfg.to_dict(), stage))
         if diff:
             raise ConfigError(f"the {stage} checkpoint (step {step}) in {workdir} was trained with another config: "
                               + "; ".join(diff[:8]))
-        target = params_of_groups(_abstract(state.params), _abstract(frozen), trained_groups(cfg, stage))
-        restored = mngr.restore(step, params=target)["params"]
-    finally:
-        mngr.close()
-    params, frozen = replace_by_path(state.params, restored), replace_by_path(frozen, restored)
-    return {"stage": stage, "step": step, "metrics": trainer.evaluate(graphdef, params, frozen, accumulator)}
+        state, frozen, _ = restore_params(mngr, step, state, frozen, trained_groups(cfg, stage))
+    return {"stage": stage, "step": step, "metrics": trainer.evaluate(graphdef, state.params, frozen, accumulator)}

@@ -1,4 +1,4 @@
-"""CG-DETR `cg_model.*` <-> `temporal_head.*` (MODEL-SPEC §6, §9.2; see also tpo_jax/heads/temporal.py).
+"""CG-DETR `cg_model.*` <-> `temporal_head.*` (MODEL-SPEC §6, §9.2; see also tpo_jax/heads/temporal/model.py).
 
     input_{txt,vid}_proj.{j}.LayerNorm          -> temporal_head.input_{txt,vid}_proj.{j}.norm
     input_{txt,vid}_proj.{j}.net.1              -> temporal_head.input_{txt,vid}_proj.{j}.linear      (net.0 = Dropout)

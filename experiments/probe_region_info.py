@@ -2,9 +2,9 @@
 (linear) probes from the ViT tokens, the Q-Former tokens and the LLM's final hidden state at `<boxes>` to
 the ground-truth box of synthetic region records.
 
-    python benchmarks/probe_region_info.py                                   # the default run's model
-    python benchmarks/probe_region_info.py --set qformer.num_query_tokens=4 --set qformer.num_extra_query_tokens=4
-    python benchmarks/probe_region_info.py --objects 1,2 --examples 2048
+    python experiments/probe_region_info.py                                   # the default run's model
+    python experiments/probe_region_info.py --set qformer.num_query_tokens=4 --set qformer.num_extra_query_tokens=4
+    python experiments/probe_region_info.py --objects 1,2 --examples 2048
 
 The model is random (no training). Each probe is fitted on the first 3/4 of the examples and scored on the
 rest with the region metrics (Acc@0.5, mean IoU); the ridge strength is the best of a small grid, so the

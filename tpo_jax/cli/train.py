@@ -70,7 +70,8 @@ def _setup(args, workdir_config: bool = False) -> "RunConfig":  # noqa: F821
     import logging  # noqa: PLC0415
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only managers etc.
-    from tpo_jax.train.run_config import apply_overrides, get_run_config, load_run_config  # noqa: PLC0415
+    from tpo_jax.overrides import apply_overrides  # noqa: PLC0415
+    from tpo_jax.train.run_config import get_run_config, load_run_config  # noqa: PLC0415
     saved = os.path.join(args.workdir, "config.json")
     base = load_run_config(saved) if workdir_config and os.path.exists(saved) else get_run_config(args.config)
     return apply_overrides(base, args.overrides)

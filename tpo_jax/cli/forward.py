@@ -4,7 +4,8 @@
     tpo-forward --question "Where is the square?" --new-tokens 8
 
 It builds the demo prompt (MODEL-SPEC §4.3) with the shipped tokenizer, appends a planted
-`<box_begin><boxes>` so a task-token hidden state exists, runs one jitted forward pass, then greedy-
+`<box_begin><boxes>` so a task-token hidden state exists, runs one jitted forward pass (with the region
+head's box at that token), then greedy-
 decodes a few tokens with the KV cache. The clip is `tpo_jax.data.synthetic.synthetic_clip`: a coloured square
 moving over a grey background. With random weights the words are noise; the point is to
 show every stage running end to end with the shapes the real model uses.
@@ -21,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tpo_jax.data.synthetic import synthetic_clip
 from tpo_jax import config as C
 from tpo_jax.llm import KVCache
-from tpo_jax.model import TPOModel, gather_task_hidden
+from tpo_jax.model import TPOModel
 from tpo_jax.tokenizer import MultimodalTokenizer
+from tpo_jax.data.prompts import encode_demo_prompt
+from tpo_jax.data.synthetic import synthetic_clip
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +41,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     model = TPOModel(cfg, rngs=nnx.Rngs(args.seed))
     tok = MultimodalTokenizer(num_visual_tokens=cfg.num_visual_tokens)
-    prompt = tok.encode_demo_prompt(args.question)
+    prompt = encode_demo_prompt(tok, args.question)
     planted = tok.encode("<box_begin><boxes>", add_bos=False)
     ids = np.concatenate([prompt.input_ids, planted])[None]
     visual_mask = np.concatenate([prompt.visual_index, np.zeros(len(planted), bool)])[None]
@@ -51,14 +53,15 @@ def main(argv=None):
     @jax.jit
     def prefill(state, ids, visual_mask, frames):
         m = nnx.merge(graphdef, state)
-        return m(ids, visual_mask=visual_mask, frames=frames, cache=KVCache.init(cfg.llm, ids.shape[0], max_len))
+        return m(ids, visual_mask=visual_mask, frames=frames, cache=KVCache.init(cfg.llm, ids.shape[0], max_len),
+                 heads=("region",))
 
     @jax.jit
     def decode(state, token, cache):
         return nnx.merge(graphdef, state)(token, cache=cache)
 
     out = prefill(state, jnp.asarray(ids), jnp.asarray(visual_mask), jnp.asarray(frames))
-    boxes_h, boxes_pos, boxes_valid = gather_task_hidden(out.hidden, jnp.asarray(ids), C.BOXES_ID, num_slots=2)
+    region = out.heads.region
     generated, cache = [], out.cache
     token = jnp.argmax(out.logits[:, -1], axis=-1)[:, None]
     for _ in range(args.new_tokens):
@@ -71,12 +74,12 @@ def main(argv=None):
         "preset": args.preset, "parameters": n_params, "frames": list(frames.shape),
         "prompt_tokens": int(ids.shape[1]), "visual_tokens": int(visual_mask.sum()),
         "logits": list(out.logits.shape), "hidden": list(out.hidden.shape),
-        "boxes_token_position": int(boxes_pos[0, 0]), "boxes_slots_valid": np.asarray(boxes_valid[0]).tolist(),
-        "boxes_hidden_norm": round(float(jnp.linalg.norm(boxes_h[0, 0])), 4),
+        "boxes_token_position": int(region.positions[0, 0]), "boxes_slot_present": bool(region.present[0, 0]),
+        "region_box_xyxy": [round(float(v), 4) for v in region.boxes[0, 0]],
         "greedy_ids": generated, "greedy_text": tok.decode(generated),
         "seconds": round(time.perf_counter() - t0, 2),
     }, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

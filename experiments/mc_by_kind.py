@@ -8,8 +8,8 @@ most common right letter would score. A letter accuracy far below cloze on a kin
 knows the answer but does not emit its letter; a letter histogram piled on one letter means it learned
 the letter prior, not the binding.
 
-    python benchmarks/mc_by_kind.py runs/tiny                 # the last stage's latest checkpoint
-    python benchmarks/mc_by_kind.py runs/tiny --stage stage1
+    python experiments/mc_by_kind.py runs/tiny                 # the last stage's latest checkpoint
+    python experiments/mc_by_kind.py runs/tiny --stage stage1
 
 Measured numbers: docs/training.md, "Letter-form MC by question kind".
 """

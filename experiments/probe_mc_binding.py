@@ -9,8 +9,8 @@ the model need not see the answer in the clip: only the text-to-letter binding i
 TPO stage-3 recipe keeps them frozen; this lifts that for the probe only). Uniform guessing scores ~0.35
 on these questions.
 
-    python benchmarks/probe_mc_binding.py --hint --train-llm-base --llm-lr 2e-3 --steps 1000
-    python benchmarks/probe_mc_binding.py --train-llm-base --steps 1000 --objects 1 --set llm.num_layers=4
+    python experiments/probe_mc_binding.py --hint --train-llm-base --llm-lr 2e-3 --steps 1000
+    python experiments/probe_mc_binding.py --train-llm-base --steps 1000 --objects 1 --set llm.num_layers=4
 
 Measured numbers: docs/training.md, "How the default got here (MC)".
 """
@@ -38,7 +38,8 @@ from tpo_jax.tokenizer import MultimodalTokenizer  # noqa: E402
 from tpo_jax.train import stages  # noqa: E402
 from tpo_jax.train.evaluate import evaluate, make_predict_fn  # noqa: E402
 from tpo_jax.train.optim import OptimConfig  # noqa: E402
-from tpo_jax.train.run_config import RunConfig, apply_overrides, tiny_train_model  # noqa: E402
+from tpo_jax.overrides import apply_overrides  # noqa: E402
+from tpo_jax.train.run_config import RunConfig, tiny_train_model  # noqa: E402
 from tpo_jax.train.step import TrainConfig, init_train_state, make_train_step  # noqa: E402
 
 BATCH = 16

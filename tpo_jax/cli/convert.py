@@ -1,0 +1,105 @@
+"""`tpo-convert`: PyTorch checkpoints -> tpo-jax (Orbax) and back (`python -m tpo_jax.cli.convert`).
+
+Subcommands `videochat`, `hf`, `export-hf`, `export-videochat`; see docs/conversion.md. The work lives in
+`tpo_jax.checkpoints.convert` and `tpo_jax.checkpoints.export`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tpo_jax.checkpoints.configs import llm_config_from_hf, read_json
+from tpo_jax.checkpoints.convert import OUTPUT_DTYPES, convert_hf, convert_videochat, format_report
+from tpo_jax.checkpoints.errors import ConversionError
+from tpo_jax.checkpoints.export import export_hf, export_videochat
+from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES
+from tpo_jax.config import ConfigError, TPOConfig, get_config
+from tpo_jax.overrides import apply_overrides
+
+
+def _cli_config(args) -> TPOConfig:
+    return apply_overrides(get_config(args.preset), args.set or [])
+
+
+def _cli_mesh(spec: str | None):
+    if not spec:
+        return None
+    from tpo_jax import sharding as tpo_sharding
+
+    sizes = {}
+    for part in spec.split(","):
+        name, _, size = part.partition("=")
+        sizes[name.strip()] = int(size)
+    return tpo_sharding.make_mesh(tpo_sharding.MeshConfig(**sizes))
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tpo-convert", description="Convert PyTorch checkpoints to tpo-jax (Orbax) "
+                                "and back. See docs/conversion.md.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, lora_default):
+        sp.add_argument("source", help="checkpoint file, index .json, or directory")
+        sp.add_argument("out", help="output directory (must not exist unless --overwrite)")
+        sp.add_argument("--lora", choices=["keep", "merge"], default=lora_default)
+        sp.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="keep")
+        sp.add_argument("--mesh", help="shard while writing, e.g. data=1,fsdp=-1,tensor=1")
+        sp.add_argument("--rules", default="fsdp", help="sharding strategy of tpo_jax.sharding (with --mesh)")
+        sp.add_argument("--budget-mb", type=int, default=DEFAULT_BUDGET_BYTES // 2 ** 20,
+                        help="max MiB of tensors materialised at once (a larger tensor runs alone)")
+        sp.add_argument("--overwrite", action="store_true")
+        sp.add_argument("--dry-run", action="store_true", help="check and report, write nothing")
+
+    v = sub.add_parser("videochat", help="released VideoChat-TPO checkpoint -> Orbax")
+    common(v, "keep")
+    v.add_argument("--preset", default="videochat_tpo_7b")
+    v.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. llm.num_layers=4")
+    v.add_argument("--no-extras", action="store_true", help="do not keep SAM2 / unused tensors")
+    h = sub.add_parser("hf", help="Hugging Face Mistral/Llama (+ PEFT adapter) -> Orbax (under llm.)")
+    common(h, "merge")
+    h.add_argument("--adapter", help="PEFT adapter directory (adapter_config.json + weights)")
+    h.add_argument("--config", help="config.json of the LLM (default: next to the weights)")
+    for name, what in (("export-hf", "our LLM -> Hugging Face safetensors (+ PEFT adapter with --peft)"),
+                       ("export-videochat", "whole model -> VideoChat-TPO key layout")):
+        e = sub.add_parser(name, help=what)
+        e.add_argument("checkpoint", help="a directory written by tpo-convert")
+        e.add_argument("out")
+        e.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="keep")
+        e.add_argument("--max-shard-gb", type=float, default=5.0)
+        e.add_argument("--overwrite", action="store_true")
+        if name == "export-hf":
+            e.add_argument("--peft", action="store_true", help="base weights + PEFT adapter instead of merged")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command in ("videochat", "hf"):
+            common = dict(lora=args.lora, dtype=args.dtype, mesh=_cli_mesh(args.mesh), rules=args.rules,
+                          overwrite=args.overwrite, budget_bytes=args.budget_mb * 2 ** 20, dry_run=args.dry_run,
+                          log=print)
+            if args.command == "videochat":
+                report = convert_videochat(args.source, args.out, _cli_config(args), extras=not args.no_extras,
+                                           **common)
+            else:
+                llm_cfg = (llm_config_from_hf(read_json(args.config), file=args.config) if args.config else None)
+                report = convert_hf(args.source, args.out, adapter=args.adapter, llm_cfg=llm_cfg, **common)
+            if args.dry_run:
+                print(format_report(report))
+        else:
+            kw = dict(dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
+            if args.command == "export-hf":
+                files = export_hf(args.checkpoint, args.out, peft=args.peft, **kw)
+            else:
+                files = export_videochat(args.checkpoint, args.out, **kw)
+            print("\n".join(str(f) for f in files))
+    except (ConversionError, ConfigError) as e:
+        print(f"tpo-convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""A training run's work directory: which stage checkpoints it holds, whether they belong to this config,
+and loading a stage's parameters back into a train state.
+
+    WORKDIR/<stage>/checkpoints/   Orbax checkpoints (`tpo_jax.checkpoints.manager`) of each stage
+
+A checkpoint of a stage holds the parameters of every group trained up to it (`trained_groups`), so the next
+stage and evaluation load exactly those (`restore_params`); everything else keeps its initial value.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+from tpo_jax.checkpoints.manager import CheckpointManager, abstract_like
+from tpo_jax.config import ConfigError
+from tpo_jax.train.run_config import STAGES, RunConfig, from_dict
+from tpo_jax.train.stages import get_recipe, param_group
+from tpo_jax.tree_paths import leaf_paths, nest, replace_by_path
+
+# config sections a checkpoint depends on; the others (logging, eval, checkpoint cadence, mesh) may change
+IDENTITY_FIELDS = ("model", "data", "optim", "seed", "micro_batches", "dropout", "loss_weights")
+
+
+def trained_groups(cfg: RunConfig, stage: str) -> frozenset[str]:
+    """Parameter groups trained by `stage` or any stage before it, by the recipes `cfg` runs them with
+    (what its checkpoint stores)."""
+    out: set[str] = set()
+    for name in STAGES[:STAGES.index(stage) + 1]:
+        out |= get_recipe(cfg.stage(name).recipe).trainable_groups
+    return frozenset(out)
+
+
+def stage_identity(cfg_dict: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """The part of a config that a checkpoint of `stage` depends on."""
+    out = {k: cfg_dict[k] for k in IDENTITY_FIELDS}
+    out.update({s: cfg_dict[s] for s in STAGES[:STAGES.index(stage) + 1]})
+    return out
+
+
+def with_defaults(cfg_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A saved config with the fields added since it was written filled in at their defaults (as is, if it
+    no longer parses: the diff then names what differs)."""
+    try:
+        return from_dict(RunConfig, cfg_dict).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return cfg_dict
+
+
+def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """`key: a != b` for every leaf where two JSON-like trees differ."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = []
+        for k in list(a) + [k for k in b if k not in a]:
+            out += config_diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} (checkpoint) != {b!r} (this run)"]
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, stage)
+
+
+def open_manager(workdir: str, stage: str, cfg: RunConfig, read_only: bool = False) -> CheckpointManager:
+    return CheckpointManager(os.path.join(stage_dir(workdir, stage), "checkpoints"), cfg.checkpoint,
+                             read_only=read_only)
+
+
+def existing_steps(workdir: str, stage: str, cfg: RunConfig) -> list[int]:
+    if not os.path.isdir(os.path.join(stage_dir(workdir, stage), "checkpoints")):
+        return []
+    mngr = open_manager(workdir, stage, cfg, read_only=True)
+    try:
+        return mngr.all_steps()
+    finally:
+        mngr.close()
+
+
+def check_workdir(cfg: RunConfig, workdir: str, stages: Sequence[str], resume: bool) -> None:
+    """One clear ConfigError when `workdir` cannot serve this run: a checkpoint of another config, a
+    stage with checkpoints but no `resume`, or a missing previous-stage checkpoint."""
+    current = cfg.to_dict()
+    for stage in STAGES:
+        steps = existing_steps(workdir, stage, cfg)
+        if not steps:
+            continue
+        mngr = open_manager(workdir, stage, cfg, read_only=True)
+        try:
+            saved = with_defaults(mngr.read_json(steps[-1])["config"])
+        finally:
+            mngr.close()
+        diff = config_diff(stage_identity(saved, stage), stage_identity(current, stage))
+        if diff:
+            raise ConfigError(
+                f"work directory {workdir} holds a {stage} checkpoint (step {steps[-1]}) of another config: "
+                + "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+                + ". Use a new --workdir, or the checkpoint's config.")
+        if stage in stages and not resume:
+            raise ConfigError(f"work directory {workdir} already holds {stage} checkpoints (steps {steps}); pass "
+                              f"--resume to continue them, or use a new --workdir")
+    first = min(STAGES.index(s) for s in stages)
+    if first > 0:
+        prev = STAGES[first - 1]
+        steps = existing_steps(workdir, prev, cfg)
+        need = cfg.stage(prev).steps
+        if need not in steps:
+            have = f"it has steps {steps}" if steps else "there is none"
+            raise ConfigError(
+                f"{STAGES[first]} starts from the final {prev} checkpoint (step {need}) in "
+                f"{os.path.join(stage_dir(workdir, prev), 'checkpoints')}, but {have}; run --stages "
+                f"{prev[-1]} first (add --resume to finish a stopped one), or --stages all")
+
+
+def group_of(path: tuple[str, ...]) -> str | None:
+    try:
+        return param_group(path)
+    except KeyError:
+        return None
+
+
+def params_of_groups(params, frozen, groups) -> dict:
+    """Nested dict (by model path) of the leaves of `params` and `frozen` in parameter `groups`."""
+    flat = {p: x for tree in (params, frozen) for p, x in leaf_paths(tree) if group_of(p) in groups}
+    return nest(flat)
+
+
+def restore_params(mngr: CheckpointManager, step: int, state, frozen, groups, *, opt_state: bool = False):
+    """Load the parameters of `groups` saved at `step` into `state.params` / `frozen` (each array straight into
+    the sharding it has there); with `opt_state` also the step counter and optimizer state (a resume).
+    Returns (state, frozen, meta of the checkpoint)."""
+    target = {"params": params_of_groups(abstract_like(state.params), abstract_like(frozen), groups)}
+    if opt_state:
+        target["state"] = {"step": abstract_like(state.step), "opt_state": abstract_like(state.opt_state)}
+    got = mngr.restore(step, **target)
+    state = state.replace(params=replace_by_path(state.params, got["params"]))
+    if opt_state:
+        state = state.replace(step=got["state"]["step"], opt_state=got["state"]["opt_state"])
+    return state, replace_by_path(frozen, got["params"]), got.get("meta")
