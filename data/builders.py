@@ -88,9 +88,11 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         groups = self._records()
-        return {f"{split}_{task}": self._generate_examples(records) for (split, task), records in groups.items()}
+        return {f"{split}_{task}": self._generate_examples(records, f"{split}_{task}")
+                for (split, task), records in groups.items()}
 
-    def _generate_examples(self, records: Iterable[Record]):
+    def _generate_examples(self, records: Iterable[Record], name: str = ""):
+        written = 0
         for record in records:
             try:
                 ex = record_to_example(record, self.storage, self.quality, num_frames=self.num_frames,
@@ -99,8 +101,17 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 self._bad.fail(record.id, e)
                 continue
             self._bad.good()
+            written += 1
             yield record.id, ex
         self.info.metadata.update(records_seen=self._bad.seen, bad_records=self._bad.bad)
+        log.info("%s: %d records (%d bad so far)", name, written, self._bad.bad)
+
+    # tfds prints "Downloading and preparing dataset ..." and "... downloaded and prepared" to stdout: a log line
+    def _log_download_bytes(self) -> None:
+        log.info("building %s in %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        log.info("built %s: %d records, %d bad", self.data_dir, self._bad.seen - self._bad.bad, self._bad.bad)
 
 
 class TpoSynthetic(_RecordBuilder, skip_registration=True):

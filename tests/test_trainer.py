@@ -205,6 +205,67 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
         assert m.read_json(done)["meta"]["data_state"]["grain"]["next_index"] == 2 * done
 
 
+def _cli_sets(*extra):
+    return [a for item in BASE + list(extra) for a in ("--set", item)]
+
+
+def test_ctrl_c_saves_and_resume_is_exact(full_run, tmp_path, monkeypatch, capfd):
+    """Ctrl-C (SIGINT, raised here while batch 8 is read, i.e. during step 7) finishes the step, saves it and
+    prints how to resume; the resumed run's losses are bit-identical to the uninterrupted run's."""
+    original = T.make_train_iterator
+
+    class CtrlC:
+        def __init__(self, *args, at=8, times=1):
+            self.it, self.n, self.at, self.times = original(*args), 0, at, times
+
+        def __next__(self):
+            self.n += 1
+            if self.n == self.at:
+                for _ in range(self.times):
+                    signal.raise_signal(signal.SIGINT)
+            return next(self.it)
+
+        def get_state(self):
+            return self.it.get_state()
+
+        def set_state(self, state):
+            self.it.set_state(state)
+
+    args = ["--workdir", str(tmp_path), "--stages", "1", "--no-progress", "--compilation-cache", "none", *_cli_sets()]
+    monkeypatch.setattr(T, "make_train_iterator", CtrlC)
+    assert train_main(args) == 130
+    out, err = capfd.readouterr()
+    assert "Ctrl-C: finishing this step and saving a checkpoint" in err and "Traceback" not in err
+    assert "stage1: stopped at step 7 of 20 (SIGINT); checkpoint saved, continue with --resume" in out
+    assert f"tpo-train: stopped (SIGINT); resume with --resume --workdir {tmp_path}" in out
+    with CheckpointManager(tmp_path / "stage1" / "checkpoints") as m:
+        assert m.latest_step() == 7 and m.read_json(7)["meta"]["step"] == 7
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    monkeypatch.setattr(T, "make_train_iterator", original)
+    assert train_main(args + ["--resume"]) == 0
+    assert [h["loss/total"] for h in _history(str(tmp_path))] == [h["loss/total"] for h in _history(full_run[0])]
+    # a second Ctrl-C aborts at once: no checkpoint of the interrupted step, one line, exit 130
+    monkeypatch.setattr(T, "make_train_iterator", lambda *a: CtrlC(*a, at=4, times=2))
+    assert train_main(["--workdir", str(tmp_path / "again"), *args[2:]]) == 130
+    err = capfd.readouterr().err
+    assert "tpo-train: interrupted; nothing saved since the last checkpoint" in err and "Traceback" not in err
+    with CheckpointManager(tmp_path / "again" / "stage1" / "checkpoints") as m:
+        assert m.all_steps() == []
+
+
+def test_resume_of_a_finished_run_does_nothing(full_run, capfd):
+    workdir, _ = full_run
+    files = {os.path.join(r, f) for r, _, fs in os.walk(workdir) for f in fs}
+    metrics = open(os.path.join(workdir, "metrics.json"), "rb").read()
+    t0 = time.perf_counter()
+    assert train_main(["--workdir", workdir, "--stages", "1", "--resume", "--compilation-cache", "none",
+                       *_cli_sets()]) == 0
+    assert time.perf_counter() - t0 < 5
+    assert "is complete (stage1 at step 20, the final steps); nothing to do" in capfd.readouterr().out
+    assert open(os.path.join(workdir, "metrics.json"), "rb").read() == metrics
+    assert {os.path.join(r, f) for r, _, fs in os.walk(workdir) for f in fs} == files  # no new TensorBoard file
+
+
 def test_tpo_eval_cli(full_run, tmp_path, capsys):
     workdir, _ = full_run
     out_file = tmp_path / "eval.json"
@@ -256,3 +317,30 @@ def test_saved_config_without_newer_fields_matches_at_defaults():
     changed = _cfg('stage1.loss_weights={"region": 3}').to_dict()
     assert W.config_diff(W.stage_identity(W.with_defaults(saved), "stage3"), W.stage_identity(changed, "stage3")) == [
         "stage1.loss_weights: None (checkpoint) != {'region': 3} (this run)"]
+
+
+def test_end_of_run_report(tmp_path):
+    """The summary compares window means, not two single steps; the table and metrics.png show every stage."""
+    from tpo_jax.train import report
+
+    rng = np.random.default_rng(0)
+    history = [{"stage": s, "step": i + 1, "global_step": off + i + 1, "loss/total": base - i / 100 + rng.normal(0, .3)}
+               for s, off, base in (("stage1", 0, 5.0), ("stage2", 300, 3.0)) for i in range(300)]
+    first, last, n = report.loss_window(history, "stage2")
+    y = np.asarray([h["loss/total"] for h in history if h["stage"] == "stage2"])
+    assert n == 50 and first == pytest.approx(y[:50].mean()) and last == pytest.approx(y[-50:].mean())
+    assert report.loss_window(history[:20], "stage1")[2] == 5  # a quarter of a short stage
+    for stage in ("stage1", "stage2"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "history.jsonl").write_text(
+            "".join(json.dumps(h) + "\n" for h in history if h["stage"] == stage))
+    before = {"rec/acc@0.5": 0.0, "mask/l1": 1.2, "mask/count": 8}
+    stages = {"stage1": {"rec/acc@0.5": 0.1, "mask/l1": 1.3, "mask/count": 8},
+              "stage2": {"rec/acc@0.5": 0.25, "mask/l1": 0.4, "mask/count": 8}}
+    text = report.write_reports(str(tmp_path), {"before": before, "stages": stages, "after": stages["stage2"]},
+                                {"stage1": 0, "stage2": 300, "stage3": 600}, 12.0)
+    assert f"stage2: 300 steps, loss {first:.3f} -> {last:.3f} (mean of the first and of the last 50" in text
+    assert "metric                 before   stage1   stage2  better by" in text
+    assert "mask/l1                 1.200    1.300    0.400     +0.800" in text  # lower is better: + means it fell
+    for name in ("curves.png", "metrics.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,15 +3,17 @@ every `--set` of the command-line tools.
 
     cfg = apply_overrides(get_config("tiny"), ["llm.num_layers=4", "dtype=bfloat16"])
 
-A value is read as the type of the field it replaces (int, float, bool, str, tuple, dict); `none` sets an
-optional field to None; a key inside a dict field (`loss_weights.region=2`) replaces that one entry. Every
-problem is one `ConfigError` naming the key.
+A value is read as the type of the field it replaces (int, float, bool, str, tuple, dict), or, for an optional
+field that is None now, as its declared type (`optim.lr: float | None` reads `1e-3` as a float); a float must
+be finite (`nan`, `inf` are errors); `none` sets an optional field to None; a key inside a dict field
+(`loss_weights.region=2`) replaces that one entry. Every problem is one `ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Mapping, Sequence
@@ -29,14 +31,16 @@ def _literal(text: str):
         return text
 
 
-def parse_value(text: str, current: Any, key: str) -> Any:
-    """`text` as the type of the field's current value."""
+def parse_value(text: str, current: Any, key: str, declared: Any = None) -> Any:
+    """`text` as the type of the field's current value (or, when that is None, as the `declared` type)."""
     def bad(expected):
         raise ConfigError(f"config field '{key}': cannot read {text!r} as {expected}")
 
     low = text.strip().lower()
     if low in ("none", "null") and current is None:
         return None
+    if current is None and declared in (bool, int, float, str):
+        current = declared()  # an optional scalar that is None now: read the value as its declared type
     if isinstance(current, bool):
         if low in _TRUE + _FALSE:
             return low in _TRUE
@@ -48,9 +52,12 @@ def parse_value(text: str, current: Any, key: str) -> Any:
             bad("an integer")
     if isinstance(current, float):
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             bad("a number")
+        if not math.isfinite(value):
+            bad("a finite number (a float field must be finite)")
+        return value
     if isinstance(current, str):
         return text
     if isinstance(current, (tuple, list)):
@@ -92,13 +99,16 @@ def _lookup(cfg, key: str):
     return obj
 
 
-def _optional(cfg, parts: list[str]) -> bool:
-    """Whether the dataclass field at `parts` is declared as `... | None`."""
+def _declared(cfg, parts: list[str]) -> tuple[bool, Any]:
+    """(whether the dataclass field at `parts` is declared as `... | None`, its one non-None type or None)."""
     parent = _lookup(cfg, ".".join(parts[:-1])) if len(parts) > 1 else cfg
     if not dataclasses.is_dataclass(parent):
-        return False
+        return False, None
     tp = typing.get_type_hints(type(parent)).get(parts[-1])
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return False, tp
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return type(None) in typing.get_args(tp), args[0] if len(args) == 1 else None
 
 
 def apply_override(cfg: Any, item: str) -> Any:
@@ -108,9 +118,10 @@ def apply_override(cfg: Any, item: str) -> Any:
     key, text = (s.strip() for s in item.split("=", 1))
     current = _lookup(cfg, key)
     parts = key.split(".")
-    if text.lower() in ("none", "null") and _optional(cfg, parts):
+    optional, declared = _declared(cfg, parts)
+    if text.lower() in ("none", "null") and optional:
         return C.replace(cfg, **{key: None})
-    value = parse_value(text, current, key)
+    value = parse_value(text, current, key, declared)
     # a key inside a dict field (e.g. loss_weights.region): replace the whole dict
     for i in range(len(parts) - 1, 0, -1):
         parent = _lookup(cfg, ".".join(parts[:i]))

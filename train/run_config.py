@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -156,11 +157,26 @@ class RunConfig:
             check_field(isinstance(v, int) and v >= 0, name, f"must be an integer >= 0, got {v!r}")
         check_field(self.data.batch_size % self.micro_batches == 0, "micro_batches",
                     f"{self.micro_batches} must divide data.batch_size {self.data.batch_size}")
+        least = shortest_example(self.model.num_visual_tokens)
+        check_field(self.data.seq_len > least, "data.seq_len",
+                    f"{self.data.seq_len} is too short: the prompt alone ({self.model.num_visual_tokens} visual tokens "
+                    f"and the template, an empty question and answer) takes {least} tokens; each example must fit "
+                    f"(the tiny run uses 128)")
         return self
 
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@functools.lru_cache(maxsize=None)
+def shortest_example(num_visual_tokens: int) -> int:
+    """Tokens of the shortest possible example: the video prompt with an empty question and answer."""
+    from tpo_jax.data.conversation import tokenize_dialogue  # noqa: PLC0415
+    from tpo_jax.tokenizer import MultimodalTokenizer  # noqa: PLC0415
+    tok = MultimodalTokenizer(num_visual_tokens=num_visual_tokens)
+    ((prompt, _, answer),) = tokenize_dialogue(tok, [("", "")], is_video=True, frame_times=None)
+    return len(prompt) + len(answer)
 
 
 # --- presets -------------------------------------------------------------------------------------------------------

@@ -304,33 +304,49 @@ def to_markdown(rows: Sequence[tuple[str, dict]], header: str = "") -> str:
 
 
 def plot(rows: Sequence[tuple[str, dict]], path: str, title: str = "", budget_gb: float | None = 80.0) -> None:
-    """Stacked bars per plan: memory per device (with a line at `budget_gb` GB) and collective bytes."""
+    """Stacked bars per plan: memory per device and collective bytes, each in GiB or, when every bar is under
+    1 GiB, in MiB. The `budget_gb` GB line is drawn when the tallest bar reaches a tenth of it (else its value
+    is named in the title, so small models' bars stay readable)."""
     import textwrap
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = [n for n, _ in rows]
+
+    def unit(values):
+        return ("GiB", 2**30) if max(values, default=0.0) >= 2**30 else ("MiB", 2**20)
+
     fig, (ax_mem, ax_col) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows) + 4), 4.5))
+    mem_parts = (("params", "trainable params"), ("frozen", "frozen params"), ("opt", "optimizer"),
+                 ("batch", "batch"), ("temp", "temp (activations)"))
+    mem_unit, mem_scale = unit([sum(r[k] for k, _ in mem_parts) for _, r in rows])
     bottom = [0.0] * len(rows)
-    for key, label in (("params", "trainable params"), ("frozen", "frozen params"), ("opt", "optimizer"),
-                       ("batch", "batch"), ("temp", "temp (activations)")):
-        vals = [r[key] / 2**30 for _, r in rows]
+    for key, label in mem_parts:
+        vals = [r[key] / mem_scale for _, r in rows]
         ax_mem.bar(names, vals, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, vals)]
+    mem_title = "memory per device"
     if budget_gb:
-        ax_mem.axhline(budget_gb * 1e9 / 2**30, color="k", ls="--", lw=1, label=f"{budget_gb:.0f} GB GPU")
-    ax_mem.set_ylabel("GiB per device")
-    ax_mem.set_title("memory per device")
+        budget = budget_gb * 1e9 / mem_scale
+        if max(bottom, default=0.0) >= 0.1 * budget:
+            ax_mem.axhline(budget, color="k", ls="--", lw=1, label=f"{budget_gb:.0f} GB GPU")
+        else:
+            mem_title += f" (far below {budget_gb:.0f} GB, a GPU's memory)"
+    ax_mem.set_ylim(0, 1.4 * max(max(bottom, default=0.0), 1e-9))  # room for the legend above the bars
+    ax_mem.set_ylabel(f"{mem_unit} per device")
+    ax_mem.set_title(mem_title, fontsize=10)
     ax_mem.legend(fontsize=7)
+    col_unit, col_scale = unit([sum(r["collectives"][k]["bytes"] for k in COLLECTIVES) for _, r in rows])
     bottom = [0.0] * len(rows)
     for kind in COLLECTIVES:
-        vals = [r["collectives"][kind]["bytes"] / 2**30 for _, r in rows]
+        vals = [r["collectives"][kind]["bytes"] / col_scale for _, r in rows]
         ax_col.bar(names, vals, bottom=bottom, label=kind)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax_col.set_ylabel("GiB of collective results per device per step")
-    ax_col.set_title("collectives")
-    ax_col.legend(fontsize=7)
+    ax_col.set_ylim(0, 1.4 * max(max(bottom, default=0.0), 1e-9))
+    ax_col.set_ylabel(f"{col_unit} of collective results per device per step")
+    ax_col.set_title("collectives", fontsize=10)
+    ax_col.legend(fontsize=7, loc="upper left")
     for ax in (ax_mem, ax_col):
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     if title:

@@ -6,7 +6,8 @@
 Work directory (`tpo_jax.train.workdir` checks it and loads stage checkpoints back):
 
     WORKDIR/config.json               the resolved run config
-    WORKDIR/metrics.json              {"before", "after", "improvement", "stages": {stage: metrics}}
+    WORKDIR/metrics.json              {"before", "after", "improvement", "stages": {stage: metrics}}, and
+                                      "during" (a list) with eval.every_steps
     WORKDIR/<stage>/checkpoints/      Orbax checkpoints (tpo_jax.checkpoints.manager) of each stage
     WORKDIR/<stage>/history.jsonl     per-step training metrics
     WORKDIR/tensorboard/              TensorBoard scalars (every loss term, LRs, grad norm, tokens/s, evals)
@@ -18,7 +19,8 @@ its shards by `tpo_jax.train.step.init_sharded`), loads the previous stage's fin
 trained so far), and trains its recipe. A checkpoint holds the parameters of every group trained up to this
 stage, the optimizer state and step, the data-iterator state and the config: `resume=True` continues
 a stage exactly where it stopped (same batches, same dropout keys, bit-identical losses on CPU).
-SIGTERM finishes the current step, saves, and returns; a step with a non-finite loss or gradient keeps
+SIGTERM or Ctrl-C finishes the current step, saves, and returns (a second Ctrl-C aborts at once); `resume=True`
+skips stages that are finished and evaluated, and returns at once when all are. A step with a non-finite loss or gradient keeps
 the old parameters (`tpo_jax.train.nonfinite`), and more than `cfg.max_nonfinite` of them stop the run.
 Only process 0 writes files and logs.
 """
@@ -29,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Mapping, Sequence
@@ -53,7 +56,8 @@ from tpo_jax.model import TPOModel
 from tpo_jax.train.optim import make_optimizer
 from tpo_jax.train.step import TrainShardings, TrainState, init_sharded, make_train_step, split_model
 from tpo_jax.train.workdir import (check_workdir, config_diff, existing_steps, open_manager, params_of_groups,
-                                   restore_params, stage_dir, stage_identity, trained_groups)
+                                   restore_params, stage_dir, stage_identity, trained_groups, with_defaults,
+                                   write_json)
 
 log = logging.getLogger("tpo.train")
 
@@ -83,21 +87,6 @@ def _mesh_key(mesh) -> tuple:
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
-
-def _json_default(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_json_default, allow_nan=True)
-    os.replace(tmp, path)
-
 
 class Trainer:
     """One training job over a work directory (see the module docstring)."""
@@ -138,7 +127,7 @@ class Trainer:
 
     def _save_metrics(self, metrics: dict) -> None:
         if self.main:
-            _write_json(self.metrics_path, metrics)
+            write_json(self.metrics_path, metrics)
 
     def global_offset(self, stage: str) -> int:
         return sum(self.cfg.stage(s).steps for s in STAGES[:STAGES.index(stage)])
@@ -208,6 +197,9 @@ class Trainer:
     # one stage
     def train_stage(self, stage: str, *, stop_after: int | None = None) -> dict[str, Any]:
         cfg, run = self.cfg, self.cfg.stage(stage)
+        data_index, data_count = S.data_shard_for_process(self.mesh)
+        # the data first: a bad source fails before the model is built
+        it = make_train_iterator(cfg.data_config(stage), cfg.model, run.recipe, data_index, data_count)
         graphdef, state, frozen, tx, sh = self.init_stage(stage)
         groups = trained_groups(cfg, stage)
         mngr = open_manager(self.workdir, stage, cfg)
@@ -220,24 +212,19 @@ class Trainer:
         history_path = os.path.join(stage_dir(self.workdir, stage), "history.jsonl")
         if self.main:
             os.makedirs(stage_dir(self.workdir, stage), exist_ok=True)
-            _truncate_history(history_path, start)
+            report.truncate_history(history_path, start)
         result = {"stage": stage, "start": start, "steps": run.steps, "losses": [], "stopped": None, "evals": []}
         if start >= run.steps:
             mngr.close()
+            if hasattr(it, "close"):
+                it.close()
             result.update(state=state, frozen=frozen, graphdef=graphdef, step=start)
             return result
-
-        data_index, data_count = S.data_shard_for_process(self.mesh)
-        it = make_train_iterator(cfg.data_config(stage), cfg.model, run.recipe, data_index, data_count)
         if data_state is not None:
             it.set_state(data_state)
         step_fn = self.compiled_train_step(graphdef, tx, stage, sh)
         base_key = jax.random.fold_in(jax.random.key(cfg.seed), STAGES.index(stage))
         offset = self.global_offset(stage)
-        bar = None
-        if self.main and self.progress:
-            from tqdm import tqdm  # noqa: PLC0415
-            bar = tqdm(total=run.steps, initial=start, desc=stage, unit="step", dynamic_ncols=True, leave=True)
 
         def save(step, data_state_now, force=False):
             params = params_of_groups(state.params, frozen, groups)
@@ -248,9 +235,16 @@ class Trainer:
                                    "nonfinite": nonfinite, "time": time.time()},
                              config=cfg.to_dict(), force=force)
 
-        history_file = open(history_path, "a") if self.main else None
-        warned_dropped = False
-        batch = next(it)
+        try:
+            batch = next(it)  # first: bad data fails here, before a progress bar is drawn
+        except BaseException:
+            if hasattr(it, "close"):
+                it.close()
+            mngr.close()
+            raise
+        steplog = report.StepLog(stage, history_path, start=start, total=run.steps, offset=offset,
+                                 log_every=cfg.log_every, lm_rows=cfg.lm_rows, main=self.main, progress=self.progress,
+                                 scalars=self._scalars)
         t_last, compile_s, trained = time.perf_counter(), None, 0
         gc_schedule = GcSchedule().start()  # collected on a step schedule, not mid-step (train/gc_schedule.py)
         try:
@@ -269,23 +263,8 @@ class Trainer:
                     compile_s = dt
                 trained += 1
                 nonfinite += int(metrics.pop("nonfinite"))
-                if metrics.get("count/lm_dropped", 0) > 0 and not warned_dropped:
-                    warned_dropped = True
-                    log.warning("%s step %d: %d label tokens lay beyond lm_rows=%d label positions of their sample "
-                                "and were left out of the LM loss (count/lm_dropped in history.jsonl); raise lm_rows "
-                                "(0: every position)", stage, step + 1, int(metrics["count/lm_dropped"]), cfg.lm_rows)
-                record = {"stage": stage, "step": step + 1, "global_step": offset + step + 1, **metrics,
-                          "tokens_per_s": tokens / dt, "steps_per_s": 1.0 / dt, "nonfinite_total": nonfinite}
+                steplog.step(step + 1, metrics, tokens, dt, nonfinite)
                 result["losses"].append(metrics["loss/total"])
-                if self.main and ((step + 1) % cfg.log_every == 0 or step + 1 == run.steps):
-                    history_file.write(json.dumps(record, default=_json_default) + "\n")
-                    history_file.flush()
-                    self._scalars("train", {k: v for k, v in record.items() if k not in ("stage", "step", "global_step")
-                                            and not k.startswith("count/")}, offset + step + 1)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss/total']:.4f}", tok_s=f"{tokens / dt:,.0f}",
-                                    refresh=False)
                 if nonfinite > cfg.max_nonfinite:
                     mngr.wait()
                     raise NonFiniteError(
@@ -302,8 +281,8 @@ class Trainer:
                     self._scalars("eval", values, offset + step + 1)
                     result["evals"].append({"stage": stage, "step": step + 1, "global_step": offset + step + 1,
                                             "metrics": values})
-                    if bar is None:
-                        self._log(f"{stage} step {step + 1}: {_short(values)}")
+                    if steplog.bar is None:
+                        self._log(f"{stage} step {step + 1}: {report.short(values)}")
                 if stop:
                     result["stopped"] = self.stop_requested or f"stop_after={stop_after}"
                     result["step"] = step + 1
@@ -312,10 +291,7 @@ class Trainer:
                 result["step"] = run.steps
         finally:
             gc_schedule.stop()
-            if bar is not None:
-                bar.close()
-            if history_file is not None:
-                history_file.close()
+            steplog.close()
             if hasattr(it, "close"):
                 it.close()
             mngr.close()  # waits for the last save
@@ -333,21 +309,30 @@ class Trainer:
             if STAGES.index(b) != STAGES.index(a) + 1:
                 raise ConfigError(f"stages {stages}: stages run in order without gaps (each starts from the previous "
                                   f"one's checkpoint)")
-        check_workdir(self.cfg, self.workdir, stages, resume)
+        have = check_workdir(self.cfg, self.workdir, stages, resume)
+        metrics = self._load_metrics() if resume else {}
+        finished = [s for s in stages if self._finished(s, have, metrics)] if resume else []
+        if finished == stages:
+            steps = ", ".join(f"{s} at step {self.cfg.stage(s).steps}" for s in stages)
+            self._log(f"tpo-train: the run in {self.workdir} is complete ({steps}, the final steps); nothing to do. "
+                      f"Metrics: metrics.json; tpo-eval --workdir {self.workdir} evaluates a checkpoint; to train "
+                      f"longer, use a new --workdir.")
+            return {"workdir": self.workdir, "stages": {}, "complete": True, "metrics": metrics,
+                    "wall_s": time.perf_counter() - t0}
         if self.main:
             os.makedirs(self.workdir, exist_ok=True)
-            _write_json(os.path.join(self.workdir, "config.json"), self.cfg.to_dict())
+            write_json(os.path.join(self.workdir, "config.json"), self.cfg.to_dict())
             from tensorboardX import SummaryWriter  # noqa: PLC0415
             self.writer = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
-        metrics = self._load_metrics() if resume else {}
         summary: dict[str, Any] = {"workdir": self.workdir, "stages": {}}
-        previous = self._install_sigterm()
+        previous = self._install_signals()
         try:
             if "before" not in metrics and self.cfg.eval.enabled:
+                self.eval_batches()  # the data first: a bad source fails before the model is built
                 graphdef, state, frozen, _, _ = self.build_stage(STAGES[0])
                 t = time.perf_counter()
                 metrics["before"] = self.evaluate(graphdef, state.params, frozen)
-                self._log(f"evaluation before training: {_short(metrics['before'])} ({time.perf_counter() - t:.1f} s)")
+                self._log(f"evaluation before training: {report.short(metrics['before'])} ({time.perf_counter() - t:.1f} s)")
                 self._scalars("eval", metrics["before"], 0)
                 self._save_metrics(metrics)
                 del graphdef, state, frozen
@@ -357,6 +342,13 @@ class Trainer:
                 if left is not None and left <= 0:
                     summary["stopped"] = f"stop_after={stop_after}"
                     break
+                if self.stop_requested:  # before any step of this stage: the finished stages are saved
+                    summary["stopped"] = self.stop_requested
+                    self._log(f"stopped ({self.stop_requested}) before {stage}; continue with --resume")
+                    break
+                if stage in finished:
+                    self._log(f"{stage}: complete (step {self.cfg.stage(stage).steps}, evaluated), skipped")
+                    continue
                 res = self.train_stage(stage, stop_after=left)
                 trained += res.get("trained", 0)
                 summary["stages"][stage] = {k: res.get(k) for k in ("start", "step", "steps", "compile_s", "stopped")}
@@ -374,77 +366,55 @@ class Trainer:
                     continue
                 t = time.perf_counter()
                 after = self.evaluate(res["graphdef"], res["state"].params, res["frozen"])
-                self._log(f"evaluation after {stage}: {_short(after)} ({time.perf_counter() - t:.1f} s)")
+                self._log(f"evaluation after {stage}: {report.short(after)} ({time.perf_counter() - t:.1f} s)")
                 metrics.setdefault("stages", {})[stage] = after
                 metrics["after"] = after
                 metrics["improvement"] = improvement(metrics["before"], after)
                 self._scalars("eval", after, self.global_offset(stage) + res["steps"])
                 self._save_metrics(metrics)
         finally:
-            self._restore_sigterm(previous)
+            self._restore_signals(previous)
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
         summary["wall_s"] = time.perf_counter() - t0
         summary["metrics"] = metrics
-        if self.main and "after" in metrics and not summary.get("stopped"):
-            self._reports(metrics, summary)
+        if self.main and not summary.get("stopped") and ("after" in metrics or not self.cfg.eval.enabled):
+            compile_s = {s: v.get("compile_s") for s, v in summary["stages"].items()}
+            self._log(report.write_reports(self.workdir, metrics, {s: self.global_offset(s) for s in STAGES},
+                                           summary["wall_s"], compile_s))
         return summary
 
-    def _reports(self, metrics: dict, summary: dict) -> None:
-        history = []
-        for stage in STAGES:
-            path = os.path.join(stage_dir(self.workdir, stage), "history.jsonl")
-            if os.path.exists(path):
-                with open(path) as f:
-                    history += [json.loads(line) for line in f if line.strip()]
-        starts = {s: self.global_offset(s) for s in STAGES if any(h["stage"] == s for h in history)}
-        report.plot_curves(history, os.path.join(self.workdir, "curves.png"), starts)
-        report.plot_metrics(metrics["before"], metrics["after"], os.path.join(self.workdir, "metrics.png"))
-        lines = [f"tpo-train: {self.workdir}  ({summary['wall_s']:.0f} s)"]
-        for stage, s in summary["stages"].items():
-            losses = s["losses"]
-            tail = f", loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f}" if losses else ""
-            comp = f", first step (compile) {s['compile_s']:.0f} s" if s.get("compile_s") else ""
-            lines.append(f"  {stage}: steps {s['start']} -> {s['step']}{tail}{comp}")
-        lines.append(report.metrics_table(metrics["before"], metrics["after"]))
-        lines.append(f"metrics: {self.metrics_path}; plots: curves.png, metrics.png; "
-                     f"tensorboard --logdir {os.path.join(self.workdir, 'tensorboard')}")
-        self._log("\n".join(lines))
+    def _finished(self, stage: str, have: Mapping[str, list[int]], metrics: Mapping) -> bool:
+        """Whether `stage` has its final checkpoint and (with evaluation on) its metrics in metrics.json."""
+        done = self.cfg.stage(stage).steps in have.get(stage, [])
+        return done and (not self.cfg.eval.enabled or stage in metrics.get("stages", {}))
 
-    # SIGTERM: finish the step, save, return
-    def _install_sigterm(self):
+    # SIGTERM and Ctrl-C: finish the step, save, return; a second Ctrl-C aborts at once
+    def _install_signals(self):
         if threading.current_thread() is not threading.main_thread():
             return None
 
         def handler(signum, frame):
-            self.stop_requested = "SIGTERM"
+            name = signal.Signals(signum).name
+            if signum == signal.SIGINT and self.stop_requested == "SIGINT":
+                raise KeyboardInterrupt
+            self.stop_requested = self.stop_requested or name
+            if signum == signal.SIGINT and self.main:
+                print("\ntpo-train: Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort "
+                      "without saving)", file=sys.stderr, flush=True)
 
-        return signal.signal(signal.SIGTERM, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     @staticmethod
-    def _restore_sigterm(previous) -> None:
+    def _restore_signals(previous) -> None:
         if previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
 def _step_text(step: int | None) -> str:
     return "none yet" if step is None else f"step {step}"
-
-
-def _short(m: Mapping[str, float]) -> str:
-    keys = ("rec/acc@0.5", "temporal/r1@0.5", "highlight/hit@1", "mc/acc", "mc_cloze/acc", "mask/l1")
-    return ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
-
-
-def _truncate_history(path: str, step: int) -> None:
-    """Drop history lines after `step` (a resumed stage re-logs the steps after its checkpoint)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
 
 
 def run(cfg: RunConfig, workdir: str, *, stages: Sequence[str] = STAGES, resume: bool = False,
@@ -453,15 +423,12 @@ def run(cfg: RunConfig, workdir: str, *, stages: Sequence[str] = STAGES, resume:
     return Trainer(cfg, workdir, progress=progress).run(stages, resume=resume, stop_after=stop_after)
 
 
-def evaluate_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = None, step: int | None = None,
-                        init: bool = False, accumulator=None) -> dict[str, Any]:
-    """`tpo-eval`: metrics of a stage's checkpoint (default: the last stage that has one, its latest step),
-    or of the freshly initialised model (`init`). The checkpoint must come from the same config. An empty
-    `tpo_jax.train.evaluate.MetricAccumulator` passed as `accumulator` keeps the per-example predictions."""
-    trainer = Trainer(cfg, workdir, progress=False)
-    if init:
-        graphdef, state, frozen, _, _ = trainer.build_stage(STAGES[0])
-        return {"stage": None, "step": 0, "metrics": trainer.evaluate(graphdef, state.params, frozen, accumulator)}
+def restore_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = None, step: int | None = None,
+                       trainer: Trainer | None = None):
+    """(stage, step, graphdef, params, frozen) of a stage's checkpoint in `workdir` (default: the last stage that
+    has one, its latest step), placed on the trainer's mesh; `nnx.merge(graphdef, params, frozen)` is the model.
+    The checkpoint must come from the same config (`cfg`, e.g. `load_run_config(WORKDIR/config.json)`)."""
+    trainer = trainer or Trainer(cfg, workdir, progress=False)
     if stage is None:
         have = [s for s in STAGES if existing_steps(workdir, s, cfg)]
         if not have:
@@ -477,10 +444,23 @@ def evaluate_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = Non
         raise ConfigError(f"no {stage} checkpoint of step {step} in {os.path.abspath(workdir)}; have {steps}")
     graphdef, state, frozen, _, _ = trainer.build_stage(stage)
     with open_manager(workdir, stage, cfg, read_only=True) as mngr:
-        saved = mngr.read_json(step)["config"]
+        saved = with_defaults(mngr.read_json(step)["config"])
         diff = config_diff(stage_identity(saved, stage), stage_identity(cfg.to_dict(), stage))
         if diff:
             raise ConfigError(f"the {stage} checkpoint (step {step}) in {workdir} was trained with another config: "
                               + "; ".join(diff[:8]))
         state, frozen, _ = restore_params(mngr, step, state, frozen, trained_groups(cfg, stage))
-    return {"stage": stage, "step": step, "metrics": trainer.evaluate(graphdef, state.params, frozen, accumulator)}
+    return stage, step, graphdef, state.params, frozen
+
+
+def evaluate_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = None, step: int | None = None,
+                        init: bool = False, accumulator=None) -> dict[str, Any]:
+    """`tpo-eval`: metrics of a stage's checkpoint (`restore_checkpoint`), or of the freshly initialised model
+    (`init`). An empty `tpo_jax.train.evaluate.MetricAccumulator` passed as `accumulator` keeps the per-example
+    predictions."""
+    trainer = Trainer(cfg, workdir, progress=False)
+    if init:
+        graphdef, state, frozen, _, _ = trainer.build_stage(STAGES[0])
+        return {"stage": None, "step": 0, "metrics": trainer.evaluate(graphdef, state.params, frozen, accumulator)}
+    stage, step, graphdef, params, frozen = restore_checkpoint(cfg, workdir, stage=stage, step=step, trainer=trainer)
+    return {"stage": stage, "step": step, "metrics": trainer.evaluate(graphdef, params, frozen, accumulator)}

@@ -9,8 +9,11 @@ stage and evaluation load exactly those (`restore_params`); everything else keep
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from tpo_jax.checkpoints.manager import CheckpointManager, abstract_like
 from tpo_jax.config import ConfigError
@@ -76,14 +79,36 @@ def existing_steps(workdir: str, stage: str, cfg: RunConfig) -> list[int]:
         mngr.close()
 
 
-def check_workdir(cfg: RunConfig, workdir: str, stages: Sequence[str], resume: bool) -> None:
-    """One clear ConfigError when `workdir` cannot serve this run: a checkpoint of another config, a
-    stage with checkpoints but no `resume`, or a missing previous-stage checkpoint."""
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_json(path: str, obj) -> None:
+    """`obj` as indented JSON at `path`, atomically (numpy scalars and arrays allowed)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_json_default, allow_nan=True)
+    os.replace(tmp, path)
+
+
+def check_workdir(cfg: RunConfig, workdir: str, stages: Sequence[str], resume: bool) -> dict[str, list[int]]:
+    """One clear ConfigError when `workdir` cannot serve this run: not a directory, a checkpoint of another
+    config, a stage with checkpoints but no `resume`, or a missing previous-stage checkpoint. Returns the
+    checkpoint steps of every stage that has some."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"work directory {workdir} is a file; --workdir takes a directory (a new one, or the "
+                          f"work directory of an earlier tpo-train run)")
     current = cfg.to_dict()
+    have = {}
     for stage in STAGES:
         steps = existing_steps(workdir, stage, cfg)
         if not steps:
             continue
+        have[stage] = steps
         mngr = open_manager(workdir, stage, cfg, read_only=True)
         try:
             saved = with_defaults(mngr.read_json(steps[-1])["config"])
@@ -109,6 +134,7 @@ def check_workdir(cfg: RunConfig, workdir: str, stages: Sequence[str], resume: b
                 f"{STAGES[first]} starts from the final {prev} checkpoint (step {need}) in "
                 f"{os.path.join(stage_dir(workdir, prev), 'checkpoints')}, but {have}; run --stages "
                 f"{prev[-1]} first (add --resume to finish a stopped one), or --stages all")
+    return have
 
 
 def group_of(path: tuple[str, ...]) -> str | None:

@@ -1,7 +1,8 @@
 """`tpo-build-data`: build a TPO dataset as ArrayRecord files in TFDS layout (`python -m tpo_jax.cli.build_data`).
 
-Subcommands `synthetic` (the synthetic dataset) and `records` (annotation files); prints the dataset
-directory. The work lives in `tpo_jax.data.builders`; see docs/data_pipeline.md.
+Subcommands `synthetic` (the synthetic dataset) and `records` (annotation files); prints one line per split
+written (stderr) and the dataset directory (stdout). The work lives in `tpo_jax.data.builders`; see
+docs/data_pipeline.md.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import sys
 
+from tpo_jax.cli.common import add_debug_flag, guarded
 from tpo_jax.config import get_config
 from tpo_jax.data.builders import TpoRecords, TpoSynthetic, build
 from tpo_jax.data.record_codec import STORAGES
@@ -21,6 +23,7 @@ def main(argv=None) -> int:
     """`tpo-build-data synthetic|records --data-dir DIR ...`: build and print the dataset directory."""
     p = argparse.ArgumentParser(prog="tpo-build-data",
                                 description="Build a TPO dataset as ArrayRecord files (TFDS layout).")
+    add_debug_flag(p)
     sub = p.add_subparsers(dest="kind", required=True)
     syn = sub.add_parser("synthetic", help="the synthetic dataset (tpo_jax.data.synthetic)")
     syn.add_argument("--preset", default="default", help="SyntheticConfig preset: default, easy, hard")
@@ -41,7 +44,26 @@ def main(argv=None) -> int:
         q.add_argument("--storage", choices=STORAGES, help="media storage (synthetic: jpeg, records: sampled_jpeg)")
         q.add_argument("--max-bad-fraction", type=float, default=0.05)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    return guarded("tpo-build-data", lambda: _run(args), args.debug)
+
+
+def _quiet_tfds() -> None:
+    """Our log lines (one per split) instead of TFDS's progress bars and INFO logs."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+    tfds.disable_progress_bar()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    ours = logging.getLogger("tpo_jax.data.builders")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("tpo-build-data: %(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
+def _run(args) -> int:
+    _quiet_tfds()
     common = dict(data_dir=args.data_dir, max_bad_fraction=args.max_bad_fraction)
     if args.storage:
         common["storage"] = args.storage
@@ -56,7 +78,6 @@ def main(argv=None) -> int:
                                  **common)
     print(build(builder))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

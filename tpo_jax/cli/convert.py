@@ -11,9 +11,9 @@ import sys
 
 from tpo_jax.checkpoints.configs import llm_config_from_hf, read_json
 from tpo_jax.checkpoints.convert import OUTPUT_DTYPES, convert_hf, convert_videochat, format_report
-from tpo_jax.checkpoints.errors import ConversionError
 from tpo_jax.checkpoints.export import export_hf, export_videochat
 from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES
+from tpo_jax.cli.common import add_debug_flag, guarded
 from tpo_jax.config import ConfigError, TPOConfig, get_config
 from tpo_jax.overrides import apply_overrides
 
@@ -30,6 +30,9 @@ def _cli_mesh(spec: str | None):
     sizes = {}
     for part in spec.split(","):
         name, _, size = part.partition("=")
+        if name.strip() not in ("data", "fsdp", "tensor") or not size.strip().lstrip("-").isdigit():
+            raise ConfigError(f"--mesh {spec!r}: expected AXIS=SIZE pairs over data, fsdp, tensor, e.g. "
+                              f"data=1,fsdp=-1,tensor=1")
         sizes[name.strip()] = int(size)
     return tpo_sharding.make_mesh(tpo_sharding.MeshConfig(**sizes))
 
@@ -37,6 +40,7 @@ def _cli_mesh(spec: str | None):
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tpo-convert", description="Convert PyTorch checkpoints to tpo-jax (Orbax) "
                                 "and back. See docs/conversion.md.")
+    add_debug_flag(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, lora_default):
@@ -75,29 +79,29 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
-    try:
-        if args.command in ("videochat", "hf"):
-            common = dict(lora=args.lora, dtype=args.dtype, mesh=_cli_mesh(args.mesh), rules=args.rules,
-                          overwrite=args.overwrite, budget_bytes=args.budget_mb * 2 ** 20, dry_run=args.dry_run,
-                          log=print)
-            if args.command == "videochat":
-                report = convert_videochat(args.source, args.out, _cli_config(args), extras=not args.no_extras,
-                                           **common)
-            else:
-                llm_cfg = (llm_config_from_hf(read_json(args.config), file=args.config) if args.config else None)
-                report = convert_hf(args.source, args.out, adapter=args.adapter, llm_cfg=llm_cfg, **common)
-            if args.dry_run:
-                print(format_report(report))
+    return guarded("tpo-convert", lambda: _run(args), args.debug)
+
+
+def _run(args) -> int:
+    if args.command in ("videochat", "hf"):
+        common = dict(lora=args.lora, dtype=args.dtype, mesh=_cli_mesh(args.mesh), rules=args.rules,
+                      overwrite=args.overwrite, budget_bytes=args.budget_mb * 2 ** 20, dry_run=args.dry_run,
+                      log=print)
+        if args.command == "videochat":
+            report = convert_videochat(args.source, args.out, _cli_config(args), extras=not args.no_extras,
+                                       **common)
         else:
-            kw = dict(dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
-            if args.command == "export-hf":
-                files = export_hf(args.checkpoint, args.out, peft=args.peft, **kw)
-            else:
-                files = export_videochat(args.checkpoint, args.out, **kw)
-            print("\n".join(str(f) for f in files))
-    except (ConversionError, ConfigError) as e:
-        print(f"tpo-convert: error: {e}", file=sys.stderr)
-        return 2
+            llm_cfg = (llm_config_from_hf(read_json(args.config), file=args.config) if args.config else None)
+            report = convert_hf(args.source, args.out, adapter=args.adapter, llm_cfg=llm_cfg, **common)
+        if args.dry_run:
+            print(format_report(report))
+    else:
+        kw = dict(dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
+        if args.command == "export-hf":
+            files = export_hf(args.checkpoint, args.out, peft=args.peft, **kw)
+        else:
+            files = export_videochat(args.checkpoint, args.out, **kw)
+        print("\n".join(str(f) for f in files))
     return 0
 
 

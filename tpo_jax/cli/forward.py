@@ -23,20 +23,25 @@ import numpy as np
 from flax import nnx
 
 from tpo_jax import config as C
+from tpo_jax.cli.common import add_debug_flag, guarded
 from tpo_jax.llm import KVCache
 from tpo_jax.model import TPOModel
 from tpo_jax.tokenizer import MultimodalTokenizer
 from tpo_jax.data.prompts import encode_demo_prompt
 from tpo_jax.data.synthetic import synthetic_clip
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tpo-forward", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help=f"model preset, one of {sorted(C.PRESETS)}")
     p.add_argument("--question", default="Where is the red square?")
     p.add_argument("--new-tokens", type=int, default=8, help="greedy tokens to decode with the KV cache")
     p.add_argument("--seed", type=int, default=0)
+    add_debug_flag(p)
     args = p.parse_args(argv)
+    return guarded("tpo-forward", lambda: _run(args), args.debug)
 
+
+def _run(args) -> int:
     cfg = C.get_config(args.preset)
     t0 = time.perf_counter()
     model = TPOModel(cfg, rngs=nnx.Rngs(args.seed))
@@ -79,6 +84,7 @@ def main(argv=None):
         "greedy_ids": generated, "greedy_text": tok.decode(generated),
         "seconds": round(time.perf_counter() - t0, 2),
     }, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

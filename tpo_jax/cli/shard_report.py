@@ -9,13 +9,16 @@ JAX is imported only after the fake-device count for the plans is set (XLA_FLAGS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
 import sys
+import tempfile
 import time
 from typing import Sequence
 
+from tpo_jax.cli.common import add_debug_flag, guarded
 from tpo_jax.train.shard_report import DEFAULT_PLANS, measure_plan, parse_plan, plot, to_markdown
 
 
@@ -34,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--no-fast-compile", action="store_true",
                    help="compile with XLA:CPU's default codegen flags (slower; same HLO-level buffers)")
-    p.add_argument("--out", default=None, help="write PREFIX.md and PREFIX.png")
+    p.add_argument("--out", default=None, help="write PREFIX.md, PREFIX.png and PREFIX.json")
+    add_debug_flag(p)
     return p
 
 
@@ -47,6 +51,37 @@ def _set_device_flags(count: int, fast: bool) -> None:
                   if f.split("=")[0] not in flags]
     os.environ["XLA_FLAGS"] = " ".join([flags.strip()] + extra).strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+REMAT = "Involuntary full rematerialization"
+
+
+@contextlib.contextmanager
+def xla_notes(plan: str, debug: bool = False):
+    """XLA's compile-time log (C++, on file descriptor 2) of one plan, captured: its involuntary-rematerialisation
+    warnings become one line naming the plan; any other line is passed on. `debug`: XLA's log as it is."""
+    if debug:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = tmp.read().decode(errors="replace").splitlines()
+    remat = [line for line in lines if REMAT in line]
+    for line in lines:
+        if REMAT not in line:
+            print(line, file=sys.stderr)
+    if remat:
+        print(f"[{plan}] note: XLA had to gather {len(remat)} array(s) whole to change their sharding (\"{REMAT}\" "
+              f"of a reshape); --debug shows its messages", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> tuple[str, list[tuple[str, dict]]]:
@@ -70,8 +105,10 @@ def run(args: argparse.Namespace) -> tuple[str, list[tuple[str, dict]]]:
     for plan in args.plans.split(","):
         strategy, mesh_cfg = parse_plan(plan)
         t0 = time.perf_counter()
-        r = measure_plan(model_cfg, train_cfg, strategy, mesh_cfg, layers=layers,
-                         batch_per_shard=args.batch_per_shard, seq_len=args.seq_len, frozen_dtype=args.frozen_dtype)
+        with xla_notes(plan, getattr(args, "debug", False)):
+            r = measure_plan(model_cfg, train_cfg, strategy, mesh_cfg, layers=layers,
+                             batch_per_shard=args.batch_per_shard, seq_len=args.seq_len,
+                             frozen_dtype=args.frozen_dtype)
         print(f"[{plan}] done in {time.perf_counter() - t0:.0f} s (compile {r['compile_s']:.0f} s)", file=sys.stderr)
         rows.append((plan, r))
         if args.out:
@@ -92,6 +129,11 @@ def write(prefix: str, markdown: str, rows) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    return guarded("tpo-shard-report", lambda: _main(args), args.debug)
+
+
+def _main(args) -> int:
+    from tpo_jax.config import ConfigError
     # device count from the plan strings, before anything imports JAX (parse_plan validates them later)
     shapes = [re.findall(r"\d+", p.partition(":")[2]) for p in args.plans.split(",")]
     need = max([math.prod(int(v) for v in s) for s in shapes if s] or [1])
@@ -101,12 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in args.plans.split(","):
         parse_plan(p)
     if jax.device_count() < need:
-        raise SystemExit(f"tpo-shard-report: the plans need {need} devices but JAX already started with "
-                         f"{jax.device_count()}; run it in a fresh process")
+        raise ConfigError(f"the plans need {need} devices but JAX already started with {jax.device_count()}; "
+                          f"run tpo-shard-report in a fresh process")
     markdown, _ = run(args)
     print(markdown)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,8 +8,9 @@
 
 Compiled steps are kept in a persistent XLA cache (`--compilation-cache`, default
 ~/.cache/tpo-jax/xla), so a second run or a `--resume` does not compile again. Exit status: 0 done
-(or stopped by SIGTERM / --stop-after with a checkpoint saved), 2 bad input (config, work directory),
-1 training failure (non-finite losses).
+(or stopped by SIGTERM / --stop-after with a checkpoint saved), 130 interrupted by Ctrl-C (the first saves a
+checkpoint at the end of the current step, a second aborts at once), 2 bad input (a config field, the work
+directory, the data; one line that names it), 1 training failure (non-finite losses). --debug shows tracebacks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import argparse
 import json
 import os
 import sys
+
+from tpo_jax.cli.common import add_debug_flag, guarded
 
 FAST_CPU_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0")
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")),
@@ -32,6 +35,7 @@ def set_fast_cpu_compile() -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    add_debug_flag(p)
     p.add_argument("--config", default="tiny", help="run preset (tpo_jax.train.run_config.RUN_PRESETS)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. optim.lr=1e-4, model.llm.num_layers=4, data.batch_size=16 "
@@ -77,14 +81,6 @@ def _setup(args, workdir_config: bool = False) -> "RunConfig":  # noqa: F821
     return apply_overrides(base, args.overrides)
 
 
-def _errors():
-    from tpo_jax.checkpoints.manager import CheckpointError  # noqa: PLC0415
-    from tpo_jax.config import ConfigError  # noqa: PLC0415
-    from tpo_jax.train.nonfinite import NonFiniteError  # noqa: PLC0415
-    from tpo_jax.train.trainer import TrainingError  # noqa: PLC0415
-    return (ConfigError, CheckpointError), (NonFiniteError, TrainingError)
-
-
 def train_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tpo-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
@@ -96,23 +92,19 @@ def train_main(argv=None) -> int:
     args = p.parse_args(argv)
     if isinstance(args.stages, str):
         args.stages = _parse_stages(args.stages)
-    try:
+    hint = f"resume with --resume --workdir {args.workdir}"
+
+    def body() -> int:
         cfg = _setup(args)
         from tpo_jax.train.trainer import run  # noqa: PLC0415
         summary = run(cfg, args.workdir, stages=args.stages, resume=args.resume, stop_after=args.stop_after,
                       progress=not args.no_progress)
-    except Exception as e:  # noqa: BLE001
-        bad_input, failure = _errors()
-        if isinstance(e, bad_input):
-            print(f"tpo-train: error: {e}", file=sys.stderr)
-            return 2
-        if isinstance(e, failure):
-            print(f"tpo-train: training stopped: {e}", file=sys.stderr)
-            return 1
-        raise
-    if summary.get("stopped"):
-        print(f"tpo-train: stopped ({summary['stopped']}); resume with --resume --workdir {args.workdir}")
-    return 0
+        if summary.get("stopped"):
+            print(f"tpo-train: stopped ({summary['stopped']}); {hint}")
+            return 130 if summary["stopped"] == "SIGINT" else 0
+        return 0
+
+    return guarded("tpo-train", body, args.debug, interrupted=f"nothing saved since the last checkpoint; {hint}")
 
 
 def eval_main(argv=None) -> int:
@@ -125,22 +117,19 @@ def eval_main(argv=None) -> int:
     p.add_argument("--init", action="store_true", help="evaluate the freshly initialised model instead")
     p.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         cfg = _setup(args, workdir_config=True)
         from tpo_jax.train.trainer import evaluate_checkpoint  # noqa: PLC0415
         result = evaluate_checkpoint(cfg, args.workdir, stage=args.stage, step=args.step, init=args.init)
-    except Exception as e:  # noqa: BLE001
-        bad_input, _ = _errors()
-        if isinstance(e, bad_input):
-            print(f"tpo-eval: error: {e}", file=sys.stderr)
-            return 2
-        raise
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    return 0
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text + "\n")
+        return 0
+
+    return guarded("tpo-eval", body, args.debug)
 
 
 if __name__ == "__main__":
