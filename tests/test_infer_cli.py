@@ -1,0 +1,171 @@
+"""`tpo-infer` (tpo_jax/cli/infer.py): a converted checkpoint and a tpo-train work directory give the answer and head
+outputs of `generate` on the same weights; JSON, overlays, batches, chat; bad input is exit 2 with one line."""
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from tpo_jax import config as C
+from tpo_jax.checkpoints.convert import convert_videochat
+from tpo_jax.checkpoints.export import ParamSet, export_videochat
+from tpo_jax.checkpoints.manager import CheckpointManager
+from tpo_jax.cli import infer
+from tpo_jax.data.video import encode_mp4
+from tpo_jax.generate import GenerationConfig, Generator
+from tpo_jax.model import TPOModel
+from tpo_jax.tokenizer import MultimodalTokenizer
+from tpo_jax.train.run_config import get_run_config
+from tpo_jax.train.workdir import params_of_groups, trained_groups
+
+CFG = C.get_config("tiny")
+QUESTION = "Where is the red square?"
+N_NEW = 8
+
+
+def clip(n=24, h=48, w=64):
+    frames = np.full((n, h, w, 3), 90, np.uint8)
+    for t in range(n):
+        frames[t, 10:22, 4 + 2 * t:16 + 2 * t] = (220, 30, 30)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    (root / "clip.mp4").write_bytes(encode_mp4(clip(), fps=8.0))
+    Image.fromarray(clip()[0]).save(root / "frame.jpg")
+    model = TPOModel(CFG, rngs=nnx.Rngs(0))
+    tok = MultimodalTokenizer(num_visual_tokens=CFG.num_visual_tokens)
+    item = infer.Item(QUESTION, str(root / "clip.mp4"), True)
+    req = infer.make_request(CFG, tok, item, infer.load_media(CFG, item), "demo")
+    kernel = model.llm.lm_head.kernel
+    for token_id, step in ((C.BOX_BEGIN_ID, 1), (C.TIME_BEGIN_ID, 3), (C.TRACK_BEGIN_ID, 5)):
+        a = Generator(model, GenerationConfig(max_new_tokens=N_NEW))([req])[0].token_ids[step]
+        kernel[...] = kernel[...].at[:, token_id].set(1.01 * kernel[...][:, a])
+    (expected,) = Generator(model, GenerationConfig(max_new_tokens=N_NEW), tok)([req])
+    assert expected.region and expected.temporal and expected.track
+    state = nnx.state(model, nnx.Param)
+    # a converted checkpoint: export to the released layout, convert back with tpo-convert's converter
+    export_videochat(ParamSet.from_state(state, CFG), root / "released")
+    convert_videochat(root / "released", root / "converted", CFG)
+    # a tpo-train work directory: config.json + a stage3 checkpoint of the groups trained up to stage 3
+    run = dataclasses.replace(get_run_config("tiny"), model=CFG).validate()  # seed 0: the same initial model
+    (root / "workdir").mkdir()
+    (root / "workdir" / "config.json").write_text(json.dumps(run.to_dict()))
+    with CheckpointManager(root / "workdir" / "stage3" / "checkpoints") as mngr:
+        mngr.save(run.stage3.steps, params=params_of_groups(state, {}, trained_groups(run, "stage3")),
+                  state={"step": np.int32(run.stage3.steps)}, meta={"stage": "stage3"}, config=run.to_dict(),
+                  force=True)
+    return root, expected
+
+
+def cli(*argv, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    return infer.main([str(a) for a in argv])
+
+
+def check_result(got: dict, expected):
+    assert got["token_ids"] == expected.token_ids and got["answer"] == expected.text
+    assert np.allclose(got["region"][0]["box"], expected.region[0]["box"], atol=1e-3)
+    assert np.allclose(got["temporal"]["spans"], expected.temporal["spans"], atol=1e-4)
+    assert np.allclose(got["temporal"]["saliency"], expected.temporal["saliency"], atol=1e-5)
+    assert np.allclose(got["track"]["prompt"], expected.track["prompt"], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,overlay", [("converted", "out.png"), ("workdir", "out.gif")])
+def test_video_prompt(env, kind, overlay, capsys):
+    root, expected = env
+    out = root / f"{kind}.json"
+    assert cli("--checkpoint", root / kind, "--video", root / "clip.mp4", "--prompt", QUESTION,
+               "--max-new-tokens", N_NEW, "--output", out, "--overlay", root / overlay) == 0
+    doc = json.loads(out.read_text())
+    (got,) = doc["results"]
+    check_result(got, expected)
+    assert got["media"]["frame_size"] == [48, 64] and got["media"]["duration"] == 3.0
+    assert doc["checkpoint"]["kind"] == kind
+    printed = capsys.readouterr().out
+    assert f"A: {expected.text}" in printed and "box:" in printed and "span:" in printed and "track:" in printed
+    img = Image.open(root / overlay)
+    assert img.width == 64 and img.height == 48 + 56
+    assert getattr(img, "n_frames", 1) == (CFG.vit.num_frames if overlay.endswith(".gif") else 1)
+
+
+@pytest.mark.slow
+def test_batch_and_chat(env, monkeypatch, capsys):
+    root, expected = env
+    lines = [{"prompt": QUESTION, "video": "clip.mp4", "id": "a"}, {"prompt": "What is this?", "image": "frame.jpg"},
+             {"prompt": "And now?"}]
+    (root / "batch.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    out = root / "batch.json"
+    capsys.readouterr()
+    assert cli("--checkpoint", root / "converted", "--batch", root / "batch.jsonl", "--video", root / "clip.mp4",
+               "--max-new-tokens", N_NEW, "--output", out) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["id"] for r in results] == ["a", "2", "3"] and [r["media"]["kind"] for r in results] == \
+        ["video", "image", "video"]
+    check_result(results[0], expected)
+    assert results[1]["media"]["duration"] == 0.0 and results[2]["prompt"] == "And now?"
+    out = root / "chat.json"
+    capsys.readouterr()
+    assert cli("--checkpoint", root / "converted", "--video", root / "clip.mp4", "--chat", "--max-new-tokens", 4,
+               "--output", out, stdin=f"{QUESTION}\n\nIs it moving?\n/quit\n", monkeypatch=monkeypatch) == 0
+    turns = json.loads(out.read_text())["results"]
+    assert [t["prompt"] for t in turns] == [QUESTION, "Is it moving?"]
+    assert capsys.readouterr().out.count("A: ") == 2
+    assert cli("--checkpoint", root / "converted", "--image", root / "frame.jpg", "--prompt", "What is it?",
+               "--strategy", "sample", "--top-p", "0.9", "--max-new-tokens", 4, "--output", "-") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["generation"]["strategy"] == "sample" and len(doc["results"][0]["token_ids"]) <= 4
+
+
+def bad_cases(root):
+    (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
+    np.savez(root / "feats.npz", video_feats=np.zeros((4, 32)), text_feats=np.zeros((3, 64)))
+    ask = ["--prompt", QUESTION]
+    return {
+        "unreadable video": (["--checkpoint", root / "converted", "--video", root / "broken.mp4", *ask],
+                             "broken.mp4"),
+        "prompt longer than the context": (["--checkpoint", root / "converted", "--video", root / "clip.mp4",
+                                            "--prompt", "word " * 2100], "longer than the model's context of 2048"),
+        "converted checkpoint of another config": (["--checkpoint", root / "converted", "--video", root / "clip.mp4",
+                                                    "--set", "llm.num_layers=3", *ask],
+                                                   "holds a model of another config: llm.num_layers: 2"),
+        "work directory of another config": (["--checkpoint", root / "workdir", "--video", root / "clip.mp4",
+                                              "--set", "model.vit.depth=3", *ask],
+                                             "holds a model of another config: model.vit.depth: 2"),
+        "image given as the video": (["--checkpoint", root / "converted", "--video", root / "frame.jpg", *ask],
+                                     "an image where a video is needed"),
+        "image with temporal features": (["--checkpoint", root / "converted", "--image", root / "frame.jpg",
+                                          "--temporal-features", root / "feats.npz", *ask],
+                                         "temporal features need a video"),
+        "not a checkpoint": (["--checkpoint", root, "--video", root / "clip.mp4", *ask], "neither a tpo-train"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unreadable video", "prompt longer than the context",
+                                  "converted checkpoint of another config", "work directory of another config",
+                                  "image given as the video", "image with temporal features", "not a checkpoint"])
+def test_bad_input_is_one_line_and_exit_2(env, case, capsys):
+    argv, expected = bad_cases(env[0])[case]
+    assert cli(*argv, "--output", env[0] / "never.json") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tpo-infer: error: ") and err.count("\n") == 1 and expected in err, err
+    assert not os.path.exists(env[0] / "never.json")
+
+
+def test_command_line_process(env):
+    root = env[0]
+    bad_cases(root)
+    proc = subprocess.run([sys.executable, "-m", "tpo_jax.cli.infer", "--checkpoint", str(root / "converted"),
+                           "--video", str(root / "broken.mp4"), "--prompt", "hi"], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr

@@ -1,0 +1,374 @@
+"""`tpo-infer`: ask a TPO model about a video or an image; print the answer, write JSON, draw the heads' outputs.
+
+    tpo-infer --checkpoint runs/tiny --video clip.mp4 --prompt "Where is the red square?"
+    tpo-infer --checkpoint /ckpt/tpo7b --video clip.mp4 --prompt "When does he jump?" --temporal-features f.npz
+    tpo-infer --checkpoint runs/tiny --video clip.mp4 --prompt "Track the square." --overlay out.gif
+    tpo-infer --checkpoint runs/tiny --batch prompts.jsonl --output answers.json
+    tpo-infer --checkpoint runs/tiny --video clip.mp4 --chat
+
+--checkpoint: a `tpo-train` work directory (config.json + <stage>/checkpoints; the latest checkpoint of the
+last stage, or --stage / --step) or a `tpo-convert videochat` output (conversion.json + params/). The prompt is
+the released demo's (MODEL-SPEC §4.3, three BOS; `--template library` for the `generate_answer` form; chat
+turns use the library form, the only one with history). --batch: one JSON object per line, {"prompt": ...,
+"video" | "image": path, "temporal_features": path, "id": ...}, paths relative to the file; missing media
+default to --video / --image. The JSON (--output, default tpo-infer.json; "-" prints it instead of the text)
+holds per prompt the answer, token ids, the region boxes in pixels, the temporal spans in seconds with scores
+and the per-clip saliency, the mask head's SAM2 prompt and box. Exit status: 0 done, 2 bad input (one line;
+--debug shows the traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from tpo_jax.cli.common import add_debug_flag, guarded, one_line
+
+EXIT_BAD_INPUT = 2
+
+
+class InferError(ValueError):
+    """Bad command-line input."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tpo-infer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="tpo-train work directory or converted checkpoint directory")
+    p.add_argument("--stage", default=None, help="work directory: stage whose checkpoint to load (default: last)")
+    p.add_argument("--step", type=int, default=None, help="work directory: checkpoint step (default: latest)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override (model.dtype=bfloat16); a change of parameter shapes is an error")
+    media = p.add_mutually_exclusive_group()
+    media.add_argument("--video", help="video file (16 frames sampled as the demo, MODEL-SPEC §8.2)")
+    media.add_argument("--image", help="image file")
+    ask = p.add_mutually_exclusive_group(required=True)
+    ask.add_argument("--prompt", help="the question")
+    ask.add_argument("--batch", help="JSON-lines file of prompts")
+    ask.add_argument("--chat", action="store_true", help="multi-turn chat in the terminal (/reset, /quit)")
+    p.add_argument("--temporal-features", help="precomputed temporal-head features (.npz / .safetensors; "
+                                               "format in tpo_jax.generate.heads)")
+    p.add_argument("--template", choices=("demo", "library"), default="demo")
+    p.add_argument("--output", default="tpo-infer.json", help="JSON results ('-': print the JSON, not the text)")
+    p.add_argument("--overlay", help="draw boxes, spans and saliency: out.png (middle frame) or out.gif (all)")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--num-beams", type=int, default=4)
+    g.add_argument("--side-step", choices=("released", "training"), default="released",
+                   help="task-token side step: the released demo's, or <box_begin><boxes> as in training")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0, help="sampling rng")
+    add_debug_flag(p)
+    return p
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+
+def _model_diff(saved: dict, wanted: dict, prefix: str) -> list[str]:
+    """Differences of two model config dicts that matter for the weights (the compute dtype does not)."""
+    from tpo_jax.train.workdir import config_diff  # noqa: PLC0415
+    strip = lambda d: {k: v for k, v in d.items() if k != "dtype"}  # noqa: E731
+    return config_diff(strip(saved), strip(wanted), prefix)
+
+
+def _another_config(where: str, diff: list[str]):
+    from tpo_jax.config import ConfigError  # noqa: PLC0415
+    return ConfigError(f"{where} holds a model of another config: " + "; ".join(diff[:6])
+                       + (f"; and {len(diff) - 6} more" if len(diff) > 6 else ""))
+
+
+def resolve_checkpoint(path: str, overrides, stage=None, step=None):
+    """(model config, loader) of a checkpoint directory; the loader builds the model with its weights."""
+    from tpo_jax.config import ConfigError  # noqa: PLC0415
+    from tpo_jax.overrides import apply_overrides  # noqa: PLC0415
+    if os.path.isfile(os.path.join(path, "conversion.json")):
+        from tpo_jax.checkpoints.configs import to_dict  # noqa: PLC0415
+        from tpo_jax.checkpoints.convert import model_config, read_report  # noqa: PLC0415
+        report = read_report(path)
+        if report.get("format") != "videochat":
+            raise ConfigError(f"{path} is a converted {report.get('format')!r} checkpoint (an LLM only); tpo-infer "
+                              f"needs a whole TPO model (tpo-convert videochat, or a tpo-train work directory)")
+        saved = model_config(report)
+        cfg = apply_overrides(saved, [o.removeprefix("model.") for o in overrides])
+        diff = _model_diff(to_dict(saved), to_dict(cfg), "")
+        if diff:
+            raise _another_config(f"the converted checkpoint {path}", diff)
+        return cfg, lambda: _load_converted(path, cfg)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from tpo_jax.train.run_config import STAGES, load_run_config  # noqa: PLC0415
+        from tpo_jax.train.workdir import existing_steps  # noqa: PLC0415
+        run = apply_overrides(load_run_config(os.path.join(path, "config.json")),
+                              [o if o.startswith("model.") else f"model.{o}" for o in overrides])
+        have = [s for s in STAGES if existing_steps(path, s, run)]
+        if not have:
+            raise ConfigError(f"no checkpoint in the work directory {path} (looked in <stage>/checkpoints for "
+                              f"{list(STAGES)})")
+        stage = stage or have[-1]
+        steps = existing_steps(path, stage, run) if stage in STAGES else []
+        if not steps or (step is not None and step not in steps):
+            raise ConfigError(f"no {stage} checkpoint{'' if step is None else f' of step {step}'} in {path}; "
+                              f"have {', '.join(f'{s} {existing_steps(path, s, run)}' for s in have)}")
+        return run.model, lambda: _load_workdir(path, run, stage, steps[-1] if step is None else step)
+    raise InferError(f"--checkpoint {path}: neither a tpo-train work directory (config.json) nor a converted "
+                     f"checkpoint (conversion.json)")
+
+
+def _load_converted(path, cfg):
+    from flax import nnx  # noqa: PLC0415
+    from tpo_jax.checkpoints.orbax_io import load_params  # noqa: PLC0415
+    from tpo_jax.model import abstract_model  # noqa: PLC0415
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    return nnx.merge(graphdef, load_params(path, abstract)), {"kind": "converted", "path": path}
+
+
+def _load_workdir(path, run, stage, step):
+    """As `tpo-eval`: the model initialised with the run's seed, the groups trained up to `stage` restored."""
+    from flax import nnx  # noqa: PLC0415
+    from tpo_jax.checkpoints.manager import abstract_like  # noqa: PLC0415
+    from tpo_jax.model import TPOModel  # noqa: PLC0415
+    from tpo_jax.train.workdir import open_manager, params_of_groups, trained_groups, with_defaults  # noqa: PLC0415
+    from tpo_jax.tree_paths import replace_by_path  # noqa: PLC0415
+    with open_manager(path, stage, run, read_only=True) as mngr:
+        saved = with_defaults(mngr.read_json(step)["config"])["model"]
+        diff = _model_diff(saved, run.to_dict()["model"], "model.")
+        if diff:
+            raise _another_config(f"the {stage} checkpoint (step {step}) in {path}", diff)
+        model = TPOModel(run.model, rngs=nnx.Rngs(run.seed))
+        params = nnx.state(model, nnx.Param)
+        target = params_of_groups(abstract_like(params), {}, trained_groups(run, stage))
+        nnx.update(model, replace_by_path(params, mngr.restore(step, params=target)["params"]))
+    return model, {"kind": "workdir", "path": path, "stage": stage, "step": step}
+
+
+# --- requests ------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Item:
+    prompt: str
+    media: str | None
+    is_video: bool
+    features: str | None = None
+    id: str | None = None
+
+
+def load_media(cfg, item: Item):
+    """Decoded media (tpo_jax.data.video.Media, as `load_media` decodes a record's video / image); an image given
+    as a video is an error."""
+    from tpo_jax.data.video import IMAGE_EXTENSIONS, decode_image, decode_video  # noqa: PLC0415
+    if item.is_video and item.media.lower().endswith(IMAGE_EXTENSIONS):
+        raise InferError(f"{item.media}: an image where a video is needed; pass it with --image")
+    if item.is_video:
+        media = decode_video(item.media, cfg.vit.num_frames, cfg.vit.img_size)
+    else:
+        media = decode_image(item.media, cfg.vit.img_size)
+    if item.is_video and cfg.vit.num_frames > 1 and len(set(media.indices.tolist())) == 1:
+        raise InferError(f"{item.media}: holds a single frame, an image where a video is needed; pass it with "
+                         f"--image")
+    if item.features and not item.is_video:
+        raise InferError(f"{item.features}: temporal features need a video, but the media {item.media} is an image")
+    return media
+
+
+def make_request(cfg, tok, item: Item, media, template: str, history=()):
+    from tpo_jax.data.prompts import encode_answer_prompt, encode_demo_prompt, timestamp_message  # noqa: PLC0415
+    from tpo_jax.generate import GenerationRequest, load_temporal_features  # noqa: PLC0415
+    times = media.timestamps if item.is_video else None
+    if template == "demo" and not history:
+        ids = encode_demo_prompt(tok, item.prompt, is_video=item.is_video, frame_times=times, max_length=None)
+    else:
+        msg = timestamp_message(times) if times is not None and "timestamp" in item.prompt else ""
+        ids = encode_answer_prompt(tok, item.prompt, is_video=item.is_video, msg=msg, history=list(history))
+    feats = load_temporal_features(item.features, cfg) if item.features else None
+    return GenerationRequest(ids.input_ids, ids.visual_index, media.frames, frame_size=media.source_size,
+                             duration=media.duration, query_ids=tok.encode(item.prompt, add_bos=False),
+                             temporal_features=feats)
+
+
+def read_batch(path: str, args) -> list[Item]:
+    """The items of a JSON-lines file (see the module docstring)."""
+    base = os.path.dirname(os.path.abspath(path))
+    rel = lambda x: x if x is None or os.path.isabs(x) else os.path.join(base, x)  # noqa: E731
+    items = []
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as e:
+        raise InferError(f"--batch {path}: cannot read ({e.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InferError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("prompt"), str) or ("video" in d and "image" in d):
+            raise InferError(f"{path}:{n}: expected an object with a string 'prompt' and at most one of "
+                             f"'video' / 'image'")
+        video, image = rel(d.get("video")), rel(d.get("image"))
+        if video is None and image is None:
+            video, image = args.video, args.image
+        if video is None and image is None:
+            raise InferError(f"{path}:{n}: no 'video' or 'image', and no --video / --image default")
+        items.append(Item(d["prompt"], video or image, video is not None,
+                          rel(d.get("temporal_features")) or args.temporal_features, str(d.get("id", n))))
+    if not items:
+        raise InferError(f"--batch {path}: no prompts")
+    return items
+
+
+# --- output --------------------------------------------------------------------------------------------------------
+
+def _fmt(v) -> str:
+    return "[" + ", ".join(f"{x:.1f}" for x in v) + "]"
+
+
+def describe(item: Item, res) -> str:
+    lines = [f"Q: {item.prompt}", f"A: {res.text}"]
+    lines += [f"   box: {_fmt(r['box'])} px" for r in res.region]
+    if res.temporal:
+        t = res.temporal
+        lines.append(f"   span: {t['span'][0]:.1f}-{t['span'][1]:.1f} s (score {t['score']:.3f}); saliency over "
+                     f"{len(t['saliency'])} clips")
+    if res.track:
+        lines.append(f"   track: box {_fmt(res.track['box'])} px, SAM2 prompt {len(res.track['prompt'])}x"
+                     f"{len(res.track['prompt'][0])}")
+    lines += [f"   note: {n}" for n in res.notes]
+    return "\n".join(lines)
+
+
+def record(item: Item, media, res) -> dict:
+    return {"id": item.id, "prompt": item.prompt,
+            "media": {"path": item.media, "kind": "video" if item.is_video else "image",
+                      "frame_size": list(media.source_size), "duration": media.duration,
+                      "frame_times": [float(t) for t in media.timestamps]},
+            "answer": res.text, **{k: v for k, v in res.to_json().items() if k != "text"}}
+
+
+def overlay(path: str, item: Item, media, res) -> None:
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+    from tpo_jax.data.video import read_video_frames  # noqa: PLC0415
+    from tpo_jax.generate.overlay import draw_overlay  # noqa: PLC0415
+    if item.is_video:
+        frames = read_video_frames(item.media, len(media.timestamps))[0]
+    else:
+        with Image.open(item.media) as img:
+            frames = np.asarray(img.convert("RGB"))[None]
+    draw_overlay(path, frames, res, media.timestamps if item.is_video else (), media.duration)
+
+
+# --- main ----------------------------------------------------------------------------------------------------------
+
+def run(args, out=None) -> int:
+    out = out or sys.stdout
+    if args.overlay and os.path.splitext(args.overlay)[1].lower() not in (".png", ".gif"):
+        raise InferError(f"--overlay {args.overlay}: must end in .png or .gif")
+    if not args.batch and not (args.video or args.image):
+        raise InferError("give the media: --video FILE or --image FILE")
+    cfg, loader = resolve_checkpoint(args.checkpoint, args.overrides, args.stage, args.step)
+    import jax  # noqa: PLC0415
+    from tpo_jax.generate import GenerationConfig, Generator  # noqa: PLC0415
+    from tpo_jax.generate.settings import check_context  # noqa: PLC0415
+    from tpo_jax.tokenizer import MultimodalTokenizer  # noqa: PLC0415
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, strategy=args.strategy, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
+                           side_step=args.side_step).validate()
+    tok = MultimodalTokenizer(num_visual_tokens=cfg.num_visual_tokens)
+    rng = jax.random.key(args.seed) if args.strategy == "sample" else None
+    if args.batch:
+        items = read_batch(args.batch, args)
+    else:
+        items = [Item(args.prompt or "", args.video or args.image, args.video is not None, args.temporal_features)]
+    media = [load_media(cfg, it) for it in items]  # bad media and feature files fail before the model loads
+    first = [make_request(cfg, tok, it, m, args.template) for it, m in zip(items, media)]
+    check_context([len(r.input_ids) for r in first], gen.max_new_tokens, cfg.llm.max_position)
+    model, info = loader()
+    generator = Generator(model, gen, tok)
+    doc = {"checkpoint": info, "generation": dataclasses.asdict(gen), "results": []}
+    text_out = out if args.output != "-" else sys.stderr
+
+    def emit(item, m, res):
+        print(describe(item, res), file=text_out)
+        doc["results"].append(record(item, m, res))
+        if args.output != "-":
+            with open(args.output, "w") as f:
+                json.dump(doc, f, indent=1)
+
+    if args.chat:
+        chat(generator, cfg, tok, items[0], media[0], args, rng, emit)
+    else:
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(first):  # one batch per frame shape (videos and images apart)
+            groups.setdefault(r.frames.shape, []).append(i)
+        results = [None] * len(items)
+        for idx in groups.values():
+            for k in range(0, len(idx), args.batch_size):
+                part = idx[k:k + args.batch_size]
+                for i, res in zip(part, generator([first[i] for i in part], rng)):
+                    results[i] = res
+        for it, m, res in zip(items, media, results):
+            emit(it, m, res)
+        if args.overlay:
+            overlay(args.overlay, items[0], media[0], results[0])
+    if args.output == "-":
+        print(json.dumps(doc, indent=1), file=out)
+    return 0
+
+
+def chat(generator, cfg, tok, item: Item, media, args, rng, emit) -> None:
+    """Read questions from stdin until EOF or /quit; /reset forgets the history."""
+    history: list[tuple[str, str]] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return
+        question = line.strip()
+        if not question:
+            continue
+        if question == "/reset":
+            history.clear()
+            continue
+        turn = dataclasses.replace(item, prompt=question, id=str(len(history) + 1))
+        (res,) = generator([make_request(cfg, tok, turn, media, "library", history)], rng)
+        emit(turn, media, res)
+        if args.overlay:
+            overlay(args.overlay, turn, media, res)
+        history.append((question, res.text))
+
+
+def _own_bad_input() -> tuple[type[BaseException], ...]:
+    """Bad-input errors of this command's layers that `tpo_jax.cli.common.guarded` does not know."""
+    from tpo_jax.data.records import RecordError  # noqa: PLC0415  (MediaError is one)
+    from tpo_jax.generate import GenerationError  # noqa: PLC0415
+    from tpo_jax.tokenizer import TokenizerError  # noqa: PLC0415
+    return InferError, RecordError, GenerationError, TokenizerError
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import logging  # noqa: PLC0415
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only managers
+
+    def body() -> int:
+        try:
+            return run(args)
+        except Exception as e:  # noqa: BLE001
+            if args.debug or not isinstance(e, _own_bad_input()):
+                raise
+            print(f"tpo-infer: error: {one_line(e)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+    return guarded("tpo-infer", body, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`generate`: batches requests (left padding to a length bucket), runs the compiled decode and the task
+heads, and returns one `GenerationResult` per request."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tpo_jax.generate import heads as H
+from tpo_jax.generate.decode import DecodeOutput, compiled_decode
+from tpo_jax.generate.settings import KINDS, GenerationConfig, GenerationError, bucket_length, check_context
+from tpo_jax.tokenizer import MultimodalTokenizer
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """One prompt. `input_ids` / `visual_mask` (L,) as `MultimodalTokenizer.build_input_ids` makes them;
+    `frames` (T, H, W, 3) normalised (T = cfg.vit.num_frames for a video, 1 for an image) or None;
+    `frame_size` (height, width) of the source media (boxes in pixels), `duration` seconds (spans in
+    seconds); `query_ids`: the question's token ids (temporal head, model features); `temporal_features`:
+    precomputed temporal-head features (`load_temporal_features`), used instead of the model's."""
+    input_ids: Any
+    visual_mask: Any = None
+    frames: Any = None
+    frame_size: tuple[int, int] | None = None
+    duration: float | None = None
+    query_ids: Sequence[int] | None = None
+    temporal_features: H.TemporalFeatures | None = None
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated ids, the stop token excluded
+    text: str | None  # decoded with skip_special_tokens (task tokens kept), when a tokenizer is given
+    finish_reason: str  # "stop" or "length"
+    region: list[dict]  # per `<box_begin>`: {"box": [x0, y0, x1, y1] pixels, "box_normalized": [...]}
+    temporal: dict | None  # {"span": [start, end] s, "score", "spans": [[s, e, score]...], "saliency", "clips"}
+    track: dict | None  # {"prompt": (3, P) SAM2 sparse prompt, "box": pixels, "box_normalized"}
+    notes: list[str] = dataclasses.field(default_factory=list)
+    # numpy arrays: "task_hidden" (K + 2, D) slot states, "task_slots" (K + 2,) which are filled, and the raw
+    # head outputs (region_boxes, pred_spans, pred_logits, saliency, track_prompt, track_box, ...); not in JSON
+    raw: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "raw"}
+
+
+class Generator:
+    """Holds a split model; `__call__(requests, rng=None)` → results. Compiled functions are shared by every
+    Generator of the same graphdef and settings (jit caches on the static arguments)."""
+
+    def __init__(self, model, config: GenerationConfig = GenerationConfig(),
+                 tokenizer: MultimodalTokenizer | None = None):
+        self.cfg = model.cfg
+        self.gen = config.validate()
+        self.graphdef, self.state = nnx.split(model)
+        self.tokenizer = tokenizer
+
+    def decode(self, requests: Sequence[GenerationRequest], rng=None) -> DecodeOutput:
+        """The raw compiled decode of a batch (tokens, lengths, task-token slot states, ViT features)."""
+        return self._decode(requests, rng)[0]
+
+    def _decode(self, requests, rng):
+        gen, cfg = self.gen, self.cfg
+        if not requests:
+            raise GenerationError("no requests")
+        if gen.strategy == "sample" and rng is None:
+            raise GenerationError("strategy 'sample' needs an explicit rng (jax.random.key(seed))")
+        ids = [np.asarray(r.input_ids, np.int32).reshape(-1) for r in requests]
+        if min(len(x) for x in ids) == 0:
+            raise GenerationError("empty prompt")
+        check_context([len(x) for x in ids], gen.max_new_tokens, cfg.llm.max_position)
+        length = bucket_length(max(len(x) for x in ids), gen.buckets)
+        b = len(ids)
+        batch_ids = np.full((b, length), gen.pad_id, np.int32)
+        attn = np.zeros((b, length), np.int32)
+        vmask = np.zeros((b, length), bool)
+        for i, (x, r) in enumerate(zip(ids, requests)):
+            batch_ids[i, length - len(x):], attn[i, length - len(x):] = x, 1
+            if r.visual_mask is not None:
+                vmask[i, length - len(x):] = np.asarray(r.visual_mask, bool).reshape(-1)
+        frames = self._frames(requests)
+        if frames is None and vmask.any():
+            raise GenerationError("a prompt has visual placeholders but no request has frames")
+        video = frames is not None and frames.shape[1] == cfg.vit.num_frames > 1
+        want = video and any(r.temporal_features is None for r in requests) and H.model_features_ok(cfg)
+        out = compiled_decode(self.graphdef, self.state, jnp.asarray(batch_ids), jnp.asarray(attn),
+                     jnp.asarray(vmask), None if frames is None else jnp.asarray(frames), rng,
+                     gen=gen, vision_features=bool(want))
+        return out, video
+
+    def _frames(self, requests) -> np.ndarray | None:
+        shapes = {np.shape(r.frames) for r in requests if r.frames is not None}
+        if not shapes:
+            return None
+        if len(shapes) > 1:
+            raise GenerationError(f"a batch mixes frame shapes {sorted(shapes)} (videos and images, or other "
+                                  f"sizes); generate them in separate batches")
+        (shape,) = shapes
+        return np.stack([np.zeros(shape, np.float32) if r.frames is None else np.asarray(r.frames, np.float32)
+                         for r in requests])
+
+    def __call__(self, requests: Sequence[GenerationRequest], rng=None) -> list[GenerationResult]:
+        for i, r in enumerate(requests):
+            if r.temporal_features is not None and r.frames is not None and np.shape(r.frames)[0] == 1:
+                raise GenerationError(f"request {i}: temporal features need a video, but its media is an image")
+        out, video = self._decode(requests, rng)
+        tokens, lengths, stopped = (np.asarray(x) for x in (out.tokens, out.lengths, out.stopped))
+        slot_on = np.asarray(out.slot_on).copy()
+        notes: list[list[str]] = [[] for _ in requests]
+        k = self.gen.max_boxes
+        inputs, file_features = self._temporal_inputs(requests, slot_on[:, k], video, notes)
+        slot_on[:, k] &= np.array([not n for n in notes])
+        heads = tuple(h for h, on in zip(KINDS, (slot_on[:, :k].any(), slot_on[:, k].any(),
+                                                   slot_on[:, k + 1].any())) if on)
+        arrays = {}
+        if heads:
+            feats = out.vision_features if (not file_features and "temporal" in heads) else None
+            arrays = H.run_task_heads(self.graphdef, self.state, out.slot_hidden, jnp.asarray(slot_on),
+                                      inputs if "temporal" in heads else {}, feats, heads=heads,
+                                      file_features=file_features)
+        durations = [r.duration if r.temporal_features is None or r.temporal_features.duration is None
+                     else r.temporal_features.duration for r in requests]
+        for i, d in enumerate(durations):
+            if slot_on[i, k] and not d:
+                durations[i] = 1.0
+                notes[i].append("no duration given: spans and clips are in units of the video's length")
+        arrays = jax.device_get(arrays)
+        per = H.head_results(arrays, slot_on, [r.frame_size for r in requests], durations)
+        hidden = np.asarray(out.slot_hidden)
+        results = []
+        for i in range(len(requests)):
+            n = int(lengths[i]) - int(stopped[i])
+            ids = tokens[i, :n].tolist()
+            text = None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+            raw = {"task_hidden": hidden[i], "task_slots": slot_on[i],
+                   **{name: np.asarray(v[i]) for name, v in arrays.items()}}
+            results.append(GenerationResult(token_ids=ids, text=text, finish_reason="stop" if stopped[i] else "length",
+                                            notes=notes[i], raw=raw, **per[i]))
+        return results
+
+    def _temporal_inputs(self, requests, wants, video: bool, notes):
+        """Temporal-head inputs for the rows that emitted `<time_begin>` (notes for the ones it cannot serve)."""
+        cfg = self.cfg
+        if not wants.any():
+            return {}, False
+        if any(r.temporal_features is not None for r in requests):
+            for i, r in enumerate(requests):
+                if wants[i] and r.temporal_features is None:
+                    notes[i].append("temporal head not run: no precomputed features for this request")
+            return H.feature_batch([r.temporal_features for r in requests], cfg), True
+        reason = ("the media is an image, temporal grounding needs a video" if not video else
+                  "the temporal head reads precomputed features (heads.temporal widths differ from the model's); "
+                  "pass temporal features")
+        if not video or not H.model_features_ok(cfg):
+            for i in np.flatnonzero(wants):
+                notes[i].append(f"temporal head not run: {reason}")
+            return {}, False
+        clips = cfg.vit.num_frames // cfg.vit.tubelet_size
+        return H.query_batch([r.query_ids for r in requests], clips, cfg), False
+
+
+def generate(model, requests: Sequence[GenerationRequest], config: GenerationConfig = GenerationConfig(), *,
+             rng=None, tokenizer: MultimodalTokenizer | None = None) -> list[GenerationResult]:
+    """Decode every request (one batch) with `config`; see `tpo_jax.generate`."""
+    return Generator(model, config, tokenizer)(requests, rng)

@@ -1,0 +1,103 @@
+"""Drawing a generation result over its media: boxes on the frames, and a timeline strip with the predicted
+spans (shaded by score, the top one outlined) and the per-clip saliency curve.
+
+    draw_overlay("out.png", frames, result, frame_times, duration)   # the middle frame + the strip
+    draw_overlay("out.gif", frames, result, frame_times, duration)   # every frame, with a time cursor
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+MAX_WIDTH = 640
+STRIP = 56  # timeline strip height in pixels
+REGION_COLOUR, TRACK_COLOUR = (255, 64, 64), (64, 160, 255)
+SPAN_COLOUR, SALIENCY_COLOUR = (255, 190, 0), (40, 200, 90)
+
+
+def _boxes(result) -> list[tuple[list[float], tuple[int, int, int], str]]:
+    out = [(r["box"], REGION_COLOUR, f"box {i}") for i, r in enumerate(result.region) if r.get("box")]
+    if result.track and result.track.get("box"):
+        out.append((result.track["box"], TRACK_COLOUR, "track"))
+    return out
+
+
+def _frame_panel(frame: np.ndarray, boxes, scale: float) -> Image.Image:
+    img = Image.fromarray(frame).convert("RGB")
+    if scale != 1.0:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for box, colour, label in boxes:
+        x0, y0, x1, y1 = (v * scale for v in box)
+        draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=colour, width=3)
+        draw.text((min(x0, x1) + 3, min(y0, y1) + 2), label, fill=colour, font=font)
+    return img
+
+
+def _strip(width: int, temporal: dict | None, duration: float, frame_times: Sequence[float],
+           cursor: float | None) -> Image.Image:
+    img = Image.new("RGB", (width, STRIP), (24, 24, 24))
+    draw = ImageDraw.Draw(img, "RGBA")
+    font = ImageFont.load_default()
+    dur = duration if duration and duration > 0 else 1.0
+    x = lambda t: (width - 1) * min(max(float(t) / dur, 0.0), 1.0)  # noqa: E731
+    for t in frame_times:
+        draw.line([x(t), STRIP - 6, x(t), STRIP - 1], fill=(160, 160, 160))
+    if temporal:
+        for rank, (s, e, score) in reversed(list(enumerate(temporal["spans"][:3]))):
+            draw.rectangle([x(s), 4, max(x(e), x(s) + 1), STRIP - 8],
+                           fill=(*SPAN_COLOUR, int(40 + 150 * float(score))),
+                           outline=SPAN_COLOUR if rank == 0 else None)
+        sal = np.asarray(temporal["saliency"], np.float64)
+        if len(sal):
+            lo, hi = sal.min(), sal.max()
+            level = (sal - lo) / (hi - lo) if hi > lo else np.full_like(sal, 0.5)
+            pts = [(x((a + b) / 2), 4 + (1 - v) * (STRIP - 14)) for (a, b), v in zip(temporal["clips"], level)]
+            for (px, py) in pts:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=SALIENCY_COLOUR)
+            if len(pts) > 1:
+                draw.line(pts, fill=SALIENCY_COLOUR, width=2)
+        s, e = temporal["span"]
+        draw.text((4, 4), f"{s:.1f}-{e:.1f} s ({temporal['score']:.2f})", fill=(255, 255, 255), font=font)
+    else:
+        draw.text((4, 4), "no temporal prediction", fill=(150, 150, 150), font=font)
+    if cursor is not None:
+        draw.line([x(cursor), 0, x(cursor), STRIP], fill=(255, 255, 255), width=2)
+    return img
+
+
+def _stack(top: Image.Image, bottom: Image.Image) -> Image.Image:
+    out = Image.new("RGB", (top.width, top.height + bottom.height))
+    out.paste(top, (0, 0))
+    out.paste(bottom, (0, top.height))
+    return out
+
+
+def draw_overlay(path: str, frames: np.ndarray, result, frame_times: Sequence[float] = (),
+                 duration: float = 0.0) -> str:
+    """Write `path` (.png: the middle frame; .gif: every frame) with `result`'s boxes (pixels of `frames`)
+    and the timeline strip. frames: (T, H, W, 3) uint8 at the source resolution. Returns `path`."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".png", ".gif"):
+        raise ValueError(f"{path}: the overlay must be a .png or .gif file")
+    frames = np.asarray(frames, np.uint8)
+    scale = min(1.0, MAX_WIDTH / frames.shape[2])
+    boxes = _boxes(result)
+    times = list(frame_times) if len(frame_times) == len(frames) else [0.0] * len(frames)
+    if ext == ".png":
+        mid = len(frames) // 2
+        panel = _frame_panel(frames[mid], boxes, scale)
+        strip = _strip(panel.width, result.temporal, duration, times, times[mid] if duration else None)
+        _stack(panel, strip).save(path)
+        return path
+    images = []
+    for frame, t in zip(frames, times):
+        panel = _frame_panel(frame, boxes, scale)
+        images.append(_stack(panel, _strip(panel.width, result.temporal, duration, times, t if duration else None)))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=500, loop=0)
+    return path
