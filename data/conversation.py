@@ -24,8 +24,13 @@ What each task puts in the user text / answer (templates in `tpo_jax.data.templa
 | conversation | each turn's question                   | each turn's answer             | —                               |
 | mc           | question + "(A) …" option lines        | "(B) text"                     | mc_options, mc_answer, mc_letter_pos |
 | region       | Tab. 22 template with the expression   | `<box_begin><boxes>` per box   | region_boxes / region_valid     |
-| temporal     | Tab. 20 template with the query        | `<time_begin><temp>`           | spans (center, width)/duration, saliency per clip |
+| temporal     | Tab. 20 template with the query        | `<time_begin><temp>`           | spans (center, width)/duration, saliency per clip, vid |
 | mask         | Tab. 21 (`<track_box>`) or Tab. 23     | `<track_begin><tracking>`      | mask_boxes; track_boxes input   |
+
+Saliency labels are on the QVHighlights scale 0–12 (the sum of three annotators' 0–4 scores, as the
+Moment-DETR / CG-DETR data): the rank levels of the CG-DETR saliency loss (r = 1..11) assume it. `vid` is a
+31-bit CRC of the record's video (`video_key`): the temporal criterion pairs a query only with another
+video's clips (`tpo_jax.heads.temporal.batch`).
 
 Fixed length: an example longer than `seq_len` drops whole trailing conversation turns (never
 part of a turn, so a placeholder block or a task-token pair is never cut); if even the first turn
@@ -38,6 +43,8 @@ pipeline skips and counts the record. Extra boxes beyond `region_slots` keep the
 from __future__ import annotations
 
 import dataclasses
+import os
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -49,7 +56,8 @@ from tpo_jax import config as C
 from tpo_jax.tokenizer import EOS_ID, MultimodalTokenizer, TokenizedPrompt
 
 IGNORE = -100
-SALIENCY_MAX = 4.0  # saliency label of a clip fully inside a ground-truth span (QVHighlights scale 0..4)
+SALIENCY_MAX = 12.0  # saliency label of a clip fully inside a span (QVHighlights scale 0..12: 3 annotators × 0..4)
+VIDEO_ID_SEP = "#"  # a record id "<video id>#<rest>" names its video (tpo_jax.data.formats temporal records)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +95,7 @@ class ExampleSpec:
             "temporal_valid": ((), np.bool_), "spans": ((self.max_spans, 2), np.float32),
             "span_valid": ((self.max_spans,), np.bool_), "saliency_labels": ((self.num_clips,), np.float32),
             "saliency_pos": ((self.saliency_pairs,), np.int32), "saliency_neg": ((self.saliency_pairs,), np.int32),
-            "vid_mask": ((self.num_clips,), np.float32),
+            "vid_mask": ((self.num_clips,), np.float32), "vid": ((), np.int32),
             "temporal_text_ids": ((self.max_text_len,), np.int32), "text_mask": ((self.max_text_len,), np.float32),
             "task_id": ((), np.int32), "mc_options": ((self.max_options,), np.int32), "mc_answer": ((), np.int32),
             "mc_letter_pos": ((), np.int32), "answer_start": ((), np.int32),
@@ -106,6 +114,20 @@ class ExampleSpec:
 def collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Stack examples into a batch (leading axis B)."""
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def video_key(record: Record) -> str:
+    """The identity of a record's video: the file name without extension for a video path, else the part of
+    the record id before "#" (the format parsers give temporal records ids "<video id>#<n>", which survive
+    `tpo-build-data`), else the whole id (a synthetic clip is its record's own)."""
+    if isinstance(record.video, str):
+        return os.path.splitext(os.path.basename(record.video.rstrip("/")))[0]
+    return record.id.split(VIDEO_ID_SEP, 1)[0]
+
+
+def video_id(record: Record) -> int:
+    """`video_key` as a non-negative int32 (CRC-32, 31 bits): the batch's `vid`."""
+    return zlib.crc32(video_key(record).encode("utf-8")) & 0x7FFFFFFF
 
 
 def _fail(record: Record, msg: str):
@@ -307,6 +329,7 @@ def build_example(record: Record, media, spec: ExampleSpec, tok: MultimodalToken
         out["spans"][:len(cw)] = cw
         out["span_valid"][:len(cw)] = True
         out["temporal_valid"][...] = True
+        out["vid"][...] = video_id(record)
         labels = clip_saliency(record, d, spec.num_clips)
         out["saliency_labels"][:] = labels
         out["saliency_pos"][:], out["saliency_neg"][:] = _saliency_pairs(labels, cw, spec.saliency_pairs, rng)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from tpo_jax.config import TPOConfig
+from tpo_jax.data.conversation import SALIENCY_MAX
 from tpo_jax.data.prompts import encode_demo_prompt
 from tpo_jax.tokenizer import MultimodalTokenizer
 
@@ -79,7 +80,7 @@ def synthetic_batch(cfg: TPOConfig, batch_size: int, *, seq_len: int = 64, seed:
         "temporal_valid": np.zeros((b,), bool), "spans": np.zeros((b, ns, 2), np.float32),
         "span_valid": np.zeros((b, ns), bool), "saliency_labels": np.zeros((b, lv), np.float32),
         "saliency_pos": np.zeros((b, 2), np.int32), "saliency_neg": np.zeros((b, 2), np.int32),
-        "vid_mask": np.ones((b, lv), np.float32),
+        "vid_mask": np.ones((b, lv), np.float32), "vid": np.arange(b, dtype=np.int32),  # each clip its own video
         "temporal_text_ids": np.zeros((b, lq), np.int32), "text_mask": np.zeros((b, lq), np.float32),
     }
     for i in range(b):
@@ -110,7 +111,7 @@ def synthetic_batch(cfg: TPOConfig, batch_size: int, *, seq_len: int = 64, seed:
             out["spans"][i, 0] = ((first + last + 1) / 2 / lv, (last + 1 - first) / lv)
             out["span_valid"][i, 0] = True
             out["temporal_valid"][i] = True
-            out["saliency_labels"][i] = np.where(clips, 4.0, 0.0)
+            out["saliency_labels"][i] = np.where(clips, SALIENCY_MAX, 0.0)
             pos, neg = np.flatnonzero(clips), np.flatnonzero(~clips)
             out["saliency_pos"][i] = rng.choice(pos, 2)
             out["saliency_neg"][i] = rng.choice(neg, 2) if len(neg) else rng.choice(pos, 2)

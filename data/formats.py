@@ -17,6 +17,9 @@ caller can skip and count. A file that cannot be read at all (missing, not JSON)
 | `sav`          | SA-V `*_manual.json` (a file or a folder of them): one record per masklet | mask         |
 | `mevis`        | MeViS `meta_expressions.json` (+ `mask_dict.json` beside it)             | mask         |
 
+Temporal records get ids "<video id>#<n>" (the query's number or qid): the part before "#" names the video
+(`tpo_jax.data.conversation.video_key`), also after `tpo-build-data` stored the media without its path.
+
 Media paths are joined to `media_root` (absolute paths are kept); files are not opened here
 (`tpo_jax.data.video.load_media` raises `MediaError` for missing or corrupt media) except to read an image's size
 when a `refcoco` entry has no width/height.
@@ -290,7 +293,7 @@ def _charades_sta(path, media_root, durations=None, video_ext=".mp4", **_):
         if vid not in table:
             raise _Bad(f"no duration for video {vid!r}")
         duration = table[vid]
-        yield Record(id=f"{vid}_{_default_id(loc)}", task="temporal", video=_media_path(media_root, vid + video_ext),
+        yield Record(id=f"{vid}#{_default_id(loc)}", task="temporal", video=_media_path(media_root, vid + video_ext),
                      question=query.strip(), duration=duration,
                      spans=np.array([_clip_span(start, end, duration)], np.float64))
     return _run(entries(), parse)
@@ -317,14 +320,15 @@ def _activitynet(path, media_root, video_ext=".mp4", **_):
             if not (isinstance(span, list) and len(span) == 2) or not isinstance(sentence, str):
                 raise _Bad(f"timestamps[{k}] must be [start, end] with a sentence string")
             s = _clip_span(_number(span[0], "start"), _number(span[1], "end"), duration)
-            yield Record(id=f"{vid}_{k}", task="temporal", video=_media_path(media_root, vid + video_ext),
+            yield Record(id=f"{vid}#{k}", task="temporal", video=_media_path(media_root, vid + video_ext),
                          question=sentence.strip(), duration=duration, spans=np.array([s], np.float64))
     return _run(entries(), parse)
 
 
 def _qvhighlights(path, media_root, video_ext=".mp4", clip_seconds=2.0, saliency_reduce="sum", **_):
     """QVHighlights JSONL. Saliency per `clip_seconds` clip: the annotators' 0-4 scores summed (0-12, the
-    Moment-DETR / CG-DETR convention; `saliency_reduce="mean"` keeps 0-4); 0 outside `relevant_clip_ids`."""
+    Moment-DETR / CG-DETR convention and the scale every temporal source uses: the saliency loss's rank levels
+    assume it; `saliency_reduce="mean"` keeps 0-4, for other uses); 0 outside `relevant_clip_ids`."""
     if saliency_reduce not in ("sum", "mean"):
         raise RecordError(f"saliency_reduce must be 'sum' or 'mean', got {saliency_reduce!r}")
 
@@ -353,7 +357,7 @@ def _qvhighlights(path, media_root, video_ext=".mp4", clip_seconds=2.0, saliency
             values = [_number(x, "saliency score") for x in s]
             saliency[cid] = sum(values) / (len(values) if saliency_reduce == "mean" else 1)
         qid = e.get("qid", _default_id(loc))
-        yield Record(id=str(qid), task="temporal", video=_media_path(media_root, vid + video_ext),
+        yield Record(id=f"{vid}#{qid}", task="temporal", video=_media_path(media_root, vid + video_ext),
                      question=query.strip(), duration=duration, spans=np.array(spans, np.float64),
                      saliency=saliency, clip_seconds=float(clip_seconds))
     return _run(_json_entries(path), parse)

@@ -9,7 +9,7 @@ demand: random access, no storage, so `SyntheticSource` backs a grain `MapDatase
 |----------------|------------------------------------------------|----------------------------------------------------|
 | `conversation` | 1-2 turns: counts, colours, shapes, order of appearance, presence | exact answers (`turns`)         |
 | `mc`           | one of those questions with 2-4 options        | `options`, `mc_answer`                             |
-| `temporal`     | query "the red square is visible"              | `spans` (seconds; frame k covers [k/fps, (k+1)/fps)), per-frame `saliency` (4 visible, 0 not) |
+| `temporal`     | query "the red square is visible"              | `spans` (seconds; frame k covers [k/fps, (k+1)/fps)), per-frame `saliency` (12 visible, 0 not) |
 | `region`       | expression "the red square" (still image, T=1) or "… in the first frame" (video) | `boxes` = exact pixel extent in that frame |
 | `mask`         | "" (tracking: the prompt gives the first-frame box via `<track_box>`) or the object's description (referring) | per-frame `track_boxes`, `track_visible`, `track_masks` (COCO RLE) |
 
@@ -27,6 +27,7 @@ import dataclasses
 
 import numpy as np
 
+from tpo_jax.data.conversation import SALIENCY_MAX
 from tpo_jax.data.fixed_batch import synthetic_batch, synthetic_clip  # noqa: F401  (re-exported)
 from tpo_jax.data.records import TASKS, Record
 from tpo_jax.data.rle import rle_encode
@@ -303,7 +304,7 @@ def make_record(cfg: SyntheticConfig, task: str, index: int, *, split: str = "tr
         spans = np.array([[a / cfg.fps, (b + 1) / cfg.fps] for a, b in runs(flags)], np.float32)
         phrase = VISIBLE_PHRASES[rng.integers(len(VISIBLE_PHRASES))]
         return Record(**common, frames=scene.frames, question=f"the {tgt.name} {phrase}", duration=cfg.duration,
-                      spans=spans, saliency=np.where(flags, 4.0, 0.0).astype(np.float32),
+                      spans=spans, saliency=np.where(flags, SALIENCY_MAX, 0.0).astype(np.float32),
                       clip_seconds=1.0 / cfg.fps)
     if task == "region":
         still = rng.random() < cfg.image_prob

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tpo_jax.data import templates as TPL
-from tpo_jax.data.conversation import ExampleSpec, build_example, clip_saliency, collate
+from tpo_jax.data.conversation import ExampleSpec, build_example, clip_saliency, collate, video_id, video_key
 from tpo_jax.data.records import Record, RecordError
 from tpo_jax.data.video import load_media, normalize
 from tpo_jax import config as C
@@ -91,12 +91,12 @@ def test_temporal_targets_and_timestamps():
     assert_labels_are_answers(ex, np.arange(a, n))
     np.testing.assert_allclose(ex["spans"], [[1.75 / 4, 1.5 / 4], [0, 0]])
     np.testing.assert_array_equal(ex["span_valid"], [True, False])
-    np.testing.assert_allclose(ex["saliency_labels"], [0, 4, 2, 0])  # clip overlap with [1, 2.5] × 4
+    np.testing.assert_allclose(ex["saliency_labels"], [0, 12, 6, 0])  # clip overlap with [1, 2.5] × 12 (0-12 scale)
     assert set(ex["saliency_pos"]) == {1} and set(ex["saliency_neg"]) <= {0, 3}
     q = TOK.encode("the red square is visible", add_bos=False)
     np.testing.assert_array_equal(ex["temporal_text_ids"][:len(q)], q)
     np.testing.assert_array_equal(ex["text_mask"], [1.0] * len(q) + [0.0] * (16 - len(q)))
-    assert ex["temporal_valid"]
+    assert ex["temporal_valid"] and int(ex["vid"]) == video_id(rec) > 0
 
 
 def test_clip_saliency_resamples_record_clips():
@@ -198,6 +198,15 @@ def test_extra_boxes_keep_their_tokens_without_targets():
     np.testing.assert_allclose(ex["region_boxes"], boxes[:1])
 
 
+def test_video_key_survives_stored_media():
+    raw = Record(id="AO8RW#3", task="temporal", video="/charades/AO8RW.mp4", question="q", duration=4.0,
+                 spans=np.array([[0.0, 2.0]]))
+    stored = Record(id=raw.id, task="temporal", video=b"mp4 bytes", question="q", duration=4.0, spans=raw.spans)
+    assert video_key(raw) == video_key(stored) == "AO8RW" and video_id(raw) == video_id(stored)
+    own = Record(id="synthetic-train-temporal-5", task="temporal", frames=FRAMES)  # a clip of its own
+    assert video_key(own) == "synthetic-train-temporal-5"
+
+
 def test_batch_counts_match_the_losses():
     recs = [
         Record(id="a", task="region", frames=FRAMES, question="x", boxes=np.array([[0.1, 0.1, 0.5, 0.5]])),
@@ -207,5 +216,7 @@ def test_batch_counts_match_the_losses():
     ]
     batch = collate([example(r) for r in recs])
     counts = {k: float(v) for k, v in loss_counts({k: jnp.asarray(v) for k, v in batch.items()}, CFG).items()}
-    assert counts == {"lm": float(np.sum(batch["labels"] != -100)), "region": 1.0, "temporal": 1.0, "mask": 1.0}
+    assert counts == {"lm": float(np.sum(batch["labels"] != -100)), "region": 1.0, "temporal": 1.0, "mask": 1.0,
+                      "temporal_spans": 1.0, "temporal_neg": 0.0, "temporal_plain": 1.0, "temporal_plain_attn": 1.0,
+                      "temporal_moment_clips": 2.0}
     np.testing.assert_array_equal(batch["task_id"], [3, 2, 4, 0])

@@ -169,7 +169,7 @@ def test_activitynet(tmp_path):
     path = tmp_path / "train.json"
     path.write_text(json.dumps(ACTIVITYNET))
     recs, bad = read_records(path, "activitynet", "/anet")
-    assert not bad and [r.id for r in recs] == ["v_abc_0", "v_abc_1"]
+    assert not bad and [r.id for r in recs] == ["v_abc#0", "v_abc#1"]
     assert recs[1].question == "He sits down." and recs[1].video == "/anet/v_abc.mp4"
     np.testing.assert_allclose(recs[1].spans, [[6.0, 20.0]])
 
@@ -180,7 +180,8 @@ def test_qvhighlights(tmp_path):
     path = write_jsonl(tmp_path / "highlight_val.jsonl", [QVH, bad_clip, no_labels])
     out = list(iter_records(path, "qvhighlights", "/qvh"))
     rec = out[0]
-    assert rec.id == "2579" and rec.video == "/qvh/NUsG9BgSes0_210.0_220.0.mp4" and rec.duration == 10
+    assert rec.id == "NUsG9BgSes0_210.0_220.0#2579" and rec.video == "/qvh/NUsG9BgSes0_210.0_220.0.mp4"
+    assert rec.duration == 10
     np.testing.assert_allclose(rec.spans, [[2, 6]])
     np.testing.assert_array_equal(rec.saliency, [0, 9, 2, 0, 0])  # 10 s / 2 s clips; clip 1: 4+3+2, clip 2: 1+1+0
     assert rec.clip_seconds == 2.0

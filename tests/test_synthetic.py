@@ -62,7 +62,7 @@ def test_temporal_span_and_saliency_match_the_visible_frames():
         frames = np.flatnonzero(seen)
         assert np.all(np.diff(frames) == 1)  # one contiguous run (the target is never occluded)
         np.testing.assert_allclose(r.spans, [[frames[0] / 2.0, (frames[-1] + 1) / 2.0]])
-        np.testing.assert_array_equal(r.saliency, np.where(seen, 4.0, 0.0))
+        np.testing.assert_array_equal(r.saliency, np.where(seen, 12.0, 0.0))  # the 0-12 scale
         assert r.duration == 3.0 and r.clip_seconds == 0.5
 
 

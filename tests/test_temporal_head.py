@@ -126,7 +126,11 @@ def test_saliency_loss_matches_numpy():
     M[1, 6:] = 0.0
     pos = np.array([[0, 1], [2, 3], [4, 4]])
     neg = np.array([[5, 6], [0, 1], [2, 8]])
-    got = fast_jit(lambda *a: TL.saliency_loss(*a, cfg=CFG))(S, A, y, pos, neg, M)
+    outputs = {"saliency_scores": S, "t2v_attn_values": A, "video_mask": M}
+    targets = {"saliency_labels": y, "saliency_pos": pos, "saliency_neg": neg, "vid_mask": M}
+    pairs = {"neg": np.zeros(b, bool), "plain_attn": np.ones(b, bool)}  # no negatives: the B = 1 formula per row
+    parts = fast_jit(lambda *a: TL.saliency_terms(*a, cfg=CFG))(outputs, targets, pairs)
+    got = sum(parts[k] for k in TL.SALIENCY_TERMS) + CFG.w_wattn * sum(parts[k] for k in TL.SALIENCY_ATTN_TERMS)
     want = [np_saliency(S[i].astype(np.float64), A[i].astype(np.float64), y[i], pos[i], neg[i], M[i],
                         CFG.saliency_margin, CFG.w_wattn) for i in range(b)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -170,11 +174,9 @@ def test_matching_and_span_losses_match_scipy():
         q_of_tgt = {cols[c]: r for r, c in zip(rows, cc)}
         for j in cols:
             assert int(out["query_index"][i, j]) == q_of_tgt[j]
-        if len(cols):
-            l1 = np.mean([np.abs(spans[i, q_of_tgt[j]] - tgt[i, j]) for j in cols])
-            giou = np.mean([1 - np_giou_1d(cw_to_xx(spans[i, q_of_tgt[j]]), cw_to_xx(tgt[i, j])) for j in cols])
-        else:
-            l1 = giou = 0.0
+        # per row: sums over the matched pairs (normalised by the batch's matched targets in the criterion)
+        l1 = sum(np.abs(spans[i, q_of_tgt[j]] - tgt[i, j]).mean() for j in cols)
+        giou = sum(1 - np_giou_1d(cw_to_xx(spans[i, q_of_tgt[j]]), cw_to_xx(tgt[i, j])) for j in cols)
         fg = np.zeros(q, bool)
         fg[[q_of_tgt[j] for j in cols]] = True
         logp = logits[i] - np.log(np.exp(logits[i]).sum(-1, keepdims=True))
@@ -214,7 +216,9 @@ def make_inputs(seed=0):
 TARGETS = dict(spans=np.array([[[0.3, 0.2], [0.7, 0.1]], [[0.4, 0.3], [0.0, 0.0]]], np.float32),
                span_valid=np.array([[1, 1], [1, 0]], bool),
                saliency_labels=np.array([[0, 1, 2, 3, 4, 0, 0, 1], [4, 4, 2, 0, 0, 0, 0, 0]], np.float32),
-               saliency_pos=np.array([[3, 4], [0, 1]]), saliency_neg=np.array([[0, 5], [3, 4]]))
+               saliency_pos=np.array([[3, 4], [0, 1]]), saliency_neg=np.array([[0, 5], [3, 4]]),
+               vid=np.array([3, 5], np.int32))
+NEG_PARTNER = np.array([1, 0], np.int32)  # negative_pairs of two criterion rows with different videos
 
 
 def randomize(model, seed=0):
@@ -241,7 +245,8 @@ def randomize(model, seed=0):
 
 @pytest.fixture(scope="module")
 def head():
-    """(model, step) with step(inputs) → (outputs, loss terms, d Σ loss_temporal / d prompt), one compile."""
+    """(model, step) with step(inputs) → (outputs with the training extras, per-row loss terms and the batch
+    criterion under "batch/<term>", d loss_temporal / d prompt), one compile."""
     # every parameter is overwritten by `randomize`, so skip the (eager, slow) initialisers
     model = randomize(nnx.eval_shape(lambda: TM.CGDETR(CFG, PROMPT_DIM, rngs=nnx.Rngs(0))))
     graphdef, state = nnx.split(model)
@@ -249,9 +254,12 @@ def head():
     @fast_jit
     def _step(state, txt, tm, vid, vm, prompt):
         def loss_fn(p):
-            out = nnx.merge(graphdef, state)(txt, tm, vid, vm, p)
-            terms = TL.temporal_loss_terms(out, dict(TARGETS, vid_mask=vm), CFG)
-            return jnp.sum(terms["loss_temporal"]), (out, terms)
+            out = nnx.merge(graphdef, state)(txt, tm, vid, vm, p, relevant_clips=TARGETS["saliency_labels"],
+                                             neg_partner=NEG_PARTNER)
+            targets = dict(TARGETS, vid_mask=vm)
+            crit = TL.temporal_criterion(out, targets, CFG)
+            terms = dict(TL.temporal_loss_terms(out, targets, CFG), **{f"batch/{k}": v for k, v in crit.items()})
+            return crit["loss_temporal"], (out, terms)
         grad, (out, terms) = jax.grad(loss_fn, has_aux=True)(prompt)
         return out, terms, grad
 
@@ -285,18 +293,50 @@ def test_forward_shapes_finite_losses_and_prompt_gradient(base):
     # T2V attention rows sum to 1 over [dummies; text]; t2v values ∈ [0, 1]
     _close(np.asarray(out["cate_attn_weights"]).sum(-1), 1.0, atol=1e-5)
     assert np.all((np.asarray(out["t2v_attn_values"]) >= 0) & (np.asarray(out["t2v_attn_values"]) <= 1))
-    expected = {"loss_span", "loss_giou", "loss_label", "loss_saliency", "loss_temporal"}
-    expected |= {f"{k}_{i}" for k in ("loss_span", "loss_giou", "loss_label") for i in range(CFG.dec_layers - 1)}
-    assert set(terms) == expected
+    per_row = {"loss_span", "loss_giou", "loss_label", "loss_ms_align", "loss_distill", "loss_orthogonal_dummy",
+               *TL.SALIENCY_TERMS, *TL.SALIENCY_ATTN_TERMS}
+    per_row |= {f"{k}_{i}" for k in ("loss_span", "loss_giou", "loss_label") for i in range(CFG.dec_layers - 1)}
+    assert set(terms) == per_row | {f"batch/{k}" for k in per_row | {"loss_saliency", "loss_temporal"}}
     for k, v in terms.items():
-        assert v.shape == (B,) and np.all(np.isfinite(np.asarray(v))), k
-    total = sum(w * terms[k] for k, w in (("loss_span", 10), ("loss_giou", 1), ("loss_label", 4),
-                                         ("loss_saliency", 4)))
-    total = total + sum(w * terms[f"{k}_{i}"] for k, w in (("loss_span", 10), ("loss_giou", 1), ("loss_label", 4))
-                        for i in range(CFG.dec_layers - 1))
-    _close(terms["loss_temporal"], 0.05 * total, atol=1e-6)
+        assert v.shape == (() if k.startswith("batch/") else (B,)) and np.all(np.isfinite(np.asarray(v))), k
+    c = {k[len("batch/"):]: float(v) for k, v in terms.items() if k.startswith("batch/")}
+    assert c["saliency_neg_pair"] > 0 and c["saliency_rank_neg"] > 0  # both rows have a negative partner
+    weights = {"loss_span": 10, "loss_giou": 1, "loss_label": 4, "loss_ms_align": 1, "loss_distill": 1,
+               "loss_orthogonal_dummy": 1}
+    total = 4 * c["loss_saliency"] + sum(w * c[k] for k, w in weights.items())
+    total += sum(w * c[f"{k}_{i}"] for k, w in (("loss_span", 10), ("loss_giou", 1), ("loss_label", 4))
+                 for i in range(CFG.dec_layers - 1))
+    np.testing.assert_allclose(c["loss_temporal"], 0.05 * total, rtol=1e-6)
+    np.testing.assert_allclose(c["loss_saliency"], sum(c[k] for k in TL.SALIENCY_TERMS)
+                               + sum(c[k] for k in TL.SALIENCY_ATTN_TERMS), rtol=1e-6)
     g = np.asarray(grad)
     assert np.all(np.isfinite(g)) and np.all(np.abs(g).sum(-1) > 0)
+
+
+def test_negative_pass_is_the_forward_with_the_partners_query(head, base):
+    inp, (out, _, _) = base
+    swapped = dict(inp, **{k: inp[k][NEG_PARTNER] for k in ("txt", "tm", "prompt")})
+    out2 = head[1](swapped)[0]
+    _close(out["saliency_scores_neg"], out2["saliency_scores"], atol=1e-5)
+    _close(out["t2vattnvalues_neg"], out2["t2v_attn_values"], atol=1e-5)
+    assert np.abs(np.asarray(out["saliency_scores_neg"] - out["saliency_scores"])).max() > 1e-4
+
+
+def test_moment_tokens_read_only_their_clips(head, base):
+    inp, (out, _, _) = base
+    y = TARGETS["saliency_labels"]
+    np.testing.assert_array_equal(out["moment_mask"], y > 0)
+    inp2 = dict(inp, vid=inp["vid"].copy())
+    non = y[0] == 0  # sample 0's non-moment clips (new values: a constant shift would vanish in LN)
+    inp2["vid"][0, non] = np.random.default_rng(5).normal(size=(non.sum(), CFG.vid_dim))
+    out2 = head[1](inp2)[0]
+    _close(out2["memory_moment"], out["memory_moment"], atol=1e-5)
+    _close(out2["moment_frames"][0, y[0] > 0], out["moment_frames"][0, y[0] > 0], atol=1e-5)
+    assert np.abs(np.asarray(out2["nmmemory_moment"][0] - out["nmmemory_moment"][0])).max() > 1e-4
+    for k in ("sentence_txt", "sentence_dummy"):
+        _close(out2[k], out[k], atol=1e-6)
+    n = CFG.num_dummies + LT + 1
+    assert out["moment2txt_similarity"].shape == (B, LV, n) and out["memory_moment"].shape == (B, CFG.hidden_dim)
 
 
 def test_prompt_inserted_after_valid_text():
@@ -429,8 +469,7 @@ def test_dropout_paths():
 
 # --------------------------------------------------------------------------------- checkpoint names / parity
 
-DROPPED = ("moment_rep_token", "moment_rep_pos", "sent_rep_token", "sent_rep_pos", "scls_encoder.",
-           "transformer.mcls_encoder.", "txt_proj_linear.", "txt_position_embed.")
+DROPPED = ("txt_proj_linear.", "txt_position_embed.")
 
 
 def checkpoint_state(model) -> dict[str, np.ndarray]:
@@ -468,9 +507,9 @@ def test_checkpoint_names_and_sizes():
     keys = {k for k in json.loads(INDEX_JSON.read_text())["weight_map"] if k.startswith("cg_model.")}
     kept = {k for k in keys if not k[len("cg_model."):].startswith(DROPPED)}
     assert names == kept
-    # Appendix B: CG-DETR model = 13,953,835 values, of which the dropped training-only / unused tensors hold
-    # 4·256 (moment/sent tokens) + 2·789,761 (scls/mcls layer) + 1,057,024 (txt_proj_linear) + 26,112 (txt pos).
-    assert count == 13_953_835 - (4 * 256 + 2 * 789_761 + 1_057_024 + 26_112)
+    # Appendix B: CG-DETR model = 13,953,835 values, of which the dropped unused tensors hold
+    # 1,057,024 (txt_proj_linear) + 26,112 (txt pos); the training-only moment / sentence modules are kept.
+    assert count == 13_953_835 - (1_057_024 + 26_112)
 
 
 def _names_from_paths(paths):
@@ -512,10 +551,10 @@ def torch_reference(sd, cfg, inp):
     def ffn(x, n):
         return lin(F.prelu(lin(x, n + ".linear1"), P[n + ".activation.weight"]), n + ".linear2")
 
-    def enc_layer(x, pos, valid, n):  # nn.MultiheadAttention, post-norm
+    def enc_layer(x, pos, valid, n, heads=H):  # nn.MultiheadAttention, post-norm
         qk = (x + pos)[:, None]
         a = F.multi_head_attention_forward(
-            qk, qk, x[:, None], d, H, P[n + ".self_attn.in_proj_weight"], P[n + ".self_attn.in_proj_bias"],
+            qk, qk, x[:, None], d, heads, P[n + ".self_attn.in_proj_weight"], P[n + ".self_attn.in_proj_bias"],
             None, None, False, 0.0, P[n + ".self_attn.out_proj.weight"], P[n + ".self_attn.out_proj.bias"],
             training=False, key_padding_mask=~valid[None], need_weights=False)[0][:, 0]
         x = ln(x + a, n + ".norm1")
@@ -551,7 +590,7 @@ def torch_reference(sd, cfg, inp):
         xpos = torch.cat([P["dummy_rep_pos"], torch.zeros_like(t)])
         xvalid = torch.cat([torch.ones(nd, dtype=torch.bool), m])
         for li in range(2):
-            x = enc_layer(x, xpos, xvalid, f"txtproj_encoder.layers.{li}")
+            x = enc_layer(x, xpos, xvalid, f"txtproj_encoder.layers.{li}", cfg.txtproj_num_heads)  # 8, not H
         dummy = x[:nd]
         keys = torch.cat([dummy, t])
         ctx = v[:vlen].mean(0)

@@ -17,8 +17,8 @@ from tpo_jax.train.step import TrainConfig, init_train_state, make_grad_fn, make
 CFG = C.get_config("tiny")
 
 
-def _model(seed=0, random_lora_b=True):
-    model = TPOModel(CFG, rngs=nnx.Rngs(seed))
+def _model(seed=0, random_lora_b=True, cfg=CFG):
+    model = TPOModel(cfg, rngs=nnx.Rngs(seed))
     if random_lora_b:  # B starts at zero, which would zero the LoRA-A gradients
         rng = np.random.default_rng(seed)
         for _, m in nnx.iter_graph(model):
@@ -41,13 +41,15 @@ def batch8():
 
 
 def test_grad_accumulation_equals_big_batch(batch8):
-    model = _model()
+    # exact when the temporal criterion's row groups fit the micro-batches of 2 (tpo_jax.heads.temporal.batch)
+    model_cfg = C.replace(CFG, **{"heads.temporal.criterion_group": 2})
+    model = _model(cfg=model_cfg)
     rng = jax.random.key(0)
     out = {}
     for n in (1, 4):
         cfg = TrainConfig(stage="stage3", micro_batches=n, dropout=False)
         graphdef, params, frozen = split_model(model, get_recipe("stage3"))
-        out[n] = jax.jit(make_grad_fn(graphdef, CFG, cfg))(params, frozen, batch8, rng)
+        out[n] = jax.jit(make_grad_fn(graphdef, model_cfg, cfg))(params, frozen, batch8, rng)
     (m1, g1), (m4, g4) = out[1], out[4]
     assert float(m1["count/temporal"]) == 2 and float(m1["count/region"]) == 2
     for key in ("loss/total", "loss/lm", "loss/region", "loss/temporal", "loss/mask"):

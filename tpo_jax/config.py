@@ -198,6 +198,11 @@ class TemporalHeadConfig:
     dec_layers: int = 3
     t2v_layers: int = 2
     dummy_layers: int = 2  # depth of the encoder that makes the dummy tokens (txtproj_encoder)
+    moment_layers: int = 1  # depth of the moment-token encoder (transformer.mcls_encoder; training only)
+    sent_layers: int = 1  # depth of the sentence-token encoder (scls_encoder; training only)
+    # attention heads of the text-side encoders (txtproj_encoder, scls_encoder): the released model builds them
+    # with 8 heads whatever `num_heads` is
+    txtproj_num_heads: int = 8
     num_queries: int = 10
     num_dummies: int = 45
     total_prompts: int = 10  # global saliency tokens
@@ -216,17 +221,26 @@ class TemporalHeadConfig:
     w_label: float = 4.0
     w_saliency: float = 4.0
     w_wattn: float = 1.0
+    w_ms_align: float = 1.0
+    w_distill: float = 1.0
+    w_orthogonal_dummy: float = 1.0  # the reference weighs loss_orthogonal_dummy with lw_distill
     eos_coef: float = 0.1
     saliency_margin: float = 0.2
     aux_loss: bool = True
     loss_scale: float = 0.05  # TPO multiplies the weighted CG-DETR loss by this
+    # rows of a batch form groups of this many consecutive rows; each group is one criterion batch of the
+    # reference (negative query pairs and the moment–sentence contrast stay inside a group). Gradient
+    # accumulation is exact when it divides the micro-batch size (tpo_jax.heads.temporal.batch)
+    criterion_group: int = 8
 
     def validate(self, prefix: str = "heads.temporal.") -> None:
         check_positive(self, prefix, "hidden_dim", "num_heads", "ffn_dim", "enc_layers", "dec_layers", "t2v_layers", "dummy_layers",
                   "num_queries", "num_dummies", "total_prompts", "num_prompts", "txt_dim", "vid_dim",
-                  "max_text_len", "max_spans")
-        check_field(self.hidden_dim % self.num_heads == 0, prefix + "num_heads",
-               f"{self.num_heads} must divide hidden_dim {self.hidden_dim}")
+                  "max_text_len", "max_spans", "moment_layers", "sent_layers", "txtproj_num_heads",
+                  "criterion_group")
+        for name in ("num_heads", "txtproj_num_heads"):
+            check_field(self.hidden_dim % getattr(self, name) == 0, prefix + name,
+                        f"{getattr(self, name)} must divide hidden_dim {self.hidden_dim}")
         check_field(self.max_spans <= self.num_queries, prefix + "max_spans",
                f"{self.max_spans} targets cannot be matched to {self.num_queries} queries")
         check_field(self.feature_source in ("batch", "model"), prefix + "feature_source",

@@ -5,6 +5,9 @@ alone (label tokens, valid task slots), never on the parameters. That makes grad
 exact: the train step computes the counts of the whole batch once, and each micro-batch
 contributes `sum_micro / count_total`. A task with no example in the batch has count 0 and
 contributes exactly 0 (sums use `where`, so a NaN in a masked-out slot cannot leak).
+A head's terms divide by the head's count (valid examples) unless the head names another: the temporal
+terms divide by the batch's matched targets, rows with a negative pair, moment clips, ...
+(`tpo_jax.heads.temporal.loss.term_count`, counts from `tpo_jax.heads.temporal.batch.temporal_counts`).
 
 Batch keys (static shapes; B = batch, L = tokens):
   input_ids (B, L) int32, attention_mask (B, L), labels (B, L) int32 (-100 = ignored; label t is the
@@ -13,7 +16,8 @@ Batch keys (static shapes; B = batch, L = tokens):
   region:   region_boxes (B, Kr, 4) normalised xyxy targets of the k-th `<boxes>`, region_valid (B, Kr)
   mask:     mask_boxes (B, 4) ground-truth box of the `<tracking>` example, mask_valid (B,)
   temporal: temporal_valid (B,), spans (B, Ns, 2) (center, width), span_valid (B, Ns),
-            saliency_labels (B, Lv), saliency_pos (B, 2), saliency_neg (B, 2), vid_mask (B, Lv), and
+            saliency_labels (B, Lv) (0–12), saliency_pos (B, 2), saliency_neg (B, 2), vid_mask (B, Lv),
+            vid (B,) int32 video ids (optional: negative query pairs, tpo_jax.heads.temporal.batch), and
             either video_feats (B, Lv, vid_dim) + text_feats (B, Lq, txt_dim) + text_mask (B, Lq)
             (feature_source "batch") or temporal_text_ids (B, Lq) + text_mask (B, Lq) ("model").
 """
@@ -28,7 +32,8 @@ import jax.numpy as jnp
 from tpo_jax import config as C
 from tpo_jax.heads.mask import mask_loss_terms
 from tpo_jax.heads.region import region_loss_terms
-from tpo_jax.heads.temporal.loss import temporal_loss_terms
+from tpo_jax.heads.temporal.batch import temporal_counts, temporal_rows
+from tpo_jax.heads.temporal.loss import temporal_loss_terms, temporal_totals, term_count
 from tpo_jax.model import HEADS, HeadOutputs, TPOModel
 
 IGNORE = -100
@@ -110,19 +115,24 @@ def valid_masks(batch: Mapping[str, jax.Array], cfg: C.TPOConfig, heads=HEADS) -
     if "mask" in heads:
         masks["mask"] = batch["mask_valid"].astype(bool) & _has_token(ids, C.TRACKING_ID)
     if "temporal" in heads:
-        masks["temporal"] = (batch["temporal_valid"].astype(bool) & _has_token(ids, C.TEMP_ID)
-                             & jnp.any(batch["span_valid"].astype(bool), axis=1))
+        masks["temporal"] = temporal_rows(ids, batch["temporal_valid"], batch["span_valid"])
     return masks
 
 
 def loss_counts(batch: Mapping[str, jax.Array], cfg: C.TPOConfig, heads=HEADS) -> dict[str, jax.Array]:
-    """Normalisers of each loss: the number of label tokens and of valid examples per head."""
-    return {name: jnp.sum(m).astype(jnp.float32) for name, m in valid_masks(batch, cfg, heads).items()}
+    """Normalisers of each loss: the number of label tokens and of valid examples per head, and the temporal
+    criterion's own counts (`temporal_spans`, `temporal_neg`, ...: `temporal_counts`)."""
+    masks = valid_masks(batch, cfg, heads)
+    counts = {name: jnp.sum(m).astype(jnp.float32) for name, m in masks.items()}
+    if "temporal" in heads:
+        counts.update(temporal_counts(masks["temporal"], batch, cfg.heads.temporal))
+    return counts
 
 
 def head_loss_terms(heads: HeadOutputs, batch: Mapping[str, jax.Array], cfg: C.TPOConfig) -> dict:
     """Per-slot / per-sample loss terms of each head in `heads` (the model's `TPOOutput.heads`):
-    {head: {term: array}}; `loss_<head>` is the head's total."""
+    {head: {term: array}}; `loss_<head>` is the head's total (the temporal head's comes from its normalised
+    terms, `temporal_totals`)."""
     terms = {}
     if heads.region is not None:
         terms["region"] = region_loss_terms(heads.region.boxes, batch["region_boxes"], cfg.heads.region)
@@ -132,7 +142,8 @@ def head_loss_terms(heads: HeadOutputs, batch: Mapping[str, jax.Array], cfg: C.T
                                         cfg.heads.mask)
     if heads.temporal is not None:
         targets = {key: batch[key] for key in ("spans", "span_valid", "saliency_labels", "saliency_pos",
-                                               "saliency_neg", "vid_mask")}
+                                               "saliency_neg", "vid_mask", "vid") if key in batch}
+        targets["rows"] = temporal_rows(batch["input_ids"], batch["temporal_valid"], batch["span_valid"])
         terms["temporal"] = temporal_loss_terms(heads.temporal.outputs, targets, cfg.heads.temporal)
     return terms
 
@@ -157,11 +168,14 @@ def total_loss(model: TPOModel, batch: Mapping[str, jax.Array], counts: Mapping[
     out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 visual_mask=batch.get("visual_mask"), frames=batch.get("frames"),
                 track_boxes=batch.get("track_boxes"), rng=r_model, logits=lm_rows <= 0,
-                heads=heads, head_inputs=batch, head_rng=r_heads)
+                heads=heads, head_inputs=batch, head_rng=r_heads, training_outputs=True)
     masks = valid_masks(batch, model.cfg, heads)
 
     def norm(name):
         return jnp.maximum(counts[name], 1.0)
+
+    def term_norm(head, term):
+        return norm(term_count(term) if head == "temporal" else head)
 
     if lm_rows > 0:
         r_logits = None if rng is None else jax.random.fold_in(r_model, 1)  # the other streams stay as without lm_rows
@@ -175,7 +189,10 @@ def total_loss(model: TPOModel, batch: Mapping[str, jax.Array], counts: Mapping[
     for head, head_terms in (head_loss_terms(out.heads, batch, model.cfg) if heads else {}).items():
         mask = masks[head]
         for term, value in head_terms.items():
-            metrics[f"{head}/{term}"] = _masked_sum(value, mask) / norm(head)
+            metrics[f"{head}/{term}"] = _masked_sum(value, mask) / term_norm(head, term)
+        if head == "temporal":
+            totals = temporal_totals({t: metrics[f"temporal/{t}"] for t in head_terms}, model.cfg.heads.temporal)
+            metrics.update({f"temporal/{k}": v for k, v in totals.items()})
         head_loss = metrics[f"{head}/loss_{head}"]
         metrics[f"loss/{head}"] = head_loss
         loss = loss + weights.get(head, 1.0) * head_loss

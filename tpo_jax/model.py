@@ -25,6 +25,7 @@ from tpo_jax import config as C
 from tpo_jax.config import TPOConfig
 from tpo_jax.heads.mask import MaskHead, SAM2PromptEncoder
 from tpo_jax.heads.region import RegionHead
+from tpo_jax.heads.temporal.batch import negative_pairs, temporal_rows
 from tpo_jax.heads.temporal.model import CGDETR
 from tpo_jax.layers import MLP, param, split_rng
 from tpo_jax.llm import KVCache, MistralDecoder
@@ -50,7 +51,8 @@ class RegionOutput:
 @struct.dataclass
 class TemporalOutput:
     """CG-DETR at the first `<temp>` token: `outputs` as `CGDETR.__call__` returns them (pred_spans,
-    pred_logits, saliency_scores, aux outputs, ... — everything its losses and post-processing read)."""
+    pred_logits, saliency_scores, aux outputs, ... — everything its losses and post-processing read; with
+    `training_outputs` also the negative pass and the moment / sentence tokens of the training criterion)."""
     outputs: dict
     present: jax.Array  # (B,) bool: the sample has a `<temp>` token
     position: jax.Array  # (B,) int32
@@ -171,10 +173,11 @@ class TPOModel(nnx.Module):
                  cache: KVCache | None = None, qformer_text_ids=None, qformer_text_mask=None,
                  return_vision_features: bool = False, rng: jax.Array | None = None,
                  logits: bool = True, heads: Sequence[str] = (), head_inputs: Mapping[str, jax.Array] | None = None,
-                 head_rng: jax.Array | None = None) -> TPOOutput:
+                 head_rng: jax.Array | None = None, training_outputs: bool = False) -> TPOOutput:
         """The whole model: LLM logits / hidden states and, for each head in `heads`, its outputs at the
         task-token slots (`HeadOutputs`). `head_inputs` holds what the heads read besides the hidden states
-        (`run_heads`); `rng` drives the encoder and LLM dropout, `head_rng` the heads' (None: deterministic)."""
+        (`run_heads`); `rng` drives the encoder and LLM dropout, `head_rng` the heads' (None: deterministic);
+        `training_outputs` adds what only the training losses read (`run_heads`)."""
         r_embed, r_llm = split_rng(rng, 2)
         need_vision = return_vision_features or ("temporal" in heads and self.cfg.heads.temporal.feature_source == "model")
         embeds, feats = self.embed_inputs(
@@ -185,7 +188,8 @@ class TPOModel(nnx.Module):
                        rng=r_llm, logits=logits)
         head_out = None
         if heads:
-            head_out = self.run_heads(out.hidden, input_ids, heads, head_inputs or {}, feats, rng=head_rng)
+            head_out = self.run_heads(out.hidden, input_ids, heads, head_inputs or {}, feats, rng=head_rng,
+                                      training_outputs=training_outputs)
         return TPOOutput(logits=out.logits, hidden=out.hidden, cache=out.cache,
                          vision_features=feats if need_vision else None, heads=head_out)
 
@@ -193,7 +197,7 @@ class TPOModel(nnx.Module):
 
     def run_heads(self, hidden: jax.Array, input_ids: jax.Array, heads: Sequence[str],
                   inputs: Mapping[str, jax.Array], vision_features: jax.Array | None = None,
-                  rng: jax.Array | None = None) -> HeadOutputs:
+                  rng: jax.Array | None = None, training_outputs: bool = False) -> HeadOutputs:
         """Each head in `heads` applied to the final hidden states at its task-token slots.
 
         `inputs` (a batch in the `tpo_jax.data.pipeline` format, or just these keys):
@@ -201,7 +205,10 @@ class TPOModel(nnx.Module):
                     `cfg.heads.region.max_slots`;
           mask:     `mask_boxes` (B, 4) optional — their SAM2 box prompt becomes `MaskOutput.target`;
           temporal: `temporal_features` (feature_source "batch": `text_feats`, `text_mask`, `video_feats`,
-                    `vid_mask`; "model": `temporal_text_ids`, `text_mask`, `vid_mask` with `vision_features`).
+                    `vid_mask`; "model": `temporal_text_ids`, `text_mask`, `vid_mask` with `vision_features`);
+                    with `training_outputs`: `saliency_labels` (B, Lv) → the moment / sentence tokens, and
+                    `vid` (B,) with `temporal_valid`, `span_valid` → the negative pass, each row's video
+                    against its partner's query (`tpo_jax.heads.temporal.batch.negative_pairs`).
         """
         unknown = set(heads) - set(HEADS)
         if unknown:
@@ -219,7 +226,14 @@ class TPOModel(nnx.Module):
         if "temporal" in heads:
             h, pos, present = gather_task_hidden(hidden, input_ids, C.TEMP_ID, 1)
             txt, txt_mask, vid, vid_mask = self.temporal_features(inputs, vision_features)
-            outputs = self.temporal_head(txt, txt_mask, vid, vid_mask, h[:, 0], rng=rng)
+            extra = {}
+            if training_outputs and "saliency_labels" in inputs:
+                extra["relevant_clips"] = inputs["saliency_labels"]
+            if training_outputs and "vid" in inputs:
+                rows = temporal_rows(input_ids, inputs["temporal_valid"], inputs["span_valid"])
+                pairs = negative_pairs(rows, inputs["vid"], cfg.heads.temporal.criterion_group)
+                extra["neg_partner"] = pairs["partner"]
+            outputs = self.temporal_head(txt, txt_mask, vid, vid_mask, h[:, 0], rng=rng, **extra)
             out["temporal"] = TemporalOutput(outputs=outputs, present=present[:, 0], position=pos[:, 0])
         return HeadOutputs(**out)
 

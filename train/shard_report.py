@@ -136,7 +136,7 @@ def abstract_batch(model_cfg, global_batch: int, seq_len: int) -> dict:
         "mask_boxes": ((b, 4), f32), "mask_valid": ((b,), bool_),
         "temporal_valid": ((b,), bool_), "spans": ((b, ns, 2), f32), "span_valid": ((b, ns), bool_),
         "saliency_labels": ((b, lv), f32), "saliency_pos": ((b, 2), i32), "saliency_neg": ((b, 2), i32),
-        "vid_mask": ((b, lv), f32), "text_mask": ((b, lq), f32),
+        "vid_mask": ((b, lv), f32), "text_mask": ((b, lq), f32), "vid": ((b,), i32),
     }
     if tmp.feature_source == "batch":
         shapes.update(video_feats=((b, lv, tmp.vid_dim), f32), text_feats=((b, lq, tmp.txt_dim), f32))

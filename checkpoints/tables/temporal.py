@@ -3,19 +3,20 @@
     input_{txt,vid}_proj.{j}.LayerNorm          -> temporal_head.input_{txt,vid}_proj.{j}.norm
     input_{txt,vid}_proj.{j}.net.1              -> temporal_head.input_{txt,vid}_proj.{j}.linear      (net.0 = Dropout)
     token_type_embeddings.weight, query_embed.weight -> ….token_type_embeddings.embedding, ….query_embed.embedding
-    {dummy,global}_rep_{token,pos}              -> same names                                          (as is)
+    {dummy,global,moment,sent}_rep_{token,pos}  -> same names                                          (as is)
     {P}.layers.{i}.self_attn.in_proj_weight (3d, d) -> {P}.layers.{i}.self_attn.{q,k,v}_proj.kernel   (split in
     {P}.layers.{i}.self_attn.in_proj_bias (3d,)     -> {P}.layers.{i}.self_attn.{q,k,v}_proj.bias      thirds)
-        P in {txtproj_encoder, transformer.encoder}
+        P in {txtproj_encoder, scls_encoder, transformer.encoder, transformer.mcls_encoder}
     {P}.layers.{i}.{self_attn.out_proj, linear1, linear2}, norm1, norm2, activation.weight (PReLU slope)
-        P in {txtproj_encoder, transformer.encoder, transformer.t2v_encoder, transformer.decoder}
+        P in {txtproj_encoder, scls_encoder, transformer.encoder, transformer.mcls_encoder,
+              transformer.t2v_encoder, transformer.decoder}
     transformer.decoder.layers.{i}.{sa_*, ca_*}_proj, cross_attn.out_proj, norm3 (ca_qpos_proj: layer 0 only)
     transformer.decoder.{norm, query_scale, ref_point_head, ref_anchor_head, bbox_embed}
     class_embed, span_embed.layers.{j}, saliency_proj{1,2}
 
-Kept as extras (group `unused`; training-only modules of the reference's auxiliary losses, which are not
-implemented, or modules no path uses): moment_rep_{token,pos}, sent_rep_{token,pos}, scls_encoder.*,
-transformer.mcls_encoder.*, txt_proj_linear.*, txt_position_embed.*.
+The moment / sentence tokens and encoders (scls_encoder, transformer.mcls_encoder) are training-only: their
+outputs feed `loss_ms_align` and `loss_distill`. Kept as extras (group `unused`; modules no path uses):
+txt_proj_linear.*, txt_position_embed.*.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ _C, _O = "cg_model.", "temporal_head."
 _DECODER_PROJ = ("sa_qcontent_proj", "sa_qpos_proj", "sa_kcontent_proj", "sa_kpos_proj", "sa_v_proj",
                  "ca_qcontent_proj", "ca_qpos_proj", "ca_kcontent_proj", "ca_kpos_proj", "ca_v_proj",
                  "ca_qpos_sine_proj")
-_UNUSED = ("moment_rep_token", "moment_rep_pos", "sent_rep_token", "sent_rep_pos", "scls_encoder.{rest}",
-           "transformer.mcls_encoder.{rest}", "txt_proj_linear.{rest}", "txt_position_embed.{rest}")
+_TOKENS = ("dummy_rep_token", "dummy_rep_pos", "global_rep_token", "global_rep_pos", "moment_rep_token",
+           "moment_rep_pos", "sent_rep_token", "sent_rep_pos")
+_STD_ENCODERS = ("txtproj_encoder", "scls_encoder", "transformer.encoder", "transformer.mcls_encoder")
+_UNUSED = ("txt_proj_linear.{rest}", "txt_position_embed.{rest}")
 
 
 def _layer_common(p: str) -> list[Rule]:
@@ -45,13 +48,12 @@ def cgdetr() -> list[Rule]:
         rules += linear(f"{_C}{m}.{{j}}.net.1", f"{_O}{m}.{{j}}.linear")
     rules += [rule(f"{_C}token_type_embeddings.weight", f"{_O}token_type_embeddings.embedding"),
               rule(f"{_C}query_embed.weight", f"{_O}query_embed.embedding")]
-    rules += [rule(f"{_C}{n}", f"{_O}{n}") for n in ("dummy_rep_token", "dummy_rep_pos", "global_rep_token",
-                                                    "global_rep_pos")]
-    for p in ("txtproj_encoder", "transformer.encoder"):
+    rules += [rule(f"{_C}{n}", f"{_O}{n}") for n in _TOKENS]
+    for p in _STD_ENCODERS:
         s, o = f"{_C}{p}.layers.{{i}}.self_attn.", f"{_O}{p}.layers.{{i}}.self_attn."
         rules += [rule(f"{s}in_proj_weight", tuple(f"{o}{x}_proj.kernel" for x in "qkv"), Split(3, transpose=True)),
                   rule(f"{s}in_proj_bias", tuple(f"{o}{x}_proj.bias" for x in "qkv"), Split(3))]
-    for p in ("txtproj_encoder", "transformer.encoder", "transformer.t2v_encoder", "transformer.decoder"):
+    for p in (*_STD_ENCODERS, "transformer.t2v_encoder", "transformer.decoder"):
         rules += _layer_common(p)
     d, od = f"{_C}transformer.decoder.", f"{_O}transformer.decoder."
     for name in _DECODER_PROJ:
@@ -65,6 +67,5 @@ def cgdetr() -> list[Rule]:
     rules += linear(f"{_C}span_embed.layers.{{j}}", f"{_O}span_embed.layers.{{j}}")
     rules += linear(f"{_C}saliency_proj1", f"{_O}saliency_proj1") + linear(f"{_C}saliency_proj2", f"{_O}saliency_proj2")
     for n in _UNUSED:
-        rules.append(extra(f"{_C}{n}", f"unused/{_C}{n}", "CG-DETR module used only by unimplemented auxiliary "
-                                                          "losses or by no path"))
+        rules.append(extra(f"{_C}{n}", f"unused/{_C}{n}", "CG-DETR module no path uses"))
     return rules

@@ -149,13 +149,14 @@ class FFN(nnx.Module):
 
 class EncoderLayer(FFN):
     """Standard post-norm `TransformerEncoderLayer`: q = k = x + pos, v = x;
-    x = norm1(x + MHA); x = norm2(x + FFN(x))."""
+    x = norm1(x + MHA); x = norm2(x + FFN(x)). `num_heads` defaults to `cfg.num_heads`."""
 
-    def __init__(self, cfg: TemporalHeadConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TemporalHeadConfig, *, num_heads: int | None = None, dtype, param_dtype,
+                 rngs: nnx.Rngs):
         d = cfg.hidden_dim
         self._init_ffn(d, cfg.ffn_dim, cfg.dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.self_attn = MultiheadAttention(d, cfg.num_heads, cfg.dropout, dtype=dtype, param_dtype=param_dtype,
-                                            rngs=rngs)
+        self.self_attn = MultiheadAttention(d, num_heads or cfg.num_heads, cfg.dropout, dtype=dtype,
+                                            param_dtype=param_dtype, rngs=rngs)
         self.norm1 = LayerNorm(d, eps=LN_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm2 = LayerNorm(d, eps=LN_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -325,13 +326,15 @@ class Decoder(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Container for `t2v_encoder`, `encoder` and `decoder` (§6.3 step 7); the logic lives in `CGDETR`."""
+    """Container for `t2v_encoder`, `encoder`, `decoder` (§6.3 step 7) and the training-only moment-token
+    encoder `mcls_encoder`; the logic lives in `CGDETR`."""
 
     def __init__(self, cfg: TemporalHeadConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.t2v_encoder = Stack([T2VEncoderLayer(cfg, **kw) for _ in range(cfg.t2v_layers)])
         self.encoder = Stack([EncoderLayer(cfg, **kw) for _ in range(cfg.enc_layers)])
         self.decoder = Decoder(cfg, **kw)
+        self.mcls_encoder = Stack([EncoderLayer(cfg, **kw) for _ in range(cfg.moment_layers)])  # training only
 
 
 __all__ = ["drop_path", "inverse_sigmoid", "video_position_embedding", "reference_sine_embedding", "PReLU",
