@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 
 from tpo_jax.data.synthetic import SyntheticSource, question_kind  # noqa: E402
 from tpo_jax.data.templates import OPTION_LETTERS  # noqa: E402
-from tpo_jax.train.evaluate import MetricAccumulator  # noqa: E402
+from tpo_jax.train.metric_accumulator import MetricAccumulator  # noqa: E402
 from tpo_jax.train.run_config import load_run_config  # noqa: E402
-from tpo_jax.train.trainer import evaluate_checkpoint  # noqa: E402
+from tpo_jax.train.load import evaluate_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> None:

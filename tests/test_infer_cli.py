@@ -169,3 +169,34 @@ def test_command_line_process(env):
                            "--video", str(root / "broken.mp4"), "--prompt", "hi"], capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_validation_example_with_truth(env, capsys):
+    """`--example region:N` answers the N-th validation row exactly as generation-mode evaluation decodes it,
+    and writes its ground-truth box (scaled to the drawn frames) beside the prediction."""
+    from tpo_jax.data.pipeline import eval_batches
+    from tpo_jax.train.evaluate_generate import generation_config, make_requests
+    from tpo_jax.train.load import load_model
+    from tpo_jax.train.run_config import load_run_config
+
+    root, _ = env
+    out = root / "example.json"
+    assert cli("--checkpoint", root / "workdir", "--example", "region:3", "--max-new-tokens", N_NEW,
+               "--output", out, "--overlay", root / "example.png") == 0
+    doc = json.loads(out.read_text())
+    run = load_run_config(str(root / "workdir" / "config.json"))
+    batch = eval_batches(run.data, CFG, split=run.eval.split, num_examples=4, tasks=("region",))["region"][0]
+    model, _ = load_model(str(root / "workdir"))
+    gen = dataclasses.replace(generation_config(len(batch["labels"][3])), max_new_tokens=N_NEW)
+    tok = MultimodalTokenizer(num_visual_tokens=CFG.num_visual_tokens)
+    (expected,) = Generator(model, gen, tok)([make_requests(batch)[3]])
+    assert doc["result"]["token_ids"] == expected.token_ids
+    scale = infer.EXAMPLE_SIZE // CFG.vit.img_size  # the drawn frames: the model's, enlarged
+    np.testing.assert_allclose(doc["truth"]["boxes"][0], batch["region_boxes"][3, 0] * CFG.vit.img_size * scale,
+                               rtol=1e-6)
+    assert "truth:" in capsys.readouterr().out
+    assert Image.open(root / "example.png").width == CFG.vit.img_size * scale
+    # an example needs a work directory (its data config) and a known task
+    assert cli("--checkpoint", root / "converted", "--example", "region:0") == 2
+    assert cli("--checkpoint", root / "workdir", "--example", "boxes:0") == 2
+    assert "--example" in capsys.readouterr().err

@@ -83,7 +83,7 @@ def test_improvement_signs():
 
 def test_evaluate_perfect_predictions_score_perfectly():
     """The accumulator pipeline with ground-truth predictions gives the top score of every metric."""
-    from tpo_jax.train.evaluate import MetricAccumulator
+    from tpo_jax.train.metric_accumulator import MetricAccumulator
 
     batch = {
         "region_boxes": np.array([[[0.1, 0.2, 0.5, 0.6]], [[0, 0, 1, 1]]], np.float32),
@@ -115,7 +115,7 @@ def test_mc_cloze_accuracy_by_hand():
     """Cloze rows (question, option, answer log-likelihood) from several batches, padding rows dropped:
     question 0 (2 options, answer 1): −3 vs −1 → right; question 1 (3 options, answer 0): −2, −0.5, −4
     → wrong; question 2 (answer 2): −9, −8, −1 → right. Accuracy 2/3."""
-    from tpo_jax.train.evaluate import MetricAccumulator
+    from tpo_jax.train.metric_accumulator import MetricAccumulator
 
     acc = MetricAccumulator()
     batches = [  # (cloze_question, cloze_option, cloze_answer, answer_logprob)
@@ -137,7 +137,7 @@ def test_mc_cloze_accuracy_by_hand():
 def test_mc_letter_form_per_question():
     """Letter-form scores of two batches; the second row of the first is not an MC example (answer −1).
     Row 0: logits 0, 2, pad → B, answer B; row 2: 1, 1, 0 (a tie: the first) → A, answer C."""
-    from tpo_jax.train.evaluate import MetricAccumulator
+    from tpo_jax.train.metric_accumulator import MetricAccumulator
 
     acc = MetricAccumulator()
     empty = {"region_valid": np.zeros((2, 1), bool), "region_pred": np.zeros((2, 1, 4)),
@@ -171,7 +171,7 @@ def test_predictions_match_the_heads(eval_setup):
     """Region boxes, top-1 windows, saliency, MC option scores and mask prompts of the batched `predict` equal
     a direct computation on each example alone."""
     from tpo_jax.model import gather_task_hidden
-    from tpo_jax.train.evaluate import MetricAccumulator
+    from tpo_jax.train.metric_accumulator import MetricAccumulator
 
     graphdef, state, per_task, predict_fn = eval_setup
 

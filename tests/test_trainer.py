@@ -17,6 +17,7 @@ from tpo_jax.config import ConfigError
 from tpo_jax import sharding as S
 from tpo_jax.data.pipeline import make_train_iterator
 from tpo_jax.train import trainer as T
+from tpo_jax.train.load import evaluate_checkpoint
 from tpo_jax.train import workdir as W
 from tpo_jax.cli.train import eval_main, train_main
 from tpo_jax.train.nonfinite import NonFiniteError
@@ -93,7 +94,7 @@ def test_run_outputs(full_run):
 
 def test_tpo_eval_matches_the_run(full_run):
     workdir, _ = full_run
-    out = T.evaluate_checkpoint(_cfg(), workdir)
+    out = evaluate_checkpoint(_cfg(), workdir)
     with open(os.path.join(workdir, "metrics.json")) as f:
         after = json.load(f)["after"]
     assert out["stage"] == "stage1" and out["step"] == 20
@@ -301,7 +302,9 @@ def test_run_config_overrides_and_json_round_trip(tmp_path):
                      ("data.batch_size=3", r"'micro_batches'|data\.batch_size"),
                      ("loss_weights.boxes=1", r"'loss_weights' has no entry 'boxes'"),
                      ('stage2.loss_weights={"boxes": 1}', r"'stage2\.loss_weights': unknown term\(s\) \['boxes'\]"),
-                     ('stage2.loss_weights={"region": -1}', r"'stage2\.loss_weights': must be >= 0")]:
+                     ('stage2.loss_weights={"region": -1}', r"'stage2\.loss_weights': must be >= 0"),
+                     # batch 2 in micro-batches of 1: the temporal criterion's groups of 8 rows would straddle them
+                     ("micro_batches=2", r"'model\.heads\.temporal\.criterion_group': 8 must divide the micro-batch size 1")]:
         with pytest.raises(ConfigError, match=msg):
             _cfg(bad, "micro_batches=2") if bad.startswith("data.batch_size") else _cfg(bad)
 

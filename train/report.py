@@ -208,6 +208,24 @@ def metrics_table(before: Mapping[str, float], stages: Mapping[str, Mapping[str,
     return "\n".join(lines)
 
 
+GENERATED = ("rec/acc@0.5", "rec/miou", "temporal/r1@0.5", "temporal/miou", "highlight/hit@1", "mc/acc", "mask/l1")
+
+
+def generation_table(after: Mapping[str, float]) -> str:
+    """Aligned text table of the final evaluation: each headline metric teacher-forced and from the generated
+    answers (`gen/<key>`), and the fraction of examples that emitted the task's token (`gen/<task>/emitted`)."""
+    lines = ["teacher-forced vs generated answers (final evaluation; generated: greedy, heads at the emitted task "
+             "tokens)", f"{'metric':<20}{'teacher':>9}{'generated':>11}{'emitted':>9}"]
+    for key in GENERATED:
+        if f"gen/{key}" not in after:
+            continue
+        task = "temporal" if key.startswith("highlight/") else key.split("/")[0]
+        emitted = float(after.get(f"gen/{task}/emitted", float("nan")))
+        lines.append(f"{key:<20}{float(after.get(key, float('nan'))):>9.3f}{float(after[f'gen/{key}']):>11.3f}"
+                     f"{emitted:>9.3f}")
+    return "\n".join(lines)
+
+
 def write_reports(workdir: str, metrics: Mapping, stage_starts: Mapping[str, int], wall_s: float,
                   compile_s: Mapping[str, float] | None = None) -> str:
     """curves.png and (with evaluation) metrics.png in `workdir`; returns the end-of-run summary text.
@@ -230,6 +248,8 @@ def write_reports(workdir: str, metrics: Mapping, stage_starts: Mapping[str, int
                      f"the last {win[2]} logged steps){comp}")
     if "before" in metrics:
         lines.append(metrics_table(metrics["before"], stages))
+        if any(k.startswith("gen/") for k in metrics.get("after", {})):
+            lines.append(generation_table(metrics["after"]))
         lines.append(f"metrics: {os.path.join(workdir, 'metrics.json')}; plots: curves.png, metrics.png")
     else:
         lines.append(f"evaluation off (eval.enabled=false): tpo-eval --workdir {workdir} scores the checkpoint; "

@@ -96,9 +96,12 @@ class EvalConfig:
     examples: int = 64  # per task (mc, temporal, region, mask), rounded up to whole batches
     split: str = "validation"
     every_steps: int = 0  # also evaluate every N steps inside a stage (0: only before / after each stage)
+    generate: bool = True  # the final evaluation also scores generated answers (gen/... keys; evaluate_generate)
 
     def validate(self, prefix: str = "eval.") -> None:
         check_positive(self, prefix, "examples")
+        check_field(isinstance(self.generate, bool), prefix + "generate",
+                    f"must be true or false, got {self.generate!r}")
         check_field(isinstance(self.every_steps, int) and self.every_steps >= 0, prefix + "every_steps",
                     f"must be an integer >= 0, got {self.every_steps!r}")
 
@@ -157,6 +160,10 @@ class RunConfig:
             check_field(isinstance(v, int) and v >= 0, name, f"must be an integer >= 0, got {v!r}")
         check_field(self.data.batch_size % self.micro_batches == 0, "micro_batches",
                     f"{self.micro_batches} must divide data.batch_size {self.data.batch_size}")
+        micro, group = self.data.batch_size // self.micro_batches, self.model.heads.temporal.criterion_group
+        check_field(self.micro_batches == 1 or micro % group == 0, "model.heads.temporal.criterion_group",
+                    f"{group} must divide the micro-batch size {micro} (data.batch_size / micro_batches), or the temporal "
+                    f"criterion's row groups straddle micro-batches and gradient accumulation is not exact")
         least = shortest_example(self.model.num_visual_tokens)
         check_field(self.data.seq_len > least, "data.seq_len",
                     f"{self.data.seq_len} is too short: the prompt alone ({self.model.num_visual_tokens} visual tokens "

@@ -7,7 +7,9 @@ Work directory (`tpo_jax.train.workdir` checks it and loads stage checkpoints ba
 
     WORKDIR/config.json               the resolved run config
     WORKDIR/metrics.json              {"before", "after", "improvement", "stages": {stage: metrics}}, and
-                                      "during" (a list) with eval.every_steps
+                                      "during" (a list) with eval.every_steps; with eval.generate the final
+                                      evaluation ("after", and its stage) also scores generated answers
+                                      (the `gen/...` keys, tpo_jax.train.evaluate_generate)
     WORKDIR/<stage>/checkpoints/      Orbax checkpoints (tpo_jax.checkpoints.manager) of each stage
     WORKDIR/<stage>/history.jsonl     per-step training metrics
     WORKDIR/tensorboard/              TensorBoard scalars (every loss term, LRs, grad norm, tokens/s, evals)
@@ -47,6 +49,7 @@ from tpo_jax.config import ConfigError
 from tpo_jax.train import report
 from tpo_jax.train.distributed import is_main_process
 from tpo_jax.train.evaluate import evaluate, make_predict_fn
+from tpo_jax.train.evaluate_generate import short as short_generated
 from tpo_jax.train.gc_schedule import GcSchedule
 from tpo_jax.train.metrics import improvement
 from tpo_jax.train.nonfinite import NonFiniteError
@@ -55,9 +58,8 @@ from tpo_jax.train.stages import get_recipe
 from tpo_jax.model import TPOModel
 from tpo_jax.train.optim import make_optimizer
 from tpo_jax.train.step import TrainShardings, TrainState, init_sharded, make_train_step, split_model
-from tpo_jax.train.workdir import (check_workdir, config_diff, existing_steps, open_manager, params_of_groups,
-                                   restore_params, stage_dir, stage_identity, trained_groups, with_defaults,
-                                   write_json)
+from tpo_jax.train.workdir import (check_workdir, open_manager, params_of_groups, restore_params, stage_dir,
+                                   trained_groups, write_json)
 
 log = logging.getLogger("tpo.train")
 
@@ -140,12 +142,13 @@ class Trainer:
             self._eval_batches = [b for task in EVAL_TASKS for b in per_task.get(task, [])]
         return self._eval_batches
 
-    def evaluate(self, graphdef, params, frozen, accumulator=None) -> dict[str, float]:
+    def evaluate(self, graphdef, params, frozen, accumulator=None, mode: str = "teacher") -> dict[str, float]:
+        """Metrics of the validation batches: teacher-forced, generated (`gen/...`) or both (`mode`)."""
         full_graphdef, full_state = nnx.split(nnx.merge(graphdef, params, frozen))
         key = ("predict", repr(self.cfg.model), _mesh_key(self.mesh), tuple(self.rules))
         predict = _cached(key, lambda: make_predict_fn(full_graphdef, self.mesh, self.rules))
         return evaluate(predict, full_state, self.eval_batches(), place=lambda b: S.shard_batch(b, self.mesh),
-                        accumulator=accumulator)
+                        accumulator=accumulator, mode=mode)
 
     # model construction
     def full_model(self):
@@ -367,6 +370,12 @@ class Trainer:
                 t = time.perf_counter()
                 after = self.evaluate(res["graphdef"], res["state"].params, res["frozen"])
                 self._log(f"evaluation after {stage}: {report.short(after)} ({time.perf_counter() - t:.1f} s)")
+                if self.cfg.eval.generate and stage == stages[-1]:  # the final evaluation: generated answers too
+                    t = time.perf_counter()
+                    generated = self.evaluate(res["graphdef"], res["state"].params, res["frozen"], mode="generate")
+                    after.update(generated)
+                    self._log(f"evaluation after {stage}, generated answers: {short_generated(generated)} "
+                              f"({time.perf_counter() - t:.1f} s)")
                 metrics.setdefault("stages", {})[stage] = after
                 metrics["after"] = after
                 metrics["improvement"] = improvement(metrics["before"], after)
@@ -421,46 +430,3 @@ def run(cfg: RunConfig, workdir: str, *, stages: Sequence[str] = STAGES, resume:
         stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the job (see the module docstring); returns a summary with the per-step losses of this call."""
     return Trainer(cfg, workdir, progress=progress).run(stages, resume=resume, stop_after=stop_after)
-
-
-def restore_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = None, step: int | None = None,
-                       trainer: Trainer | None = None):
-    """(stage, step, graphdef, params, frozen) of a stage's checkpoint in `workdir` (default: the last stage that
-    has one, its latest step), placed on the trainer's mesh; `nnx.merge(graphdef, params, frozen)` is the model.
-    The checkpoint must come from the same config (`cfg`, e.g. `load_run_config(WORKDIR/config.json)`)."""
-    trainer = trainer or Trainer(cfg, workdir, progress=False)
-    if stage is None:
-        have = [s for s in STAGES if existing_steps(workdir, s, cfg)]
-        if not have:
-            raise ConfigError(f"no checkpoint in {os.path.abspath(workdir)} (looked in <stage>/checkpoints for "
-                              f"{list(STAGES)}); train first or pass --init")
-        stage = have[-1]
-    cfg.stage(stage)
-    steps = existing_steps(workdir, stage, cfg)
-    if not steps:
-        raise ConfigError(f"no {stage} checkpoint in {os.path.join(stage_dir(os.path.abspath(workdir), stage), 'checkpoints')}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ConfigError(f"no {stage} checkpoint of step {step} in {os.path.abspath(workdir)}; have {steps}")
-    graphdef, state, frozen, _, _ = trainer.build_stage(stage)
-    with open_manager(workdir, stage, cfg, read_only=True) as mngr:
-        saved = with_defaults(mngr.read_json(step)["config"])
-        diff = config_diff(stage_identity(saved, stage), stage_identity(cfg.to_dict(), stage))
-        if diff:
-            raise ConfigError(f"the {stage} checkpoint (step {step}) in {workdir} was trained with another config: "
-                              + "; ".join(diff[:8]))
-        state, frozen, _ = restore_params(mngr, step, state, frozen, trained_groups(cfg, stage))
-    return stage, step, graphdef, state.params, frozen
-
-
-def evaluate_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = None, step: int | None = None,
-                        init: bool = False, accumulator=None) -> dict[str, Any]:
-    """`tpo-eval`: metrics of a stage's checkpoint (`restore_checkpoint`), or of the freshly initialised model
-    (`init`). An empty `tpo_jax.train.evaluate.MetricAccumulator` passed as `accumulator` keeps the per-example
-    predictions."""
-    trainer = Trainer(cfg, workdir, progress=False)
-    if init:
-        graphdef, state, frozen, _, _ = trainer.build_stage(STAGES[0])
-        return {"stage": None, "step": 0, "metrics": trainer.evaluate(graphdef, state.params, frozen, accumulator)}
-    stage, step, graphdef, params, frozen = restore_checkpoint(cfg, workdir, stage=stage, step=step, trainer=trainer)
-    return {"stage": stage, "step": step, "metrics": trainer.evaluate(graphdef, params, frozen, accumulator)}

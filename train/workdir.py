@@ -1,5 +1,6 @@
 """A training run's work directory: which stage checkpoints it holds, whether they belong to this config,
-and loading a stage's parameters back into a train state.
+and loading a stage's parameters back into a train state (`restore_params`) or a model's parameter tree
+(`restore_groups`; `tpo_jax.train.load` loads a whole model for inference).
 
     WORKDIR/<stage>/checkpoints/   Orbax checkpoints (`tpo_jax.checkpoints.manager`) of each stage
 
@@ -150,15 +151,39 @@ def params_of_groups(params, frozen, groups) -> dict:
     return nest(flat)
 
 
+def restore_groups(mngr: CheckpointManager, step: int, params, frozen, groups, **items):
+    """Load the parameters of `groups` saved at `step` into the trees `params` / `frozen` (each array straight
+    into the sharding it has there), and the other checkpoint `items` given as abstract targets.
+    Returns (params, frozen, everything restored)."""
+    target = params_of_groups(abstract_like(params), abstract_like(frozen), groups)
+    got = mngr.restore(step, params=target, **items)
+    return replace_by_path(params, got["params"]), replace_by_path(frozen, got["params"]), got
+
+
 def restore_params(mngr: CheckpointManager, step: int, state, frozen, groups, *, opt_state: bool = False):
-    """Load the parameters of `groups` saved at `step` into `state.params` / `frozen` (each array straight into
-    the sharding it has there); with `opt_state` also the step counter and optimizer state (a resume).
-    Returns (state, frozen, meta of the checkpoint)."""
-    target = {"params": params_of_groups(abstract_like(state.params), abstract_like(frozen), groups)}
+    """Load the parameters of `groups` saved at `step` into `state.params` / `frozen` (`restore_groups`); with
+    `opt_state` also the step counter and optimizer state (a resume). Returns (state, frozen, meta of the
+    checkpoint)."""
+    items = {}
     if opt_state:
-        target["state"] = {"step": abstract_like(state.step), "opt_state": abstract_like(state.opt_state)}
-    got = mngr.restore(step, **target)
-    state = state.replace(params=replace_by_path(state.params, got["params"]))
+        items["state"] = {"step": abstract_like(state.step), "opt_state": abstract_like(state.opt_state)}
+    params, frozen, got = restore_groups(mngr, step, state.params, frozen, groups, **items)
+    state = state.replace(params=params)
     if opt_state:
         state = state.replace(step=got["state"]["step"], opt_state=got["state"]["opt_state"])
-    return state, replace_by_path(frozen, got["params"]), got.get("meta")
+    return state, frozen, got.get("meta")
+
+
+def find_checkpoint(workdir: str, run: RunConfig, stage: str | None = None, step: int | None = None):
+    """(stage, step) of the checkpoint to load from a work directory: default the last stage that has one, and
+    its latest step; a ConfigError that lists what there is when the asked one is missing."""
+    have = [s for s in STAGES if existing_steps(workdir, s, run)]
+    if not have:
+        raise ConfigError(f"no checkpoint in the work directory {workdir} (looked in <stage>/checkpoints for "
+                          f"{list(STAGES)})")
+    stage = stage or have[-1]
+    steps = existing_steps(workdir, stage, run) if stage in STAGES else []
+    if not steps or (step is not None and step not in steps):
+        raise ConfigError(f"no {stage} checkpoint{'' if step is None else f' of step {step}'} in {workdir}; "
+                          f"have {', '.join(f'{s} {existing_steps(workdir, s, run)}' for s in have)}")
+    return stage, steps[-1] if step is None else step

@@ -5,9 +5,11 @@
     tpo-infer --checkpoint runs/tiny --video clip.mp4 --prompt "Track the square." --overlay out.gif
     tpo-infer --checkpoint runs/tiny --batch prompts.jsonl --output answers.json
     tpo-infer --checkpoint runs/tiny --video clip.mp4 --chat
+    tpo-infer --checkpoint runs/tiny --example region:3 --overlay region.png   # a validation example + truth
 
 --checkpoint: a `tpo-train` work directory (config.json + <stage>/checkpoints; the latest checkpoint of the
-last stage, or --stage / --step) or a `tpo-convert videochat` output (conversion.json + params/). The prompt is
+last stage, or --stage / --step) or a `tpo-convert videochat` output (conversion.json + params/), loaded by
+`tpo_jax.train.load`. The prompt is
 the released demo's (MODEL-SPEC §4.3, three BOS; `--template library` for the `generate_answer` form; chat
 turns use the library form, the only one with history). --batch: one JSON object per line, {"prompt": ...,
 "video" | "image": path, "temporal_features": path, "id": ...}, paths relative to the file; missing media
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--prompt", help="the question")
     ask.add_argument("--batch", help="JSON-lines file of prompts")
     ask.add_argument("--chat", action="store_true", help="multi-turn chat in the terminal (/reset, /quit)")
+    ask.add_argument("--example", metavar="TASK:N", help="the N-th validation example of TASK (region, temporal, "
+                     "mask, mc) of a work directory's data, its own prompt and media; the overlay adds its "
+                     "ground truth (white)")
     p.add_argument("--temporal-features", help="precomputed temporal-head features (.npz / .safetensors; "
                                                "format in tpo_jax.generate.heads)")
     p.add_argument("--template", choices=("demo", "library"), default="demo")
@@ -67,84 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling rng")
     add_debug_flag(p)
     return p
-
-
-# --- checkpoints ---------------------------------------------------------------------------------------------------
-
-def _model_diff(saved: dict, wanted: dict, prefix: str) -> list[str]:
-    """Differences of two model config dicts that matter for the weights (the compute dtype does not)."""
-    from tpo_jax.train.workdir import config_diff  # noqa: PLC0415
-    strip = lambda d: {k: v for k, v in d.items() if k != "dtype"}  # noqa: E731
-    return config_diff(strip(saved), strip(wanted), prefix)
-
-
-def _another_config(where: str, diff: list[str]):
-    from tpo_jax.config import ConfigError  # noqa: PLC0415
-    return ConfigError(f"{where} holds a model of another config: " + "; ".join(diff[:6])
-                       + (f"; and {len(diff) - 6} more" if len(diff) > 6 else ""))
-
-
-def resolve_checkpoint(path: str, overrides, stage=None, step=None):
-    """(model config, loader) of a checkpoint directory; the loader builds the model with its weights."""
-    from tpo_jax.config import ConfigError  # noqa: PLC0415
-    from tpo_jax.overrides import apply_overrides  # noqa: PLC0415
-    if os.path.isfile(os.path.join(path, "conversion.json")):
-        from tpo_jax.checkpoints.configs import to_dict  # noqa: PLC0415
-        from tpo_jax.checkpoints.convert import model_config, read_report  # noqa: PLC0415
-        report = read_report(path)
-        if report.get("format") != "videochat":
-            raise ConfigError(f"{path} is a converted {report.get('format')!r} checkpoint (an LLM only); tpo-infer "
-                              f"needs a whole TPO model (tpo-convert videochat, or a tpo-train work directory)")
-        saved = model_config(report)
-        cfg = apply_overrides(saved, [o.removeprefix("model.") for o in overrides])
-        diff = _model_diff(to_dict(saved), to_dict(cfg), "")
-        if diff:
-            raise _another_config(f"the converted checkpoint {path}", diff)
-        return cfg, lambda: _load_converted(path, cfg)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        from tpo_jax.train.run_config import STAGES, load_run_config  # noqa: PLC0415
-        from tpo_jax.train.workdir import existing_steps  # noqa: PLC0415
-        run = apply_overrides(load_run_config(os.path.join(path, "config.json")),
-                              [o if o.startswith("model.") else f"model.{o}" for o in overrides])
-        have = [s for s in STAGES if existing_steps(path, s, run)]
-        if not have:
-            raise ConfigError(f"no checkpoint in the work directory {path} (looked in <stage>/checkpoints for "
-                              f"{list(STAGES)})")
-        stage = stage or have[-1]
-        steps = existing_steps(path, stage, run) if stage in STAGES else []
-        if not steps or (step is not None and step not in steps):
-            raise ConfigError(f"no {stage} checkpoint{'' if step is None else f' of step {step}'} in {path}; "
-                              f"have {', '.join(f'{s} {existing_steps(path, s, run)}' for s in have)}")
-        return run.model, lambda: _load_workdir(path, run, stage, steps[-1] if step is None else step)
-    raise InferError(f"--checkpoint {path}: neither a tpo-train work directory (config.json) nor a converted "
-                     f"checkpoint (conversion.json)")
-
-
-def _load_converted(path, cfg):
-    from flax import nnx  # noqa: PLC0415
-    from tpo_jax.checkpoints.orbax_io import load_params  # noqa: PLC0415
-    from tpo_jax.model import abstract_model  # noqa: PLC0415
-    graphdef, abstract = nnx.split(abstract_model(cfg))
-    return nnx.merge(graphdef, load_params(path, abstract)), {"kind": "converted", "path": path}
-
-
-def _load_workdir(path, run, stage, step):
-    """As `tpo-eval`: the model initialised with the run's seed, the groups trained up to `stage` restored."""
-    from flax import nnx  # noqa: PLC0415
-    from tpo_jax.checkpoints.manager import abstract_like  # noqa: PLC0415
-    from tpo_jax.model import TPOModel  # noqa: PLC0415
-    from tpo_jax.train.workdir import open_manager, params_of_groups, trained_groups, with_defaults  # noqa: PLC0415
-    from tpo_jax.tree_paths import replace_by_path  # noqa: PLC0415
-    with open_manager(path, stage, run, read_only=True) as mngr:
-        saved = with_defaults(mngr.read_json(step)["config"])["model"]
-        diff = _model_diff(saved, run.to_dict()["model"], "model.")
-        if diff:
-            raise _another_config(f"the {stage} checkpoint (step {step}) in {path}", diff)
-        model = TPOModel(run.model, rngs=nnx.Rngs(run.seed))
-        params = nnx.state(model, nnx.Param)
-        target = params_of_groups(abstract_like(params), {}, trained_groups(run, stage))
-        nnx.update(model, replace_by_path(params, mngr.restore(step, params=target)["params"]))
-    return model, {"kind": "workdir", "path": path, "stage": stage, "step": step}
 
 
 # --- requests ------------------------------------------------------------------------------------------------------
@@ -263,15 +190,75 @@ def overlay(path: str, item: Item, media, res) -> None:
     draw_overlay(path, frames, res, media.timestamps if item.is_video else (), media.duration)
 
 
+# --- a validation example of the work directory's data -------------------------------------------------------------
+
+EXAMPLE_SIZE = 256  # the example's frames are drawn at this width (the tiny model's are 32 pixels)
+
+
+def run_example(args, source, gen, tok, out) -> int:
+    """`--example TASK:N`: the N-th evaluation row of TASK, generated as `tpo-eval --mode generate` does (its
+    prompt, frames and `<track_box>` boxes; spans in normalised time), printed with its ground truth."""
+    import numpy as np  # noqa: PLC0415
+    from tpo_jax.data.pipeline import eval_batches  # noqa: PLC0415
+    from tpo_jax.data.video import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
+    from tpo_jax.generate import Generator  # noqa: PLC0415
+    from tpo_jax.heads.box_ops import span_cw_to_xx  # noqa: PLC0415
+    from tpo_jax.train.evaluate_generate import generation_config, make_requests  # noqa: PLC0415
+    from tpo_jax.train.run_config import load_run_config  # noqa: PLC0415
+    task, _, index = args.example.partition(":")
+    if source.info["kind"] != "workdir" or task not in ("region", "temporal", "mask", "mc") or not index.isdigit():
+        raise InferError(f"--example {args.example}: expected TASK:N with TASK one of region, temporal, mask, mc "
+                         f"and a tpo-train work directory as --checkpoint")
+    run = load_run_config(os.path.join(args.checkpoint, "config.json"))
+    n = int(index)
+    rows = eval_batches(run.data, source.cfg, split=run.eval.split, num_examples=n + 1, tasks=(task,))[task]
+    batch = rows[n // len(rows[0]["labels"])]
+    row = n % len(batch["labels"])
+    request = make_requests(batch)[row]
+    t, h, w, _ = request.frames.shape
+    k = max(1, EXAMPLE_SIZE // w)
+    request = dataclasses.replace(request, frame_size=(h * k, w * k))
+    gen_cfg = dataclasses.replace(generation_config(len(batch["labels"][row])), max_new_tokens=args.max_new_tokens)
+    res = Generator(source.load(), gen_cfg, tok)([request])[0]
+    prompt = tok.decode([int(i) for i, v in zip(request.input_ids, request.visual_mask) if not v])
+    truth = {}
+    if task == "region":
+        truth["boxes"] = [list(b * [w * k, h * k, w * k, h * k]) for b, v in
+                          zip(batch["region_boxes"][row], batch["region_valid"][row]) if v]
+    if task == "mask":
+        truth["boxes"] = [list(batch["mask_boxes"][row] * [w * k, h * k, w * k, h * k])]
+    if task == "temporal":
+        spans = np.asarray(span_cw_to_xx(batch["spans"][row]))
+        truth["spans"] = [list(map(float, sp)) for sp, v in zip(spans, batch["span_valid"][row]) if v]
+    if task == "mc":
+        truth["answer"] = int(batch["mc_answer"][row])
+    print(f"example {task}:{n} (validation)", file=out)
+    print(describe(Item(prompt.strip(), None, True), res), file=out)
+    shown = {key: np.round(v, 2).tolist() if key != "answer" else v for key, v in truth.items()}
+    print(f"   truth: {json.dumps(shown)}{' (spans in normalised time)' if task == 'temporal' else ''}", file=out)
+    if args.output != "-":
+        with open(args.output, "w") as f:
+            json.dump({"checkpoint": source.info, "example": args.example, "prompt": prompt,
+                       "truth": truth, "result": res.to_json()}, f, indent=1)
+    if args.overlay:
+        from tpo_jax.generate.overlay import draw_overlay  # noqa: PLC0415
+        frames = np.clip(request.frames * IMAGENET_STD + IMAGENET_MEAN, 0, 1) * 255
+        frames = np.repeat(np.repeat(frames.astype(np.uint8), k, axis=1), k, axis=2)
+        draw_overlay(args.overlay, frames, res, [(i + 0.5) / t for i in range(t)], 1.0, truth)
+    return 0
+
+
 # --- main ----------------------------------------------------------------------------------------------------------
 
 def run(args, out=None) -> int:
     out = out or sys.stdout
     if args.overlay and os.path.splitext(args.overlay)[1].lower() not in (".png", ".gif"):
         raise InferError(f"--overlay {args.overlay}: must end in .png or .gif")
-    if not args.batch and not (args.video or args.image):
+    if not args.batch and not args.example and not (args.video or args.image):
         raise InferError("give the media: --video FILE or --image FILE")
-    cfg, loader = resolve_checkpoint(args.checkpoint, args.overrides, args.stage, args.step)
+    from tpo_jax.train.load import resolve_checkpoint  # noqa: PLC0415
+    source = resolve_checkpoint(args.checkpoint, args.overrides, args.stage, args.step)
+    cfg = source.cfg
     import jax  # noqa: PLC0415
     from tpo_jax.generate import GenerationConfig, Generator  # noqa: PLC0415
     from tpo_jax.generate.settings import check_context  # noqa: PLC0415
@@ -281,6 +268,8 @@ def run(args, out=None) -> int:
                            side_step=args.side_step).validate()
     tok = MultimodalTokenizer(num_visual_tokens=cfg.num_visual_tokens)
     rng = jax.random.key(args.seed) if args.strategy == "sample" else None
+    if args.example:
+        return run_example(args, source, gen, tok, out)
     if args.batch:
         items = read_batch(args.batch, args)
     else:
@@ -288,9 +277,8 @@ def run(args, out=None) -> int:
     media = [load_media(cfg, it) for it in items]  # bad media and feature files fail before the model loads
     first = [make_request(cfg, tok, it, m, args.template) for it, m in zip(items, media)]
     check_context([len(r.input_ids) for r in first], gen.max_new_tokens, cfg.llm.max_position)
-    model, info = loader()
-    generator = Generator(model, gen, tok)
-    doc = {"checkpoint": info, "generation": dataclasses.asdict(gen), "results": []}
+    generator = Generator(source.load(), gen, tok)
+    doc = {"checkpoint": source.info, "generation": dataclasses.asdict(gen), "results": []}
     text_out = out if args.output != "-" else sys.stderr
 
     def emit(item, m, res):

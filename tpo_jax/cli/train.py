@@ -5,6 +5,7 @@
     tpo-train --set model.llm.num_layers=4 --set data.batch_size=16 --stages all
     tpo-eval --workdir runs/a                   # metrics of the latest checkpoint of the last stage
     tpo-eval --workdir runs/a --stage stage1 --step 100
+    tpo-eval --workdir runs/a --mode teacher     # teacher-forced only (default both: + generated answers, gen/...)
 
 Compiled steps are kept in a persistent XLA cache (`--compilation-cache`, default
 ~/.cache/tpo-jax/xla), so a second run or a `--resume` does not compile again. Exit status: 0 done
@@ -116,12 +117,16 @@ def eval_main(argv=None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--init", action="store_true", help="evaluate the freshly initialised model instead")
     p.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--mode", choices=("teacher", "generate", "both"), default="both",
+                   help="score teacher-forced predictions, the model's generated answers (greedy, heads at the task "
+                        "tokens it emits; keys gen/...), or both (default)")
     args = p.parse_args(argv)
 
     def body() -> int:
         cfg = _setup(args, workdir_config=True)
-        from tpo_jax.train.trainer import evaluate_checkpoint  # noqa: PLC0415
-        result = evaluate_checkpoint(cfg, args.workdir, stage=args.stage, step=args.step, init=args.init)
+        from tpo_jax.train.load import evaluate_checkpoint  # noqa: PLC0415
+        result = evaluate_checkpoint(cfg, args.workdir, stage=args.stage, step=args.step, init=args.init,
+                                     mode=args.mode)
         text = json.dumps(result, indent=1)
         print(text)
         if args.output:

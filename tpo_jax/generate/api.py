@@ -23,7 +23,9 @@ class GenerationRequest:
     `frames` (T, H, W, 3) normalised (T = cfg.vit.num_frames for a video, 1 for an image) or None;
     `frame_size` (height, width) of the source media (boxes in pixels), `duration` seconds (spans in
     seconds); `query_ids`: the question's token ids (temporal head, model features); `temporal_features`:
-    precomputed temporal-head features (`load_temporal_features`), used instead of the model's."""
+    precomputed temporal-head features (`load_temporal_features`), used instead of the model's;
+    `track_boxes` (K, 4): normalised xyxy boxes of the prompt's `<track_box>` tokens, in order (as training's
+    `track_boxes`; without them a `<track_box>` is fed as its plain embedding)."""
     input_ids: Any
     visual_mask: Any = None
     frames: Any = None
@@ -31,6 +33,7 @@ class GenerationRequest:
     duration: float | None = None
     query_ids: Sequence[int] | None = None
     temporal_features: H.TemporalFeatures | None = None
+    track_boxes: Any = None
 
 
 @dataclasses.dataclass
@@ -89,9 +92,10 @@ class Generator:
             raise GenerationError("a prompt has visual placeholders but no request has frames")
         video = frames is not None and frames.shape[1] == cfg.vit.num_frames > 1
         want = video and any(r.temporal_features is None for r in requests) and H.model_features_ok(cfg)
+        boxes = _track_boxes(requests)
         out = compiled_decode(self.graphdef, self.state, jnp.asarray(batch_ids), jnp.asarray(attn),
                      jnp.asarray(vmask), None if frames is None else jnp.asarray(frames), rng,
-                     gen=gen, vision_features=bool(want))
+                     None if boxes is None else jnp.asarray(boxes), gen=gen, vision_features=bool(want))
         return out, video
 
     def _frames(self, requests) -> np.ndarray | None:
@@ -163,6 +167,19 @@ class Generator:
             return {}, False
         clips = cfg.vit.num_frames // cfg.vit.tubelet_size
         return H.query_batch([r.query_ids for r in requests], clips, cfg), False
+
+
+def _track_boxes(requests) -> np.ndarray | None:
+    """(B, K, 4) `<track_box>` boxes (zeros where a request has fewer), or None when no request has any."""
+    boxes = [np.zeros((0, 4), np.float32) if r.track_boxes is None else np.asarray(r.track_boxes, np.float32)
+             .reshape(-1, 4) for r in requests]
+    k = max(len(b) for b in boxes)
+    if k == 0:
+        return None
+    out = np.zeros((len(requests), k, 4), np.float32)
+    for i, b in enumerate(boxes):
+        out[i, :len(b)] = b
+    return out
 
 
 def generate(model, requests: Sequence[GenerationRequest], config: GenerationConfig = GenerationConfig(), *,

@@ -51,8 +51,9 @@ def _placeholder(kind: jax.Array) -> jax.Array:
 
 
 def decode_impl(model, ids, attention_mask, visual_mask, frames, rng, gen: GenerationConfig,
-                vision_features: bool = False) -> DecodeOutput:
-    """The whole decode for left-padded prompts ids (B, L) with attention_mask (B, L) (1 = token)."""
+                vision_features: bool = False, track_boxes=None) -> DecodeOutput:
+    """The whole decode for left-padded prompts ids (B, L) with attention_mask (B, L) (1 = token);
+    track_boxes (B, K, 4): the boxes of the prompts' `<track_box>` tokens (or None)."""
     cfg = model.cfg
     b, l = ids.shape
     nb, n_new = gen.rows_per_prompt, gen.max_new_tokens
@@ -61,7 +62,7 @@ def decode_impl(model, ids, attention_mask, visual_mask, frames, rng, gen: Gener
     positions = jnp.maximum(jnp.cumsum(attn, axis=1) - 1, 0)
     cache = KVCache.init(cfg.llm, b, l + n_new, jnp.dtype(cfg.dtype))
     out = model(ids, attention_mask=key_mask, visual_mask=visual_mask, frames=frames, positions=positions,
-                cache=cache, logits=False, return_vision_features=vision_features)
+                track_boxes=track_boxes, cache=cache, logits=False, return_vision_features=vision_features)
     logits = model.llm.logits(out.hidden[:, -1]).astype(jnp.float32)
 
     rep = lambda x: jnp.repeat(x, nb, axis=0)  # noqa: E731  (prompt rows → prompt × beam rows)
@@ -133,8 +134,8 @@ def decode_impl(model, ids, attention_mask, visual_mask, frames, rng, gen: Gener
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "gen", "vision_features"))
-def compiled_decode(graphdef, state, ids, attention_mask, visual_mask, frames, rng, *, gen: GenerationConfig,
-                    vision_features: bool = False) -> DecodeOutput:
+def compiled_decode(graphdef, state, ids, attention_mask, visual_mask, frames, rng, track_boxes=None, *,
+                    gen: GenerationConfig, vision_features: bool = False) -> DecodeOutput:
     """`decode_impl` compiled: one compile per (graphdef, settings, input shapes)."""
     return decode_impl(nnx.merge(graphdef, state), ids, attention_mask, visual_mask, frames, rng, gen,
-                       vision_features)
+                       vision_features, track_boxes)

@@ -3,6 +3,10 @@ spans (shaded by score, the top one outlined) and the per-clip saliency curve.
 
     draw_overlay("out.png", frames, result, frame_times, duration)   # the middle frame + the strip
     draw_overlay("out.gif", frames, result, frame_times, duration)   # every frame, with a time cursor
+    draw_overlay("out.png", frames, result, truth={"boxes": [[x0, y0, x1, y1]], "spans": [[s, e]]})
+
+`truth` (a validation example's ground truth, same units as the result) is drawn in white: boxes labelled
+"true", spans as a bar under the predicted ones.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ MAX_WIDTH = 640
 STRIP = 56  # timeline strip height in pixels
 REGION_COLOUR, TRACK_COLOUR = (255, 64, 64), (64, 160, 255)
 SPAN_COLOUR, SALIENCY_COLOUR = (255, 190, 0), (40, 200, 90)
+TRUTH_COLOUR = (255, 255, 255)
 
 
 def _boxes(result) -> list[tuple[list[float], tuple[int, int, int], str]]:
@@ -40,7 +45,7 @@ def _frame_panel(frame: np.ndarray, boxes, scale: float) -> Image.Image:
 
 
 def _strip(width: int, temporal: dict | None, duration: float, frame_times: Sequence[float],
-           cursor: float | None) -> Image.Image:
+           cursor: float | None, truth_spans: Sequence[Sequence[float]] = ()) -> Image.Image:
     img = Image.new("RGB", (width, STRIP), (24, 24, 24))
     draw = ImageDraw.Draw(img, "RGBA")
     font = ImageFont.load_default()
@@ -48,6 +53,8 @@ def _strip(width: int, temporal: dict | None, duration: float, frame_times: Sequ
     x = lambda t: (width - 1) * min(max(float(t) / dur, 0.0), 1.0)  # noqa: E731
     for t in frame_times:
         draw.line([x(t), STRIP - 6, x(t), STRIP - 1], fill=(160, 160, 160))
+    for s, e in truth_spans:
+        draw.rectangle([x(s), STRIP - 7, max(x(e), x(s) + 1), STRIP - 4], fill=TRUTH_COLOUR)
     if temporal:
         for rank, (s, e, score) in reversed(list(enumerate(temporal["spans"][:3]))):
             draw.rectangle([x(s), 4, max(x(e), x(s) + 1), STRIP - 8],
@@ -79,25 +86,29 @@ def _stack(top: Image.Image, bottom: Image.Image) -> Image.Image:
 
 
 def draw_overlay(path: str, frames: np.ndarray, result, frame_times: Sequence[float] = (),
-                 duration: float = 0.0) -> str:
+                 duration: float = 0.0, truth: dict | None = None) -> str:
     """Write `path` (.png: the middle frame; .gif: every frame) with `result`'s boxes (pixels of `frames`)
-    and the timeline strip. frames: (T, H, W, 3) uint8 at the source resolution. Returns `path`."""
+    and the timeline strip, and `truth`'s boxes and spans when given. frames: (T, H, W, 3) uint8 at the
+    source resolution. Returns `path`."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".png", ".gif"):
         raise ValueError(f"{path}: the overlay must be a .png or .gif file")
     frames = np.asarray(frames, np.uint8)
     scale = min(1.0, MAX_WIDTH / frames.shape[2])
-    boxes = _boxes(result)
+    truth = truth or {}
+    boxes = [(b, TRUTH_COLOUR, "true") for b in truth.get("boxes", [])] + _boxes(result)
+    spans = truth.get("spans", [])
     times = list(frame_times) if len(frame_times) == len(frames) else [0.0] * len(frames)
     if ext == ".png":
         mid = len(frames) // 2
         panel = _frame_panel(frames[mid], boxes, scale)
-        strip = _strip(panel.width, result.temporal, duration, times, times[mid] if duration else None)
+        strip = _strip(panel.width, result.temporal, duration, times, times[mid] if duration else None, spans)
         _stack(panel, strip).save(path)
         return path
     images = []
     for frame, t in zip(frames, times):
         panel = _frame_panel(frame, boxes, scale)
-        images.append(_stack(panel, _strip(panel.width, result.temporal, duration, times, t if duration else None)))
+        images.append(_stack(panel, _strip(panel.width, result.temporal, duration, times, t if duration else None,
+                                          spans)))
     images[0].save(path, save_all=True, append_images=images[1:], duration=500, loop=0)
     return path
