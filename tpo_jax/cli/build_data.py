@@ -8,6 +8,7 @@ docs/data_pipeline.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -47,23 +48,35 @@ def main(argv=None) -> int:
     return guarded("tpo-build-data", lambda: _run(args), args.debug)
 
 
-def _quiet_tfds() -> None:
-    """Our log lines (one per split) instead of TFDS's progress bars and INFO logs."""
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Our log lines (one per split, on stderr) instead of TFDS's progress bars and INFO logs; the builders'
+    logger is put back as it was afterwards (an in-process caller keeps its own logging)."""
     import tensorflow_datasets as tfds  # noqa: PLC0415
     tfds.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     ours = logging.getLogger("tpo_jax.data.builders")
-    if not ours.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("tpo-build-data: %(message)s"))
-        ours.addHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tpo-build-data: %(message)s"))
+    level, propagate = ours.level, ours.propagate
+    ours.addHandler(handler)
     ours.setLevel(logging.INFO)
     ours.propagate = False
+    try:
+        yield
+    finally:
+        ours.removeHandler(handler)
+        ours.setLevel(level)
+        ours.propagate = propagate
 
 
 def _run(args) -> int:
-    _quiet_tfds()
+    with _quiet_tfds():
+        return _build(args)
+
+
+def _build(args) -> int:
     common = dict(data_dir=args.data_dir, max_bad_fraction=args.max_bad_fraction)
     if args.storage:
         common["storage"] = args.storage
@@ -78,6 +91,7 @@ def _run(args) -> int:
                                  **common)
     print(build(builder))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
