@@ -33,15 +33,12 @@ from tpo_jax import config as C
 from tpo_jax.checkpoints.export import ParamSet, export_hf
 from tpo_jax.generate import GenerationConfig, GenerationRequest, Generator
 from tpo_jax.model import TPOModel
+from mistral_args import add_mistral_args, llm_config  # noqa: E402  (benchmarks/)
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=1792)
+    add_mistral_args(p)
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", default="1,8")
@@ -51,8 +48,7 @@ def parse_args():
 
 def build(args):
     """Our TPO model with the benchmarked LLM, and the same LLM in transformers (exported with `export_hf`)."""
-    llm = C.LLMConfig(vocab_size=32007, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                      num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, max_position=4096)
+    llm = llm_config(args, max_position=4096)
     cfg = C.replace(C.tiny(), llm=llm, **{"lora.enabled": False, "heads.temporal.txt_dim": args.hidden}).validate()
     model = TPOModel(cfg, rngs=nnx.Rngs(0))
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,16 +29,12 @@ from flax import nnx
 
 from tpo_jax.config import LLMConfig
 from tpo_jax.llm import MistralDecoder
+from mistral_args import add_mistral_args, llm_config  # noqa: E402  (benchmarks/)
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=1792)
-    p.add_argument("--vocab", type=int, default=32007)
+    add_mistral_args(p)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rounds", type=int, default=4, help="alternating timed rounds per framework")
@@ -86,8 +82,7 @@ def torch_step_fn(cfg: LLMConfig, dtype):
 
 def main():
     args = parse_args()
-    cfg = LLMConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                    num_kv_heads=args.kv_heads, intermediate_size=args.intermediate)
+    cfg = llm_config(args)
     cfg.validate()
     ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq)).astype(np.int64)
     steps = {"jax": jax_step_fn(cfg, jnp.dtype(args.dtype)), "torch": torch_step_fn(cfg, args.dtype)}
