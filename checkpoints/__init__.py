@@ -4,7 +4,8 @@ Conversion (command line `tpo-convert` = `tpo_jax.cli.convert`, see docs/convers
   convert.py            convert_videochat, convert_hf, read_report, model_config
   export.py             export_hf (merged or + PEFT adapter), export_videochat, ParamSet
   staging.py            staged_output: write to a temporary directory, move into place at the end
-  orbax_io.py           streaming Orbax writer, load_params, load_extras
+  orbax_io.py           streaming Orbax writer, load_params (either stack layout), load_extras, ArrayReader
+  stacking.py           scanned stacks <-> the tables' per-layer paths (layouts, slice names, cross-layout loads)
   tables/               the declarative key tables, one module per component
   mapping.py, ops.py    the rule engine and the tensor transforms
   sources.py            safetensors / torch.load(weights_only=True) readers

@@ -9,9 +9,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tpo_jax.config import LLMConfig, LoRAConfig
+from tpo_jax.config import LLMConfig, LoRAConfig, TPOConfig
 
 from tpo_jax.checkpoints.errors import ConversionError
+
+REPORT_FILE = "conversion.json"  # written by conversion next to params/: source, options, config, report
 
 
 def to_dict(cfg) -> dict:
@@ -144,3 +146,17 @@ def peft_adapter_config(lora: LoRAConfig, targets) -> dict[str, Any]:
             "lora_dropout": lora.dropout, "target_modules": list(targets), "bias": "none", "fan_in_fan_out": False,
             "modules_to_save": None, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
             "inference_mode": True, "base_model_name_or_path": None, "revision": None}
+
+
+def read_report(path) -> dict:
+    """The conversion.json of a converted checkpoint."""
+    return read_json(Path(path) / REPORT_FILE)
+
+
+def model_config(report: dict) -> TPOConfig | tuple[LLMConfig, Any]:
+    """The config recorded at conversion: TPOConfig (videochat) or (LLMConfig, LoRAConfig | None) (hf)."""
+    if report["format"] == "videochat":
+        return from_dict(TPOConfig, report["config"], file=REPORT_FILE)
+    lo = report["config"]["lora"]
+    return (from_dict(LLMConfig, report["config"]["llm"], file=REPORT_FILE),
+            None if lo is None else from_dict(LoRAConfig, lo, file=REPORT_FILE))

@@ -10,6 +10,16 @@ failed conversion leaves nothing at `out_dir`):
     out_dir/conversion.json  source, options, model config, and the full report (every key: where it went)
 
 Every source tensor is read, transformed and written one at a time (see `tpo_jax.checkpoints.orbax_io`).
+
+Scanned layer stacks (`cfg.{llm,vit,qformer}.stack.scan_layers`): the key tables name layers
+(`llm.layers.{i}.…`); the plan is built against the model's shapes with each stacked parameter split into its
+layers (`tpo_jax.stack.unstack_shapes`), and each stacked parameter is then written as ONE array: its loader
+allocates the stacked output once and fills index g from the job of layer g, reading and transforming one
+source tensor at a time. Host memory for it is its stacked size plus one layer's source and transform (never
+the stacked tensor twice); that is also its cost against the write budget. (A job with several outputs keeps
+the parts not yet asked for until their arrays are written; no rule of a stacked layer has several today.)
+Stacked arrays are stored one chunk per layer, so export reads them layer by layer. The report names such
+destinations `llm.layers.self_attn.q_proj.kernel[3]`; `summary.arrays_written` counts the arrays written.
 """
 
 from __future__ import annotations
@@ -25,19 +35,20 @@ import numpy as np
 from flax import nnx
 
 from tpo_jax.checkpoints import tables
-from tpo_jax.checkpoints.configs import adapter_info, from_dict, llm_config_from_hf, read_json, to_dict
+from tpo_jax.checkpoints.configs import REPORT_FILE, adapter_info, llm_config_from_hf, read_json, to_dict
 from tpo_jax.checkpoints.errors import ConversionError
 from tpo_jax.checkpoints.mapping import Job, Plan, build_plan
 from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES, LazyArray, _flat_state, nest, write_streaming
 from tpo_jax.checkpoints.sources import TensorSource, open_source
+from tpo_jax.checkpoints.stacking import locate, present_layouts, slice_name
 from tpo_jax.checkpoints.staging import staged_output
 from tpo_jax.checkpoints.tables.llm import PEFT_PREFIX
 from tpo_jax.config import LLMConfig, TPOConfig, get_config, replace
-from tpo_jax.llm import MistralDecoder
-from tpo_jax.model import TPOModel
+from tpo_jax.llm import MistralDecoder, llm_stack_layouts
+from tpo_jax.model import TPOModel, stack_layouts
+from tpo_jax.stack import StackLayout, unstack_shapes
 
 OUTPUT_DTYPES = {"keep": None, "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-REPORT_FILE = "conversion.json"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -55,6 +66,14 @@ def param_shapes(state: nnx.State, prefix: str = "") -> dict[str, tuple[int, ...
     flat, _ = _flat_state(state)
     pre = f"{prefix}." if prefix else ""
     return {pre + p: tuple(v.get_value().shape) for p, v in flat.items()}
+
+
+def _per_layer(shapes: dict[str, tuple[int, ...]], layouts: list[StackLayout]) -> dict[str, tuple[int, ...]]:
+    """The model's parameter shapes as the key tables see them: every stacked parameter split into its layers."""
+    try:
+        return unstack_shapes(shapes, layouts)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def _out_dtype(dtype: str) -> np.dtype | None:
@@ -135,23 +154,64 @@ def _shardings_by_path(mesh, rules, shardings, abstract: nnx.State, prefix: str)
     return {pre + p: s for p, s in flat.items()}
 
 
-def _execute(plan: Plan, source: TensorSource, out_dir, *, dtype: np.dtype | None, shardings: dict | None,
-             budget_bytes: int, overwrite: bool, info: dict, log: Callable[[str], None]) -> dict:
-    runner = _Runner(source, dtype)
-    params, extras = {}, {}
+def _sharding(shardings: dict | None, path: str):
+    if shardings is not None and path not in shardings:
+        raise ConversionError("no sharding given for this parameter", key=path)
+    return None if shardings is None else shardings[path]
+
+
+def _stacked(path: str, parts: list[tuple[Job, int]], runner: _Runner, sharding) -> LazyArray:
+    """One stacked parameter from the jobs of its layers (index g = parts[g]), filled one layer at a time."""
+    dtypes = {runner.out_dtype(job) for job, _ in parts}
+    if len(dtypes) > 1:
+        raise ConversionError(f"the layers of this stacked parameter come in different dtypes "
+                              f"{sorted(map(str, dtypes))}; convert with dtype='float32' or 'bfloat16'", key=path)
+    dtype = dtypes.pop()
+    shape = (len(parts), *parts[0][0].dst_shapes[parts[0][1]])
+
+    def load() -> np.ndarray:
+        out = np.empty(shape, dtype)  # the only stacked-size allocation
+        for g, (job, k) in enumerate(parts):
+            out[g] = runner.output(job, k)  # one layer materialised at a time, freed after the copy
+        return out
+
+    cost = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize + max(runner.cost(job, k) for job, k in parts)
+    return LazyArray(load, shape, dtype, cost, sharding, layers=True)
+
+
+def lazy_params(plan: Plan, runner: _Runner, layouts: list[StackLayout], shardings: dict | None) -> dict:
+    """path -> LazyArray of every parameter the plan writes; per-layer destinations of `layouts` are gathered
+    into one stacked array per stacked path."""
+    params, stacks = {}, {}
     for job in plan.params:
         for k, path in enumerate(job.dst):
-            if shardings is not None and path not in shardings:
-                raise ConversionError("no sharding given for this parameter", key=path)
-            sharding = None if shardings is None else shardings[path]
+            found = locate(layouts, path)
+            if found is not None:
+                layout, stacked, g = found
+                stacks.setdefault(stacked, (layout, {}))[1][g] = (job, k)
+                continue
             params[path] = LazyArray(lambda job=job, k=k: runner.output(job, k), job.dst_shapes[k],
-                                     runner.out_dtype(job), runner.cost(job, k), sharding)
+                                     runner.out_dtype(job), runner.cost(job, k), _sharding(shardings, path))
+    for stacked, (layout, parts) in stacks.items():
+        if sorted(parts) != list(range(layout.count)):  # build_plan checked every target: cannot happen
+            raise ConversionError(f"layers {sorted(set(range(layout.count)) - set(parts))} have no source",
+                                  key=stacked)
+        params[stacked] = _stacked(stacked, [parts[g] for g in range(layout.count)], runner,
+                                   _sharding(shardings, stacked))
+    return params
+
+
+def _execute(plan: Plan, source: TensorSource, out_dir, *, dtype: np.dtype | None, shardings: dict | None,
+             budget_bytes: int, overwrite: bool, info: dict, log: Callable[[str], None],
+             layouts: list[StackLayout] = ()) -> dict:
+    runner = _Runner(source, dtype)
+    params, extras = lazy_params(plan, runner, list(layouts), shardings), {}
     for job in plan.extras:
         meta = source.meta[job.src[0]]
         nbytes = int(np.prod(meta.shape, dtype=np.int64)) * np.dtype(meta.dtype).itemsize
         extras[job.dst[0]] = LazyArray(lambda key=job.src[0]: source.read(key), meta.shape, meta.dtype, nbytes)
-    report = {**info, "summary": plan.summary(),
-              "mapped": {", ".join(j.src): list(j.dst) for j in plan.params},
+    report = {**info, "summary": {**plan.summary(), "arrays_written": len(params)},
+              "mapped": {", ".join(j.src): [slice_name(layouts, d) for d in j.dst] for j in plan.params},
               "extras": {j.src[0]: {"path": j.dst[0], "why": j.rule.note} for j in plan.extras},
               "dropped": {", ".join(j.src): j.rule.note or "dropped" for j in plan.dropped}}
     total = sum(int(np.prod(m.shape, dtype=np.int64)) * np.dtype(m.dtype).itemsize for m in source.meta.values())
@@ -212,7 +272,9 @@ def convert_videochat(source, out_dir, cfg: TPOConfig | None = None, *, lora: st
     src = open_source(source)
     abstract = abstract_params(lambda: TPOModel(model_cfg, rngs=None))
     rule_table = tables.videochat(lora, cfg.lora.scaling, cfg.lora.rank)
-    plan = build_plan(src.meta, rule_table, param_shapes(abstract), where=src.description, keep_extras=extras)
+    shapes = param_shapes(abstract)
+    layouts = present_layouts(stack_layouts(model_cfg), shapes)
+    plan = build_plan(src.meta, rule_table, _per_layer(shapes, layouts), where=src.description, keep_extras=extras)
     info = {"format": "videochat", "source": src.description, "lora": lora, "dtype": dtype,
             "config": to_dict(model_cfg), "lora_scaling": cfg.lora.scaling, "lora_rank": cfg.lora.rank}
     if dry_run:
@@ -220,19 +282,20 @@ def convert_videochat(source, out_dir, cfg: TPOConfig | None = None, *, lora: st
                                                                for j in plan.extras}}
     sh = _shardings_by_path(mesh, rules, shardings, abstract, "")
     return _execute(plan, src, out_dir, dtype=out_dtype, shardings=sh, budget_bytes=budget_bytes,
-                    overwrite=overwrite, info=info, log=log)
+                    overwrite=overwrite, info=info, log=log, layouts=layouts)
 
 
 def convert_hf(source, out_dir, *, adapter=None, lora: str = "merge", llm_cfg: LLMConfig | None = None,
                dtype: str = "keep", mesh=None, rules=None, shardings=None, overwrite: bool = False,
-               budget_bytes: int = DEFAULT_BUDGET_BYTES, dry_run: bool = False,
+               budget_bytes: int = DEFAULT_BUDGET_BYTES, dry_run: bool = False, scan_layers: bool | None = None,
                log: Callable[[str], None] = lambda s: None) -> dict:
     """A Hugging Face Mistral/Llama checkpoint (+ optional PEFT adapter directory) -> `out_dir`, under `llm.`.
 
     The LLM config comes from the config.json next to the weights unless `llm_cfg` is given. With an adapter,
     lora="merge" folds W + s·B·A into the kernels and lora="keep" stores lora_a / lora_b (the model's LoRAConfig
-    is then the adapter's: rank, alpha, targets). Restore with
-    `load_params(out_dir, nnx.state(model.llm, nnx.Param), prefix="llm")`.
+    is then the adapter's: rank, alpha, targets). scan_layers: override `llm_cfg.stack.scan_layers` (write the
+    decoder layers stacked, as a scanned model holds them; a config.json has no such field). Restore with
+    `load_params(out_dir, nnx.state(model.llm, nnx.Param), prefix="llm")` (into either layout).
     """
     if lora not in ("keep", "merge"):
         raise ConversionError(f"lora must be 'keep' or 'merge', got {lora!r}")
@@ -245,6 +308,8 @@ def convert_hf(source, out_dir, *, adapter=None, lora: str = "merge", llm_cfg: L
             raise ConversionError("no config.json next to the checkpoint (pass llm_cfg= or --config)",
                                   file=str(cfg_file))
         llm_cfg = llm_config_from_hf(read_json(cfg_file), file=str(cfg_file))
+    if scan_layers is not None:
+        llm_cfg = replace(llm_cfg, **{"stack.scan_layers": bool(scan_layers)})
     info_lora = None
     targets: tuple[str, ...] = ()
     overrides: dict[str, str] = {}
@@ -266,27 +331,13 @@ def convert_hf(source, out_dir, *, adapter=None, lora: str = "merge", llm_cfg: L
     rule_table = tables.hf(tie=llm_cfg.tie_embeddings, adapter_targets=targets, lora=lora,
                            scaling=info_lora.scaling if info_lora else 1.0, rank=info_lora.rank if info_lora else 0,
                            base_overrides=overrides)
-    plan = build_plan(src.meta, rule_table, param_shapes(abstract, "llm"), where=src.description)
+    shapes = param_shapes(abstract, "llm")
+    layouts = present_layouts(llm_stack_layouts(llm_cfg, "llm"), shapes)
+    plan = build_plan(src.meta, rule_table, _per_layer(shapes, layouts), where=src.description)
     info = {"format": "hf", "source": src.description, "lora": lora if info_lora else None, "dtype": dtype,
             "config": {"llm": to_dict(llm_cfg), "lora": None if lora_cfg is None else to_dict(lora_cfg)}}
     if dry_run:
         return {**info, "summary": plan.summary(), "extras": {}}
     sh = _shardings_by_path(mesh, rules, shardings, abstract, "llm")
     return _execute(plan, src, out_dir, dtype=out_dtype, shardings=sh, budget_bytes=budget_bytes,
-                    overwrite=overwrite, info=info, log=log)
-
-
-def read_report(path) -> dict:
-    """The conversion.json of a converted checkpoint."""
-    return read_json(Path(path) / REPORT_FILE)
-
-
-def model_config(report: dict) -> TPOConfig | tuple[LLMConfig, Any]:
-    """The config recorded at conversion: TPOConfig (videochat) or (LLMConfig, LoRAConfig | None) (hf)."""
-    from tpo_jax.config import LoRAConfig
-
-    if report["format"] == "videochat":
-        return from_dict(TPOConfig, report["config"], file=REPORT_FILE)
-    lo = report["config"]["lora"]
-    return (from_dict(LLMConfig, report["config"]["llm"], file=REPORT_FILE),
-            None if lo is None else from_dict(LoRAConfig, lo, file=REPORT_FILE))
+                    overwrite=overwrite, info=info, log=log, layouts=layouts)

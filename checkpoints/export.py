@@ -5,6 +5,11 @@ all ops except LoRA merging only move bytes, so convert -> export reproduces eve
 The input is a directory written by `tpo-convert` or a `ParamSet` (an in-memory state plus its config, e.g. a
 trained model's `nnx.state(model, nnx.Param)`). Arrays are read in groups of at most `budget_bytes` and
 written one at a time through a streaming safetensors writer.
+
+Scanned stacks: the stacked arrays (leading `layers` axis) are recognised with the layouts of the recorded
+config (conversion.json, or the ParamSet's config; `stacking.possible_layouts`), so checkpoints written
+scanned or unrolled both export. The plan sees one entry per layer; each is read as one slice of its stacked
+array (`orbax_io.ArrayReader`: one storage chunk per layer), so export memory stays one group of layers.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import numpy as np
 
 from tpo_jax.checkpoints import tables
 from tpo_jax.checkpoints.configs import hf_config_from_llm, peft_adapter_config
-from tpo_jax.checkpoints.convert import OUTPUT_DTYPES, contiguous, model_config, read_report
+from tpo_jax.checkpoints.configs import model_config, read_report
+from tpo_jax.checkpoints.convert import OUTPUT_DTYPES, contiguous
 from tpo_jax.checkpoints.errors import ConversionError
 from tpo_jax.checkpoints.mapping import Plan, Rule, build_export_plan
-from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES, _flat_state, read_arrays, saved_arrays
+from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES, ArrayReader, _flat_state, read_arrays, saved_arrays
 from tpo_jax.checkpoints.safetensors_writer import ShardedWriter
+from tpo_jax.checkpoints.stacking import locate, possible_layouts, present_layouts, unstacked_meta
 from tpo_jax.checkpoints.staging import staged_output
 from tpo_jax.checkpoints.tables.llm import PEFT_PREFIX, hf_llm_export
 from tpo_jax.config import LLMConfig, LoRAConfig, TPOConfig
@@ -48,32 +55,54 @@ class ParamSet:
 
 
 class _Reader:
+    """The parameters to export, seen per layer: `params` {path: (shape, dtype)} lists each layer of a stacked
+    array as its own entry (`llm.layers.{i}.…`), and `read` returns slices of the stacked arrays for them."""
+
     def __init__(self, checkpoint):
         if isinstance(checkpoint, ParamSet):
             self.where = "<in-memory parameters>"
             self.config = checkpoint.config
             self._params = {p: np.asarray(v) for p, v in checkpoint.params.items()}
             self._extras = {f"{g}/{n}": np.asarray(a) for g, d in checkpoint.extras.items() for n, a in d.items()}
-            self.params = {p: (a.shape, a.dtype) for p, a in self._params.items()}
+            stored = {p: (a.shape, a.dtype) for p, a in self._params.items()}
             self.extras = {p: (a.shape, a.dtype) for p, a in self._extras.items()}
             self.lora_scaling = checkpoint.lora_scaling
             self.lora_rank = None
             self.dir = None
-            return
-        self.dir = Path(checkpoint)
-        self.where = str(self.dir)
-        report = read_report(self.dir)
-        self.config = model_config(report)
-        self.params = saved_arrays(self.dir / "params")
-        self.extras = saved_arrays(self.dir / "extras", sep="/") if (self.dir / "extras").is_dir() else {}
-        self.lora_scaling = report.get("lora_scaling")
-        self.lora_rank = report.get("lora_rank")
+        else:
+            self.dir = Path(checkpoint)
+            self.where = str(self.dir)
+            report = read_report(self.dir)
+            self.config = model_config(report)
+            stored = saved_arrays(self.dir / "params")
+            self.extras = saved_arrays(self.dir / "extras", sep="/") if (self.dir / "extras").is_dir() else {}
+            self.lora_scaling = report.get("lora_scaling")
+            self.lora_rank = report.get("lora_rank")
+        self.layouts = present_layouts(possible_layouts(self.config), stored)
+        self.params = unstacked_meta(stored, self.layouts, where=self.where)
+        self._slices = None
 
     def read(self, paths: Sequence[str], extras: bool) -> dict[str, np.ndarray]:
+        if extras:
+            if self.dir is None:
+                return {p: self._extras[p] for p in paths}
+            return read_arrays(self.dir / "extras", paths, sep="/")
+        whole, out = [], {}
+        for p in paths:
+            found = locate(self.layouts, p)
+            if found is None:
+                whole.append(p)
+            elif self.dir is None:
+                out[p] = self._params[found[1]][found[2]]
+            else:  # one layer of a stacked array: read only its chunk
+                if self._slices is None:
+                    self._slices = ArrayReader(self.dir / "params")
+                out[p] = self._slices.read(found[1], found[2])
         if self.dir is None:
-            src = self._extras if extras else self._params
-            return {p: src[p] for p in paths}
-        return read_arrays(self.dir / ("extras" if extras else "params"), paths, sep="/" if extras else ".")
+            out.update({p: self._params[p] for p in whole})
+        else:
+            out.update(read_arrays(self.dir / "params", whole))
+        return out
 
 
 def _nbytes(shape, dtype) -> int:

@@ -7,18 +7,25 @@ TensorStore, and drops it; a byte budget bounds how much is materialised at once
 budget runs alone). Peak memory is therefore about max(largest tensor, budget) plus its transform, not the
 checkpoint size. With `sharding` set on the leaves, each tensor is placed on the mesh
 (`jax.make_array_from_callback`) and written by Orbax's jax.Array handler (each process writes its shards).
+Leaves marked `layers=True` (stacked parameters of scanned layer stacks) are stored one chunk per index of
+their leading axis, so one layer can be read alone (`ArrayReader`).
 
-Reading: `load_params(path, abstract_state, shardings=None)` restores the saved tree into the structure of
-`abstract_state` (an `nnx.State`, e.g. `nnx.state(nnx.eval_shape(lambda: TPOModel(cfg, rngs=...)), nnx.Param)`,
-or a nested dict), cast to each abstract leaf's dtype and placed with `shardings` (same structure), or the
-abstract leaf's own `.sharding`, or on the first local device. `read_arrays(directory, paths)` returns a
-subset as NumPy arrays (used by the exporters, group by group).
+Reading: `load_params(path, abstract_state, shardings=None, *, prefix="", strict=True, layouts=None)`
+restores the saved tree into the structure of `abstract_state` (an `nnx.State`, e.g.
+`nnx.state(nnx.eval_shape(lambda: TPOModel(cfg, rngs=...)), nnx.Param)`, or a nested dict), cast to each
+abstract leaf's dtype and placed with `shardings` (same structure), or the abstract leaf's own `.sharding`, or
+on the first local device. A checkpoint written in the other stack layout (unrolled `llm.layers.{i}.…` into a
+scanned model's stacked `llm.layers.…`, or back) is restored by stacking / slicing; `layouts` says how the
+paths relate and defaults to the config recorded in the checkpoint's conversion.json (see `load_params`).
+`read_arrays(directory, paths)` returns a subset as NumPy arrays (used by the exporters, group by group);
+`ArrayReader` reads single arrays or single layers of stacked ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -26,10 +33,11 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
 from orbax.checkpoint import future as ocp_future
 from orbax.checkpoint._src.metadata import array_metadata_store
-from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
+from orbax.checkpoint._src.serialization import tensorstore_utils, type_handler_registry, type_handlers
 
 from tpo_jax.checkpoints.errors import ConversionError
 
@@ -39,11 +47,18 @@ DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
 class LazyArray:
     """A leaf that is produced only when written: `load()` -> np.ndarray of `shape`/`dtype`."""
 
-    __slots__ = ("load", "shape", "dtype", "cost", "sharding")
+    __slots__ = ("load", "shape", "dtype", "cost", "sharding", "layers")
 
-    def __init__(self, load: Callable[[], np.ndarray], shape, dtype, cost: int, sharding=None):
+    def __init__(self, load: Callable[[], np.ndarray], shape, dtype, cost: int, sharding=None, *,
+                 layers: bool = False):
         self.load, self.shape, self.dtype = load, tuple(shape), np.dtype(dtype)
         self.cost, self.sharding = cost, sharding
+        self.layers = layers  # a stacked parameter: stored one chunk per index of the leading axis
+
+    def save_args(self) -> ocp.SaveArgs:
+        # shard_axes=(0,) splits the storage chunks along the leading axis down to size 1, so one layer of a
+        # stacked array is read without reading the others (`ArrayReader`)
+        return ocp.SaveArgs(shard_axes=(0,)) if self.layers and self.shape else ocp.SaveArgs()
 
 
 class _Budget:
@@ -143,7 +158,12 @@ def write_streaming(directory: str | Path, tree: Mapping[str, Any], *, budget_by
         *type_handler_registry._DEFAULT_TYPE_HANDLERS, (LazyArray, handler))
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
                                                          use_compression=compression, use_zarr3=True))
-    ckptr.save(Path(directory).absolute(), args=ocp.args.PyTreeSave(dict(tree)))
+    save_args = _tree_map(lambda v: v.save_args() if isinstance(v, LazyArray) else ocp.SaveArgs(), tree)
+    ckptr.save(Path(directory).absolute(), args=ocp.args.PyTreeSave(dict(tree), save_args=save_args))
+
+
+def _tree_map(fn, tree):
+    return {k: _tree_map(fn, v) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -215,7 +235,53 @@ def _leaf_value(leaf):
     return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
 
 
-def load_params(path: str | Path, abstract_state, shardings=None, *, prefix: str = "", strict: bool = True):
+class ArrayReader:
+    """Arrays of an Orbax checkpoint read straight from its TensorStore, whole or one index of the leading axis.
+
+    A slice reads only the storage chunks it covers: stacked parameters are written one chunk per layer
+    (`LazyArray(layers=True)`), so reading layer g of a stacked array costs one layer of memory and I/O."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).absolute()
+        meta_file = self.directory / "_METADATA"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        self.use_ocdbt, self.use_zarr3 = bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", True))
+        self._open: dict[str, Any] = {}
+        self._context = tensorstore_utils.get_ts_context(use_ocdbt=self.use_ocdbt)
+
+    def _store(self, name: str):
+        store = self._open.get(name)
+        if store is None:
+            spec = tensorstore_utils.ArrayReadSpec(str(self.directory), name, self.use_zarr3, use_ocdbt=self.use_ocdbt)
+            store = self._open[name] = ts.open(spec.json, open=True, read=True, context=self._context).result()
+        return store
+
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        """Array `name` (a dotted parameter path), or its index `index` along the leading axis."""
+        store = self._store(name)
+        return np.asarray((store if index is None else store[index]).read().result())
+
+    def chunk_shape(self, name: str) -> tuple[int, ...]:
+        """The storage chunk of array `name` (leading 1 for a stacked parameter written `layers=True`)."""
+        return tuple(self._store(name).chunk_layout.read_chunk.shape)
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _layouts(layouts, directory: Path) -> list:
+    from tpo_jax.checkpoints import stacking  # imports the model's layout functions: only when restoring
+
+    if layouts is None:
+        return stacking.checkpoint_layouts(directory)
+    if isinstance(layouts, (list, tuple)) and all(isinstance(lo, stacking.StackLayout) for lo in layouts):
+        return list(layouts)
+    return stacking.possible_layouts(layouts)
+
+
+def load_params(path: str | Path, abstract_state, shardings=None, *, prefix: str = "", strict: bool = True,
+                layouts=None):
     """Restore a converted checkpoint into the structure of `abstract_state`.
 
     path: the conversion output directory (its `params/` is read) or an Orbax checkpoint directory.
@@ -227,31 +293,56 @@ def load_params(path: str | Path, abstract_state, shardings=None, *, prefix: str
     strict: every leaf must be in the checkpoint and every checkpoint array in `abstract_state`; with
       strict=False, leaves not in the checkpoint are returned unchanged (use it to overlay converted weights
       onto an initialised state).
+    layouts: how stacked (scanned) and per-layer parameter paths relate, to restore a checkpoint written in the
+      other layout (per-layer arrays stacked into a scanned model's parameter, or a stacked array sliced into an
+      unrolled model's layers): None (default) reads them from the config recorded in the checkpoint's
+      conversion.json (none without one); or a TPOConfig / LLMConfig / (LLMConfig, LoRAConfig) (its stacks'
+      layouts as if scanned: `stacking.possible_layouts`), or a list of `tpo_jax.stack.StackLayout` in
+      checkpoint path space (e.g. `tpo_jax.model.stack_layouts(cfg)`). Parameters in the same layout on both
+      sides are restored as they are. A stacked parameter is assembled on the host one layer at a time
+      (its size once, plus one layer), then placed.
     Returns the same structure with jax.Array values.
     """
+    from tpo_jax.checkpoints.stacking import across_layouts
+
     root = Path(path)
     directory = root / "params" if (root / "params").is_dir() else root
     saved = saved_arrays(directory)
     flat, rebuild = _flat_state(abstract_state)
     flat_sh = _flat_state(shardings)[0] if shardings is not None else {}
     pre = f"{prefix}." if prefix else ""
-    wanted = {}
+    stack_layouts = None
+    wanted, across, used = {}, {}, {}
     for p, leaf in flat.items():
         value = _leaf_value(leaf)
         cp = pre + p
-        if cp not in saved:
-            if strict:
-                raise ConversionError(f"the checkpoint has no array for parameter '{cp}'", file=str(directory), key=cp)
-            continue
-        if tuple(saved[cp][0]) != tuple(value.shape):
-            raise ConversionError(f"shape mismatch: checkpoint has {saved[cp][0]}, the model expects "
-                                  f"{tuple(value.shape)}", file=str(directory), key=cp)
         sharding = _leaf_value(flat_sh[p]) if p in flat_sh else getattr(value, "sharding", None)
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        wanted[cp] = jax.ShapeDtypeStruct(tuple(value.shape), value.dtype, sharding=sharding)
+        if cp in saved:
+            if tuple(saved[cp][0]) != tuple(value.shape):
+                raise ConversionError(f"shape mismatch: checkpoint has {saved[cp][0]}, the model expects "
+                                      f"{tuple(value.shape)}", file=str(directory), key=cp)
+            wanted[cp] = jax.ShapeDtypeStruct(tuple(value.shape), value.dtype, sharding=sharding)
+            used.setdefault(cp, None)
+            continue
+        if stack_layouts is None:
+            stack_layouts = _layouts(layouts, directory)
+        parts = across_layouts(cp, tuple(value.shape), saved, stack_layouts, where=str(directory))
+        if parts is None:
+            if strict:
+                raise ConversionError(f"the checkpoint has no array for parameter '{cp}'", file=str(directory), key=cp)
+            continue
+        across[cp] = (parts, value, sharding)
+        for name, index in parts:
+            if index is None:
+                used.setdefault(name, None)
+            else:
+                used.setdefault(name, set()).add(index)
     if strict:
-        extra = sorted(k for k in saved if k.startswith(pre) and k[len(pre):] not in flat)
+        extra = sorted(k for k in saved if k.startswith(pre) and k not in used)
+        extra += [f"{k}[{g}]" for k, idx in used.items() if idx is not None
+                  for g in range(saved[k][0][0]) if g not in idx]
         if extra:
             raise ConversionError(f"the model has no parameter for this checkpoint array ({len(extra)} such arrays)",
                                   file=str(directory), key=extra[0])
@@ -263,6 +354,17 @@ def load_params(path: str | Path, abstract_state, shardings=None, *, prefix: str
         got = flatten(restored)
     else:
         got = {}
+    reader = ArrayReader(directory) if across else None
+    for cp, (parts, value, sharding) in across.items():  # one parameter at a time: its host copy is freed after
+        dtype = np.dtype(value.dtype)
+        if len(parts) == 1 and parts[0][1] is not None:
+            host = reader.read(*parts[0]).astype(dtype, copy=False)
+        else:
+            host = np.empty(tuple(value.shape), dtype)
+            for g, (name, _) in enumerate(parts):
+                host[g] = reader.read(name)
+        got[cp] = _place(host, sharding)
+        del host
     return rebuild({p: got[pre + p] if pre + p in got else _leaf_value(leaf) for p, leaf in flat.items()})
 
 

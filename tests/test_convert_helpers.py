@@ -17,7 +17,8 @@ from tpo_jax.checkpoints.convert import abstract_params, param_shapes
 from tpo_jax.checkpoints.mapping import build_export_plan
 from tpo_jax.checkpoints.orbax_io import load_params
 from tpo_jax.config import get_config, replace
-from tpo_jax.model import TPOModel
+from tpo_jax.model import TPOModel, stack_layouts
+from tpo_jax.stack import unstack_shapes
 
 ASSETS = Path(__file__).resolve().parents[1] / "tpo_jax" / "assets" / "videochat_tpo"
 INDEX = ASSETS / "model.safetensors.index.json"
@@ -37,6 +38,7 @@ def source_shapes(cfg, lora="keep") -> dict[str, tuple[int, ...]]:
     """Source-key shapes a checkpoint for `cfg` must have: our parameter shapes through the inverse mapping."""
     model_cfg = replace(cfg, **{"lora.enabled": False}) if lora == "merge" else cfg
     target = param_shapes(abstract_params(lambda: TPOModel(model_cfg, rngs=None)))
+    target = unstack_shapes(target, stack_layouts(model_cfg))  # scanned stacks: the tables name each layer
     plan = build_export_plan(target, {}, tables.videochat(lora, cfg.lora.scaling, cfg.lora.rank), where="test")
     return {k: tuple(s) for j in plan.params for k, s in zip(j.src, j.src_shapes)}
 

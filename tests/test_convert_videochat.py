@@ -15,7 +15,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from tpo_jax.checkpoints.convert import convert_videochat, model_config, read_report
+from tpo_jax.checkpoints.configs import model_config, read_report
+from tpo_jax.checkpoints.convert import convert_videochat
 from tpo_jax.checkpoints.export import export_videochat
 from tpo_jax.checkpoints.orbax_io import load_extras, read_arrays, saved_arrays
 from tpo_jax.cli.convert import main

@@ -1,5 +1,7 @@
 """Our Mistral decoder against transformers.MistralForCausalLM (tiny, random, GQA), in float32."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +10,11 @@ import torch
 import transformers
 from flax import nnx
 
-from tpo_jax.config import LLMConfig, LoRAConfig
-from tpo_jax.llm import KVCache, MistralDecoder, init_added_token_rows, mean_init_new_rows
+from tpo_jax.config import LLMConfig, LoRAConfig, StackConfig
+from tpo_jax.llm import KVCache, MistralDecoder, init_added_token_rows, llm_stack_layouts, mean_init_new_rows
 from tpo_jax.lora import LoRALinear, merge_lora, unmerge_lora
+
+from stack_helper import scanned_copy
 
 CFG = LLMConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
                 rope_theta=1_000_000.0, rms_norm_eps=1e-5, max_position=256)
@@ -146,6 +150,37 @@ def test_lora_forward_equals_torch_on_merged_weights(hf_model):
     unmerge_lora(ours)
     assert np.abs(np.asarray(ours.layers[0].self_attn.q_proj.kernel[...]) - before).max() <= 1e-6
     assert np.abs(np.asarray(ours(jnp.asarray(ids)).logits) - ref).max() <= TOL
+
+
+def test_scanned_layers_with_lora_match_transformers():
+    """The same weights stacked (llm.stack.scan_layers), with a sliding window, padding and random LoRA
+    adapters: the merged PyTorch model's logits; merging the stacked adapters in JAX gives them too."""
+    cfg = LLMConfig(**{**CFG.__dict__, "sliding_window": 5})
+    lora = LoRAConfig(rank=4, alpha=8.0, dropout=0.0)
+    hf = torch_mistral(cfg, seed=4)
+    ours = ours_from(hf, cfg, lora=lora)
+    _set_random_lora(ours, seed=2)
+    merged = torch_mistral(cfg)
+    merged.load_state_dict(hf.state_dict())
+    modules = dict(merged.named_modules())
+    for path, m in nnx.iter_graph(ours):
+        if isinstance(m, LoRALinear):
+            name = ".".join(str(p) for p in path).replace("layers.", "model.layers.")
+            with torch.no_grad():
+                modules[name].weight.add_(torch.tensor(lora.scaling * (np.asarray(m.lora_a[...])
+                                                                       @ np.asarray(m.lora_b[...])).T))
+    scfg = dataclasses.replace(cfg, stack=StackConfig(scan_layers=True))
+    scanned = scanned_copy(ours, lambda: MistralDecoder(scfg, lora, rngs=nnx.Rngs(0)), llm_stack_layouts(scfg, ""))
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 12))
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    ref = hf_logits(merged, ids, mask)
+    valid = mask.astype(bool)
+    got = np.asarray(scanned(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    assert np.abs(got - ref)[valid].max() <= TOL
+    merge_lora(scanned)
+    got = np.asarray(scanned(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    assert np.abs(got - ref)[valid].max() <= TOL
 
 
 def test_lora_dropout_only_with_rng(hf_model):

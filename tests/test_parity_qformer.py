@@ -1,5 +1,7 @@
 """Numeric parity of `tpo_jax.qformer.QFormer` with transformers' InstructBLIP Q-Former (tiny, random, f32)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +10,10 @@ import torch
 from flax import nnx
 from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
 
-from tpo_jax.config import QFormerConfig
-from tpo_jax.qformer import QFormer
+from tpo_jax.config import QFormerConfig, StackConfig
+from tpo_jax.qformer import QFormer, qformer_stack_layouts
+
+from stack_helper import scanned_copy
 
 HIDDEN, LAYERS, HEADS, INTER, VIS, VOCAB, MAXPOS = 32, 4, 2, 64, 24, 100, 64
 NQ, NQ_EXTRA, LLM_HIDDEN = 3, 5, 40
@@ -151,6 +155,24 @@ def test_parity_with_vision_mask(models):
     perturbed[0, 5:] += 10.0
     got2 = np.asarray(ours.encode(jnp.asarray(perturbed), vision_mask=jnp.asarray(vision_mask)))
     np.testing.assert_allclose(got2, got, atol=1e-6)
+
+
+def test_scanned_groups_match_hf(models):
+    """The same weights as the scanned layout (qformer.stack.scan_layers: layer_groups of cross / no-cross
+    members under lax.scan), with text and a vision mask."""
+    hf, ours, queries = models
+    scfg = dataclasses.replace(_jax_config(), stack=StackConfig(scan_layers=True))
+    scanned = scanned_copy(ours, lambda: QFormer(scfg, LLM_HIDDEN, rngs=nnx.Rngs(0)), qformer_stack_layouts(scfg, ""))
+    vision = _vision()
+    vision_mask = np.ones((2, vision.shape[1]), np.int64)
+    vision_mask[1, -2:] = 0
+    text_ids = np.random.default_rng(5).integers(1, 100, (2, 5))
+    text_mask = np.ones((2, 5), np.int64)
+    text_mask[0, :2] = 0
+    expected = _hf_encode(hf, queries, vision, vision_mask, text_ids, text_mask)
+    got = np.asarray(scanned.encode(jnp.asarray(vision), jnp.asarray(vision_mask), jnp.asarray(text_ids),
+                                    jnp.asarray(text_mask)))
+    assert np.abs(got - expected).max() <= TOL
 
 
 def test_call_applies_project_up(models):

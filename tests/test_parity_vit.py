@@ -19,8 +19,10 @@ from flax import nnx
 from transformers import VideoMAEConfig
 from transformers.models.videomae.modeling_videomae import VideoMAELayer, get_sinusoid_encoding_table
 
-from tpo_jax.config import ViTConfig, tiny
-from tpo_jax.vit import UMTViT, ViTBlock, position_table, sinusoid_table
+from tpo_jax.config import StackConfig, ViTConfig, tiny
+from tpo_jax.vit import UMTViT, ViTBlock, position_table, sinusoid_table, vit_stack_layouts
+
+from stack_helper import scanned_copy
 
 TOL = 1e-4
 
@@ -165,6 +167,17 @@ def test_full_video_stack_matches_torch(cfg, models):
     diff = _max_diff(got, expected)
     print(f"video stack: max |diff| = {diff:.3e}")
     assert diff <= TOL
+
+
+def test_scanned_stack_matches_torch(cfg, models):
+    """The same weights stacked on a `layers` axis and run under lax.scan (vit.stack.scan_layers)."""
+    ref, model = models
+    scfg = dataclasses.replace(cfg, stack=StackConfig(scan_layers=True))
+    scanned = scanned_copy(model, lambda: UMTViT(scfg, rngs=nnx.Rngs(1)), vit_stack_layouts(scfg, ""))
+    frames = _frames(cfg, cfg.num_frames, seed=2)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(frames)).numpy()
+    assert _max_diff(np.asarray(scanned(jnp.asarray(frames))), expected) <= TOL
 
 
 def test_patch_embed_token_order(cfg, models):

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 from tpo_jax.data.synthetic import synthetic_batch
 from tpo_jax import config as C
 from tpo_jax import sharding as S
-from tpo_jax.model import abstract_model
+from tpo_jax.model import abstract_model, stack_layouts
+from tpo_jax.stack import stack_params, unstack_params
 from tpo_jax.cli import shard_report as report_cli
 from tpo_jax.train import shard_report as R
 from tpo_jax.lora import LoRALinear
@@ -133,6 +134,37 @@ def test_strategy_matches_single_device(strategy, reference, batch_np):
     # is zero hold only float32 rounding noise), as in test_train_step
     worst = max(np.abs(got[k] - ref_grads[k]).max() / max(np.abs(ref_grads[k]).max(), 1e-2 * top) for k in got)
     assert worst <= 1e-5, (strategy, worst)
+
+
+def test_scanned_model_sharded_matches_unrolled_single_device(reference, batch_np):
+    """All three stacks scanned (parameters with a leading `layers` axis, never split), fsdp × tensor over 8
+    devices: the loss and gradients of the unrolled single-device reference."""
+    graphdef, params, frozen, ref_metrics, ref_grads = reference
+    scfg = C.replace(CFG, **{f"{s}.stack.scan_layers": True for s in ("llm", "vit", "qformer")})
+    layouts = stack_layouts(scfg)
+    mesh = S.make_mesh(S.MeshConfig(*MESHES["fsdp_tp"]))
+    sgraphdef, _, sh = train_shardings(scfg, TC, mesh, S.get_rules("fsdp_tp"))
+
+    def stacked(tree, target):
+        values = stack_params({".".join(map(str, p)): np.asarray(v) for p, v in _flat(tree).items()}, layouts)
+        flat = nnx.to_flat_state(target)
+        return nnx.from_flat_state([(p, v.replace(jnp.asarray(values[".".join(map(str, p))])))
+                                    for p, v in flat])
+
+    params = jax.device_put(stacked(params, sh.abstract_state.params), sh.state.params)
+    frozen = jax.device_put(stacked(frozen, sh.abstract_frozen), sh.frozen)
+    q = _flat(params)[("llm", "layers", "self_attn", "q_proj", "lora_a")]
+    assert q.shape[0] == CFG.llm.num_layers and q.sharding.spec[0] is None  # the layer axis stays whole
+    metrics, grads = make_sharded_grad_fn(sgraphdef, scfg, TC, sh)(params, frozen, S.shard_batch(batch_np, mesh),
+                                                                   jax.random.key(0))
+    for key in ("loss/total", "loss/lm", "loss/region", "loss/mask"):
+        np.testing.assert_allclose(float(metrics[key]), ref_metrics[key], rtol=1e-5, err_msg=key)
+    got = unstack_params({".".join(map(str, p)): np.asarray(v) for p, v in _flat(grads).items()}, layouts)
+    ref = {".".join(map(str, p)): v for p, v in ref_grads.items()}
+    assert got.keys() == ref.keys()
+    top = max(np.abs(v).max() for v in ref.values())
+    worst = max(np.abs(got[k] - ref[k]).max() / max(np.abs(ref[k]).max(), 1e-2 * top) for k in got)
+    assert worst <= 1e-5, worst
 
 
 def test_init_sharded_builds_the_eager_values_in_their_shards():

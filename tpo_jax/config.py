@@ -20,12 +20,51 @@ TRACKING_ID = 32005
 TRACK_BOX_ID = 32006
 NUM_ADDED_TOKENS = 7
 
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "custom")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
+# activations the layers tag with `jax.ad_checkpoint.checkpoint_name` (what remat_policy "custom" may save)
+CHECKPOINT_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "out_proj",
+                    "mlp_hidden", "mlp_out")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
     """A config field holds a value the model cannot use."""
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """How a layer stack runs (the same numbers either way; see `tpo_jax.stack`).
+
+    scan_layers: parameters stacked on a leading `layers` axis and the stack run under `lax.scan` (one
+    compiled layer body), or a Python loop over separate layers (for debugging).
+    remat_policy: what the backward pass keeps of each layer's activations (`tpo_jax.stack.REMAT_POLICIES`):
+    "none" keeps everything, "full" recomputes the whole layer, "dots_saveable" /
+    "dots_with_no_batch_dims_saveable" keep matmul outputs, "custom" keeps the activations named in
+    `remat_save` (`CHECKPOINT_NAMES`).
+    attention: "einsum" (reference, materialises the scores), "xla" / "cudnn" (`jax.nn.dot_product_attention`),
+    "splash" (TPU Pallas kernel) or "auto" (by backend; `tpo_jax.attention`).
+    """
+
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    remat_save: tuple[str, ...] = ()
+    attention: str = "einsum"
+
+    def validate(self, prefix: str) -> None:
+        check_field(isinstance(self.scan_layers, bool), prefix + "scan_layers",
+                    f"must be true or false, got {self.scan_layers!r}")
+        check_field(self.remat_policy in REMAT_POLICIES, prefix + "remat_policy",
+                    f"{self.remat_policy!r} is not one of {list(REMAT_POLICIES)}")
+        unknown = sorted(set(self.remat_save) - set(CHECKPOINT_NAMES))
+        check_field(not unknown, prefix + "remat_save",
+                    f"unknown activation name(s) {unknown}; known: {list(CHECKPOINT_NAMES)}")
+        check_field(self.remat_policy == "custom" or not self.remat_save, prefix + "remat_save",
+                    f"names activations to save, which only remat_policy 'custom' uses (got "
+                    f"remat_policy {self.remat_policy!r})")
+        check_field(self.attention in ATTENTION_IMPLS, prefix + "attention",
+                    f"{self.attention!r} is not one of {list(ATTENTION_IMPLS)}")
 
 
 def check_field(ok: bool, path: str, message: str) -> None:
@@ -58,6 +97,7 @@ class ViTConfig:
     norm_eps: float = 1e-6
     outer_norm: bool = True  # `vision_layernorm` applied to the encoder output
     outer_norm_eps: float = 1e-12
+    stack: StackConfig = field(default_factory=StackConfig)
 
     @property
     def grid(self) -> int:
@@ -76,6 +116,7 @@ class ViTConfig:
                f"{self.num_heads} must divide width {self.width}")
         check_field(self.num_frames % self.tubelet_size == 0, prefix + "tubelet_size",
                f"{self.tubelet_size} must divide num_frames {self.num_frames}")
+        self.stack.validate(prefix + "stack.")
 
 
 @dataclass(frozen=True)
@@ -95,6 +136,7 @@ class QFormerConfig:
     num_extra_query_tokens: int = 64
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    stack: StackConfig = field(default_factory=StackConfig)
 
     @property
     def num_queries(self) -> int:
@@ -108,6 +150,11 @@ class QFormerConfig:
                f"{self.num_heads} must divide hidden_size {self.hidden_size}")
         for name in ("hidden_dropout", "attention_dropout"):
             check_field(0.0 <= getattr(self, name) < 1.0, prefix + name, "must be in [0, 1)")
+        self.stack.validate(prefix + "stack.")
+        check_field(not self.stack.scan_layers or self.num_layers % self.cross_attention_freq == 0,
+                    prefix + "stack.scan_layers",
+                    f"a scanned Q-Former repeats groups of cross_attention_freq = {self.cross_attention_freq} "
+                    f"layers, which must divide num_layers {self.num_layers}")
 
 
 @dataclass(frozen=True)
@@ -149,6 +196,7 @@ class LLMConfig:
     max_position: int = 32768
     sliding_window: int | None = None
     tie_embeddings: bool = False
+    stack: StackConfig = field(default_factory=StackConfig)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -168,6 +216,7 @@ class LLMConfig:
         check_field(self.rope_theta > 0, prefix + "rope_theta", "must be positive")
         if self.sliding_window is not None:
             check_positive(self, prefix, "sliding_window")
+        self.stack.validate(prefix + "stack.")
 
 
 @dataclass(frozen=True)
@@ -287,7 +336,10 @@ class TPOConfig:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     loc_hidden: int = 2048  # hidden width of loc_encoder / loc_decoder
     dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
+    param_dtype: str = "float32"  # storage dtype of the parameters (trainable ones always train from these)
+    # storage dtype of the parameters a stage freezes (None: param_dtype); read by tpo-train, tpo-shard-report
+    # and tpo-convert's default output dtype
+    frozen_param_dtype: str | None = None
 
     @property
     def num_visual_tokens(self) -> int:
@@ -300,6 +352,8 @@ class TPOConfig:
         self.lora.validate()
         self.heads.validate()
         check_positive(self, "", "loc_hidden")
+        check_field(self.frozen_param_dtype is None or self.frozen_param_dtype in DTYPES, "frozen_param_dtype",
+                    f"{self.frozen_param_dtype!r} is not one of {list(DTYPES)} (or null: param_dtype)")
         for name in ("dtype", "param_dtype"):
             check_field(getattr(self, name) in DTYPES, name, f"{getattr(self, name)!r} is not one of {list(DTYPES)}")
         check_field(self.qformer.encoder_width == self.vit.width, "qformer.encoder_width",
@@ -337,8 +391,12 @@ def tiny() -> TPOConfig:
 
 
 def videochat_tpo_7b() -> TPOConfig:
-    """The released VideoChat-TPO shapes (UMT ViT-L 23 blocks, BERT-base Q-Former, Mistral-7B, LoRA r16)."""
-    return TPOConfig()
+    """The released VideoChat-TPO shapes (UMT ViT-L 23 blocks, BERT-base Q-Former, Mistral-7B, LoRA r16), as a
+    pod runs them: scanned stacks, bf16 compute, float32 parameters with the frozen ones stored in bf16, and
+    attention picked by backend."""
+    stack = StackConfig(scan_layers=True, attention="auto")
+    return TPOConfig(vit=ViTConfig(stack=stack), qformer=QFormerConfig(stack=stack), llm=LLMConfig(stack=stack),
+                     dtype="bfloat16", frozen_param_dtype="bfloat16")
 
 
 PRESETS: dict[str, Callable[[], TPOConfig]] = {"tiny": tiny, "videochat_tpo_7b": videochat_tpo_7b}

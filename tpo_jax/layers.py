@@ -1,4 +1,4 @@
-"""Shared building blocks: parameters with logical axis names, Linear, norms, attention, dropout.
+"""Shared building blocks: parameters with logical axis names, Linear, norms, dropout (attention: `tpo_jax.attention`).
 
 Conventions used by every module in `tpo_jax`:
 * Linear kernels are stored (in, out) (the transpose of a PyTorch weight); biases (out,).
@@ -109,33 +109,6 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
         return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-              scale: float | None = None, dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
-    """Multi-head attention with grouped key/value heads.
-
-    q: (B, L, H, D); k: (B, S, K, D); v: (B, S, K, Dv) with K dividing H (query head h uses kv head h // (H/K)).
-    mask: boolean, broadcastable to (B, H, L, S); True = may attend. Softmax runs in float32.
-    Returns (B, L, H, Dv).
-    """
-    b, l, h, d = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
-    groups = h // kv_heads
-    scale = d ** -0.5 if scale is None else scale
-    # Head-major layout first, so both products are plain batched matmuls over (B, K): on CPU this is
-    # ~1.5x faster than a grouped einsum on the (B, L, H, D) layout (benchmarks/bench_llm_vs_torch.py).
-    qh = q.reshape(b, l, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * l, d)
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    logits = jnp.einsum("bkqd,bksd->bkqs", qh, kh).astype(jnp.float32) * scale
-    logits = logits.reshape(b, kv_heads, groups, l, s)
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (b, h, l, s)).reshape(b, kv_heads, groups, l, s)
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = dropout(probs, dropout_rate, rng).astype(v.dtype).reshape(b, kv_heads, groups * l, s)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh).reshape(b, kv_heads, groups, l, v.shape[-1])
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, v.shape[-1])
 
 
 def gelu(x: jax.Array) -> jax.Array:

@@ -18,31 +18,34 @@ import numpy as np
 from flax import nnx, struct
 
 from tpo_jax.config import LLMConfig, LoRAConfig
-from tpo_jax.layers import Embed, Linear, RMSNorm, attention, split_rng
+from tpo_jax.attention import AttentionMask, attention
+from tpo_jax.layers import Embed, Linear, RMSNorm, split_rng
 from tpo_jax.lora import LoRALinear
 from tpo_jax.sharding import constrain
+from tpo_jax.stack import StackLayout, build_stack, name, run_stack
 
 ACT = ("batch", "length", "act_embed")  # logical axes of the residual stream
+HEADS = ("batch", "length", "act_heads", None)  # q and the attention output, (B, L, heads, head_dim)
+KV_HEADS = ("batch", "length", "act_kv_heads", None)
 
 
 @struct.dataclass
 class KVCache:
-    """Per-layer key/value buffers (B, max_len, kv_heads, head_dim) and the number of filled slots."""
+    """Key/value buffers with a layer axis, (num_layers, B, max_len, kv_heads, head_dim), and the number of
+    filled slots. One array per tensor in both stack layouts, so a scanned decoder reads its layer's slice."""
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     length: jax.Array  # int32 scalar
 
     @classmethod
     def init(cls, cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   length=jnp.zeros((), jnp.int32))
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype), length=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys.shape[2]
 
 
 @struct.dataclass
@@ -62,19 +65,6 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return x * cos + rotated * sin
-
-
-def attention_mask_for(q_slots: jax.Array, num_keys: int, key_mask: jax.Array | None,
-                       sliding_window: int | None) -> jax.Array:
-    """Boolean (B or 1, 1, L, S) mask: causal in slot order, optional sliding window and key padding."""
-    k_slots = jnp.arange(num_keys)
-    mask = k_slots[None, :] <= q_slots[:, None]
-    if sliding_window is not None:
-        mask &= k_slots[None, :] > q_slots[:, None] - sliding_window
-    mask = mask[None, None]
-    if key_mask is not None:
-        mask = mask & key_mask.astype(bool)[:, None, None, :]
-    return mask
 
 
 class _Factory:
@@ -108,9 +98,9 @@ class MistralAttention(nnx.Module):
         cfg, (b, l, _) = self.cfg, x.shape
         hd = cfg.resolved_head_dim
         rq, rk, rv, ro = split_rng(rng, 4)
-        q = _apply(self.q_proj, x, rq).reshape(b, l, cfg.num_heads, hd)
-        k = _apply(self.k_proj, x, rk).reshape(b, l, cfg.num_kv_heads, hd)
-        v = _apply(self.v_proj, x, rv).reshape(b, l, cfg.num_kv_heads, hd)
+        q = constrain(name(_apply(self.q_proj, x, rq), "query_proj").reshape(b, l, cfg.num_heads, hd), *HEADS)
+        k = constrain(name(_apply(self.k_proj, x, rk), "key_proj").reshape(b, l, cfg.num_kv_heads, hd), *KV_HEADS)
+        v = constrain(name(_apply(self.v_proj, x, rv), "value_proj").reshape(b, l, cfg.num_kv_heads, hd), *KV_HEADS)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         new_kv = None
         if cache_kv is not None:
@@ -118,8 +108,12 @@ class MistralAttention(nnx.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_len, 0, 0))
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_len, 0, 0))
             new_kv = (k, v)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        return _apply(self.o_proj, out.reshape(b, l, cfg.num_heads * hd), ro), new_kv
+        impl = cfg.stack.attention
+        if cache_kv is not None and impl in ("cudnn", "splash"):  # neither takes a traced cache offset
+            impl = "xla"
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=impl)
+        out = name(constrain(out, *HEADS), "attention_out")
+        return name(_apply(self.o_proj, out.reshape(b, l, cfg.num_heads * hd), ro), "out_proj"), new_kv
 
 
 class MistralMLP(nnx.Module):
@@ -131,7 +125,8 @@ class MistralMLP(nnx.Module):
     def __call__(self, x, rng=None):
         rg, ru, rd = split_rng(rng, 3)
         h = jax.nn.silu(_apply(self.gate_proj, x, rg)) * _apply(self.up_proj, x, ru)
-        return _apply(self.down_proj, h, rd)
+        h = name(constrain(h, "batch", "length", "act_mlp"), "mlp_hidden")
+        return name(_apply(self.down_proj, h, rd), "mlp_out")
 
 
 class MistralLayer(nnx.Module):
@@ -151,14 +146,17 @@ class MistralLayer(nnx.Module):
 
 
 class MistralDecoder(nnx.Module):
-    """Token embeddings → N decoder layers → final RMSNorm → lm_head."""
+    """Token embeddings → N decoder layers (a `tpo_jax.stack`: scanned or unrolled, per `cfg.stack`) → final
+    RMSNorm → lm_head."""
 
     def __init__(self, cfg: LLMConfig, lora: LoRAConfig | None = None, *, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, dtype
         make = _Factory(lora, dtype, param_dtype, rngs)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([MistralLayer(cfg, make, dtype, param_dtype, rngs) for _ in range(cfg.num_layers)])
+        self.layers = build_stack(
+            lambda r: MistralLayer(cfg, _Factory(lora, dtype, param_dtype, r), dtype, param_dtype, r),
+            cfg.num_layers, scan=cfg.stack.scan_layers, rngs=rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else make("lm_head", cfg.hidden_size, cfg.vocab_size,
                                                            ("embed", "vocab"))
@@ -168,8 +166,10 @@ class MistralDecoder(nnx.Module):
 
     def logits(self, hidden: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         if self.lm_head is None:
-            return jnp.dot(hidden, self.embed_tokens.embedding[...].astype(self.dtype).T)
-        return _apply(self.lm_head, hidden, rng)
+            out = jnp.dot(hidden, self.embed_tokens.embedding[...].astype(self.dtype).T)
+        else:
+            out = _apply(self.lm_head, hidden, rng)
+        return constrain(out, "batch", "length", "act_vocab") if out.ndim == 3 else out
 
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
@@ -185,21 +185,34 @@ class MistralDecoder(nnx.Module):
         q_slots = start + jnp.arange(l)
         if positions is None:
             positions = jnp.broadcast_to(q_slots, (b, l))
-        num_keys = l if cache is None else cache.max_len
-        mask = attention_mask_for(q_slots, num_keys, attention_mask, self.cfg.sliding_window)
+        key_valid = None if attention_mask is None else attention_mask.astype(bool)
+        mask = AttentionMask.decoder(q_offset=0 if cache is None else start, key_valid=key_valid,
+                                     sliding_window=self.cfg.sliding_window)
 
-        rngs = split_rng(rng, len(self.layers) + 1)
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = layer(x, positions, mask, cache_kv, start, rngs[i])
-            x = constrain(x, *ACT)
-            if kv is not None:
-                new_keys.append(kv[0])
-                new_values.append(kv[1])
+        n = self.cfg.num_layers
+        layer_rng, head_rng = split_rng(rng, 2)
+        layer_rngs = None if layer_rng is None else jax.random.split(layer_rng, n)
+        cache_kv = None if cache is None else (cache.keys, cache.values)
+
+        def body(layer, x, xs):
+            kv, r = xs
+            x, new_kv = layer[0](x, positions, mask, kv, start, r)
+            return constrain(x, *ACT), new_kv
+
+        stack = self.layers
+        groups = (stack,) if self.cfg.stack.scan_layers else [(layer,) for layer in stack]
+        x, new_kv = run_stack(body, groups, x, (cache_kv, layer_rngs), cfg=self.cfg.stack, length=n)
         hidden = self.norm(x)
-        new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), start + l)
-        return LLMOutput(logits=self.logits(hidden, rngs[-1]) if logits else None, hidden=hidden, cache=new_cache)
+        new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], start + l)
+        return LLMOutput(logits=self.logits(hidden, head_rng) if logits else None, hidden=hidden, cache=new_cache)
+
+
+def llm_stack_layouts(cfg: LLMConfig, prefix: str = "llm") -> list[StackLayout]:
+    """Scanned decoder: `{prefix}.layers.<rest>` (leading axis num_layers) ↔ `{prefix}.layers.{i}.<rest>`."""
+    pre = f"{prefix}." if prefix else ""
+    if not cfg.stack.scan_layers:
+        return []
+    return [StackLayout(f"{pre}layers.", f"{pre}layers.{{i}}.", cfg.num_layers)]
 
 
 def mean_init_new_rows(table: jax.Array | np.ndarray, new_size: int, axis: int = 0):

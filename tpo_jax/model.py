@@ -28,10 +28,10 @@ from tpo_jax.heads.region import RegionHead
 from tpo_jax.heads.temporal.batch import negative_pairs, temporal_rows
 from tpo_jax.heads.temporal.model import CGDETR
 from tpo_jax.layers import MLP, param, split_rng
-from tpo_jax.llm import KVCache, MistralDecoder
-from tpo_jax.qformer import QFormer
-from tpo_jax.sharding import fast_model_tracing
-from tpo_jax.vit import UMTViT
+from tpo_jax.llm import KVCache, MistralDecoder, llm_stack_layouts
+from tpo_jax.qformer import QFormer, qformer_stack_layouts
+from tpo_jax.stack import StackLayout
+from tpo_jax.vit import UMTViT, vit_stack_layouts
 
 # placeholder id → name of the task-token vector written there
 TASK_TOKEN_ROWS = {C.BOXES_ID: "box_token", C.TEMP_ID: "temporal_token", C.TRACKING_ID: "track_token"}
@@ -256,7 +256,12 @@ class TPOModel(nnx.Module):
         return (jax.lax.stop_gradient(text), inputs["text_mask"], jax.lax.stop_gradient(video), inputs["vid_mask"])
 
 
+def stack_layouts(cfg: TPOConfig) -> list[StackLayout]:
+    """How the scanned stacks' parameter paths map to per-layer paths (empty where a stack is unrolled)."""
+    return llm_stack_layouts(cfg.llm, "llm") + vit_stack_layouts(cfg.vit, "vision") + \
+        qformer_stack_layouts(cfg.qformer, "qformer")
+
+
 def abstract_model(cfg: TPOConfig, seed: int = 0) -> TPOModel:
     """The TPOModel of `cfg` with ShapeDtypeStructs for parameters (nothing allocated)."""
-    with fast_model_tracing():
-        return nnx.eval_shape(lambda: TPOModel(cfg, rngs=nnx.Rngs(seed)))
+    return nnx.eval_shape(lambda: TPOModel(cfg, rngs=nnx.Rngs(seed)))

@@ -1,7 +1,9 @@
 """Q-Former: the BERT-style bridge from vision features to LLM input rows (MODEL-SPEC §2).
 
 Learned query vectors (`query_tokens` then `extra_query_tokens`, 32 + 64 in the released model) run
-through a post-norm BERT encoder. Every layer has bidirectional self-attention over
+through a post-norm BERT encoder. Its layers run as a `tpo_jax.stack` of groups of `cross_attention_freq`
+layers (the repeating unit); scanned (`stack.scan_layers`), member m of every group is stacked as
+`layer_groups.{m}.*` (leading axis num_layers / freq, see `qformer_stack_layouts`); unrolled, the tree below. Every layer has bidirectional self-attention over
 [queries; optional instruction text]; layers whose index is a multiple of `cross_attention_freq`
 also let the queries cross-attend to the vision features. Query positions and text positions use
 separate feed-forward weights (`intermediate_query`/`output_query` vs `intermediate`/`output`).
@@ -59,9 +61,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpo_jax import layers
+from tpo_jax.attention import AttentionMask, attention
 from tpo_jax.config import QFormerConfig
 from tpo_jax.layers import Embed, LayerNorm, Linear
 from tpo_jax.sharding import constrain
+from tpo_jax.stack import StackLayout, build_stack, name, run_stack
 
 ACT = ("batch", "length", "act_embed")  # logical axes of the residual stream
 
@@ -103,6 +107,7 @@ class QFormerAttention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = hidden // cfg.num_heads
         self.dropout_rate = cfg.attention_dropout
+        self.implementation = cfg.stack.attention
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.query = Linear(hidden, hidden, axes=("embed", "heads"), **kw)
         self.key = Linear(kv_width, hidden, axes=kv_axes, **kw)
@@ -113,16 +118,21 @@ class QFormerAttention(nnx.Module):
     def _heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None,
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, key_valid: jax.Array | None = None,
                  rng: jax.Array | None = None) -> jax.Array:
         """x: (B, L, hidden); context: (B, S, kv_width) for cross-attention, None for self-attention;
-        mask: boolean, broadcastable to (B, heads, L, S), True = may attend."""
+        key_valid: (B, S) bool, True = may attend (None: every key)."""
         context = x if context is None else context
         attn_rng, out_rng = layers.split_rng(rng, 2)
-        out = layers.attention(self._heads(self.query(x)), self._heads(self.key(context)),
-                               self._heads(self.value(context)), mask, scale=self.head_dim ** -0.5,
-                               dropout_rate=self.dropout_rate, rng=attn_rng)
-        return self.output(out.reshape(x.shape), x, out_rng)
+        q, k, v = (name(proj(inp), tag) for proj, inp, tag in ((self.query, x, "query_proj"),
+                                                                 (self.key, context, "key_proj"),
+                                                                 (self.value, context, "value_proj")))
+        # attention dropout is einsum's alone: training with it on runs einsum, whatever `stack.attention` says
+        impl = "einsum" if (attn_rng is not None and self.dropout_rate > 0) else self.implementation
+        mask = None if key_valid is None else AttentionMask(key_valid=key_valid)
+        out = attention(self._heads(q), self._heads(k), self._heads(v), mask, scale=self.head_dim ** -0.5,
+                        dropout_rate=self.dropout_rate, rng=attn_rng, implementation=impl)
+        return self.output(name(out, "attention_out").reshape(x.shape), x, out_rng)
 
 
 class QFormerLayer(nnx.Module):
@@ -143,7 +153,7 @@ class QFormerLayer(nnx.Module):
                  cross_mask: jax.Array | None, rng: jax.Array | None = None) -> jax.Array:
         """x: (B, num_queries + L_text, hidden) → same shape. Only the queries see the vision features."""
         self_rng, cross_rng, query_rng, text_rng = layers.split_rng(rng, 4)
-        h = self.attention(x, mask=self_mask, rng=self_rng)
+        h = self.attention(x, key_valid=self_mask, rng=self_rng)
         queries, text = h[:, :num_queries], h[:, num_queries:]
         if self.crossattention is not None:
             queries = self.crossattention(queries, vision, cross_mask, rng=cross_rng)
@@ -188,8 +198,13 @@ class QFormer(nnx.Module):
         self.extra_query_tokens = layers.param(rngs, _query_init, (1, cfg.num_extra_query_tokens, hidden),
                                                (None, None, "embed"), param_dtype)
         self.embeddings = QFormerEmbeddings(cfg, **kw)
-        self.layers = nnx.List([QFormerLayer(cfg, i % cfg.cross_attention_freq == 0, **kw)
-                                for i in range(cfg.num_layers)])
+        freq = cfg.cross_attention_freq
+        if cfg.stack.scan_layers:  # member m of each group of `freq` layers, stacked over the groups
+            self.layer_groups = nnx.List([
+                build_stack(lambda r, m=m: QFormerLayer(cfg, m == 0, dtype=dtype, param_dtype=param_dtype, rngs=r),
+                            cfg.num_layers // freq, scan=True, rngs=rngs) for m in range(freq)])
+        else:
+            self.layers = nnx.List([QFormerLayer(cfg, i % freq == 0, **kw) for i in range(cfg.num_layers)])
         self.project_up = (Linear(hidden, llm_hidden, axes=("embed", "mlp"), **kw)
                            if llm_hidden is not None else None)
 
@@ -229,17 +244,32 @@ class QFormer(nnx.Module):
         queries = jnp.concatenate([self.query_tokens[...], self.extra_query_tokens[...]], axis=1)
         queries = jnp.broadcast_to(queries.astype(self.dtype), (batch, nq, queries.shape[-1]))
 
-        self_mask = None
+        self_mask = None  # (B, S) key validity
         if text_ids is not None and text_mask is not None:
-            valid = jnp.concatenate([jnp.ones((batch, nq), bool), text_mask.astype(bool)], axis=1)
-            self_mask = valid[:, None, None, :]
-        cross_mask = None if vision_mask is None else vision_mask.astype(bool)[:, None, None, :]
+            self_mask = jnp.concatenate([jnp.ones((batch, nq), bool), text_mask.astype(bool)], axis=1)
+        cross_mask = None if vision_mask is None else vision_mask.astype(bool)
 
-        emb_rng, *layer_rngs = layers.split_rng(rng, 1 + len(self.layers))
+        cfg, freq = self.cfg, self.cfg.cross_attention_freq
+        steps = cfg.num_layers // freq
+        emb_rng, layer_rng = layers.split_rng(rng, 2)
+        layer_rngs = None if layer_rng is None else jax.random.split(layer_rng, (steps, freq))
         x = self.embeddings(queries, text_ids, emb_rng)
         vision = vision.astype(self.dtype)
-        for layer, layer_rng in zip(self.layers, layer_rngs):
-            x = constrain(layer(x, nq, vision, self_mask, cross_mask, layer_rng), *ACT)
+
+        def body(group, x, rngs):
+            for m, layer in enumerate(group):
+                x = constrain(layer(x, nq, vision, self_mask, cross_mask, None if rngs is None else rngs[m]), *ACT)
+            return x, None
+
+        if cfg.stack.scan_layers:
+            groups = tuple(self.layer_groups)
+        else:
+            groups = [tuple(self.layers[g * freq:(g + 1) * freq]) for g in range(steps)]
+            if cfg.num_layers % freq:  # a last, shorter group
+                groups.append(tuple(self.layers[steps * freq:]))
+                steps += 1
+                layer_rngs = None if layer_rng is None else jax.random.split(layer_rng, (steps, freq))
+        x, _ = run_stack(body, groups, x, layer_rngs, cfg=cfg.stack, length=steps)
         return x[:, :nq]
 
     def __call__(self, vision: jax.Array, vision_mask: jax.Array | None = None, text_ids: jax.Array | None = None,
@@ -248,3 +278,14 @@ class QFormer(nnx.Module):
         if self.project_up is None:
             raise ValueError("QFormer was built without llm_hidden, so it has no project_up; call encode() instead")
         return self.project_up(self.encode(vision, vision_mask, text_ids, text_mask, rng))
+
+
+def qformer_stack_layouts(cfg: QFormerConfig, prefix: str = "qformer") -> list[StackLayout]:
+    """Scanned Q-Former: member m of the repeating group of `cross_attention_freq` layers,
+    `{prefix}.layer_groups.{m}.<rest>` (leading axis num_layers / freq), index g ↔ `{prefix}.layers.{g·freq+m}.<rest>`."""
+    pre = f"{prefix}." if prefix else ""
+    if not cfg.stack.scan_layers:
+        return []
+    freq = cfg.cross_attention_freq
+    return [StackLayout(f"{pre}layer_groups.{m}.", f"{pre}layers.{{i}}.", cfg.num_layers // freq, m, freq)
+            for m in range(freq)]

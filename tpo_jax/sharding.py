@@ -1,7 +1,9 @@
 """Device meshes and sharding strategies: logical axis names → mesh axes.
 
-Every parameter carries logical axis names (`tpo_jax.layers.param`); activations at block
-boundaries are tagged with `constrain(x, "batch", "length", "act_embed")`. A *strategy* is a rules
+Every parameter carries logical axis names (`tpo_jax.layers.param`; stacked layers add a leading
+`layers` axis, kept whole); activations are tagged with `constrain(x, "batch", "length", "act_embed")` at
+block boundaries and with `act_heads` / `act_kv_heads` / `act_mlp` / `act_vocab` inside the blocks, so XLA
+keeps the tensor-parallel split of the projections on the activations between them. A *strategy* is a rules
 table mapping logical names onto the mesh axes `data`, `fsdp`, `tensor`; the same model code runs
 under every strategy.
 
@@ -46,10 +48,13 @@ BATCH_AXES = ("data", "fsdp")
 Rule = tuple[str, "str | tuple[str, ...] | None"]
 Rules = tuple[Rule, ...]
 
-# Activation names (block boundaries): "batch", "length", "act_embed". Param names: tpo_jax.layers.
-_BATCH = (("batch", BATCH_AXES), ("length", None), ("act_embed", None))
+# Activation names: "batch", "length", "act_embed" (the residual stream at block boundaries), and inside
+# the blocks "act_heads" / "act_kv_heads" (attention heads of q / k, v), "act_mlp" (the MLP hidden),
+# "act_vocab" (logits). Param names: tpo_jax.layers; "layers" (the stacked layer axis) is never split.
+_BATCH = (("batch", BATCH_AXES), ("length", None), ("act_embed", None), ("layers", None))
 _TENSOR = (("mlp", "tensor"), ("q_heads", "tensor"), ("kv_heads", "tensor"), ("heads", "tensor"),
-           ("qkv", "tensor"), ("vocab", "tensor"))
+           ("qkv", "tensor"), ("vocab", "tensor"),
+           ("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("act_mlp", "tensor"), ("act_vocab", "tensor"))
 _FSDP_MAIN = (("embed", "fsdp"), ("vit_embed", "fsdp"))
 _FSDP_FALLBACK = (("mlp", "fsdp"), ("q_heads", "fsdp"), ("kv_heads", "fsdp"), ("heads", "fsdp"),
                   ("qkv", "fsdp"), ("vocab", "fsdp"))
@@ -289,6 +294,19 @@ def activation_sharding(mesh: Mesh, rules: Rules):
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding` context (None outside one)."""
+    active = _ACTIVE.get()
+    return None if active is None else active[0]
+
+
+def target_platform() -> str:
+    """The platform the traced program is for: the active mesh's devices ("tpu" when compiling ahead of time for
+    a TPU topology on a CPU host), else JAX's default backend."""
+    mesh = active_mesh()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
     """`with_sharding_constraint` of `x` to its logical axes; a no-op outside `activation_sharding`."""
     active = _ACTIVE.get()
@@ -297,30 +315,3 @@ def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
     mesh, rules = active
     spec = logical_to_mesh(logical, rules, x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-# ------------------------------------------------------------------------------------------------
-# Fast abstract tracing of model construction
-# ------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def fast_model_tracing():
-    """Trace model construction (`nnx.eval_shape`, a jitted init) in linear instead of quadratic time.
-
-    Each `rngs.params()` call makes nnx read `.sharding` off the traced RNG counter; on a tracer that
-    raises an AttributeError whose message walks the whole traced graph to say where the value came
-    from. Over the ~1,700 parameters of the 7B model that costs ~70 s; with the message skipped, ~4 s.
-    Only the text of that (caught) error changes. Does nothing if the JAX internals have moved.
-    """
-    try:
-        from jax._src.interpreters import partial_eval as pe
-        tracer = pe.DynamicJaxprTracer
-        original = tracer.__dict__["_origin_msg"]
-    except (ImportError, AttributeError, KeyError):
-        yield
-        return
-    tracer._origin_msg = lambda self: ""
-    try:
-        yield
-    finally:
-        tracer._origin_msg = original

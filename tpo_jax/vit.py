@@ -1,6 +1,7 @@
 """UMT video ViT: the vision encoder of VideoChat-TPO (MODEL-SPEC §1).
 
 frames (B, T, H, W, C) ─► PatchEmbed ─► + fixed sinusoid positions ─► depth × ViTBlock ─► outer LayerNorm
+                                                                  (a `tpo_jax.stack`)
                                                                         (the checkpoint's `vision_layernorm`)
 
 * Patch embedding: a tubelet × patch × patch convolution with stride equal to its kernel is just a linear map of
@@ -26,11 +27,14 @@ import numpy as np
 from flax import nnx
 
 from tpo_jax import layers
+from tpo_jax.attention import attention
 from tpo_jax.config import ViTConfig
 from tpo_jax.layers import LayerNorm, Linear, param
 from tpo_jax.sharding import constrain
+from tpo_jax.stack import StackLayout, build_stack, name, run_stack
 
 ACT = ("batch", "length", "act_embed")  # logical axes of the residual stream
+HEADS = ("batch", "length", "act_heads", None)  # q, k, v: (B, N, heads, head_dim)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -132,7 +136,7 @@ class ViTAttention(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.width // cfg.num_heads
-        self.width, self.dtype = cfg.width, dtype
+        self.width, self.dtype, self.implementation = cfg.width, dtype, cfg.stack.attention
         self.qkv = param(rngs, layers.default_kernel_init, (cfg.width, 3 * cfg.width), ("embed", "qkv"), param_dtype)
         self.q_bias = param(rngs, nnx.initializers.zeros, (cfg.width,), ("heads",), param_dtype)
         self.v_bias = param(rngs, nnx.initializers.zeros, (cfg.width,), ("heads",), param_dtype)
@@ -144,9 +148,11 @@ class ViTAttention(nnx.Module):
         bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
         qkv = jnp.dot(x.astype(self.dtype), self.qkv[...].astype(self.dtype)) + bias.astype(self.dtype)
         qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)  # rows [q | k | v], each head-major
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = layers.attention(q, k, v, scale=self.head_dim ** -0.5)
-        return self.proj(out.reshape(b, n, self.width))
+        q, k, v = (constrain(name(qkv[:, :, i], tag), *HEADS)
+                   for i, tag in enumerate(("query_proj", "key_proj", "value_proj")))
+        out = name(attention(q, k, v, scale=self.head_dim ** -0.5, implementation=self.implementation),
+                   "attention_out")
+        return name(self.proj(out.reshape(b, n, self.width)), "out_proj")
 
 
 class ViTBlock(nnx.Module):
@@ -162,7 +168,8 @@ class ViTBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x))
-        return x + self.fc2(layers.gelu(self.fc1(self.norm2(x))))
+        h = constrain(layers.gelu(self.fc1(self.norm2(x))), "batch", "length", "act_mlp")
+        return x + name(self.fc2(name(h, "mlp_hidden")), "mlp_out")
 
 
 class UMTViT(nnx.Module):
@@ -172,7 +179,8 @@ class UMTViT(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.patch_embed = PatchEmbed(cfg, **kw)
-        self.blocks = nnx.List([ViTBlock(cfg, **kw) for _ in range(cfg.depth)])
+        self.blocks = build_stack(lambda r: ViTBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.depth,
+                                  scan=cfg.stack.scan_layers, rngs=rngs)
         self.outer_norm = (LayerNorm(cfg.width, eps=cfg.outer_norm_eps, **kw)
                            if cfg.outer_norm else None)
 
@@ -199,8 +207,17 @@ class UMTViT(nnx.Module):
         x = self.patch_embed(frames)
         x = x + jnp.asarray(position_table(self.cfg, frames.shape[1])).astype(x.dtype)
         x = constrain(x, *ACT)
-        for block in self.blocks:
-            x = constrain(block(x), *ACT)
+        groups = (self.blocks,) if self.cfg.stack.scan_layers else [(block,) for block in self.blocks]
+        x, _ = run_stack(lambda block, x, _: (constrain(block[0](x), *ACT), None), groups, x, None,
+                         cfg=self.cfg.stack, length=self.cfg.depth)
         if self.outer_norm is not None:
             x = self.outer_norm(x)
         return x
+
+
+def vit_stack_layouts(cfg: ViTConfig, prefix: str = "vision") -> list[StackLayout]:
+    """Scanned ViT: `{prefix}.blocks.<rest>` (leading axis depth) ↔ `{prefix}.blocks.{i}.<rest>`."""
+    pre = f"{prefix}." if prefix else ""
+    if not cfg.stack.scan_layers:
+        return []
+    return [StackLayout(f"{pre}blocks.", f"{pre}blocks.{{i}}.", cfg.depth)]

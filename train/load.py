@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 from flax import nnx
 
+from tpo_jax.attention import check_config as check_attention
 from tpo_jax.config import ConfigError, TPOConfig
 from tpo_jax.model import TPOModel
 from tpo_jax.overrides import apply_overrides
@@ -80,12 +81,13 @@ def load_model(path: str, overrides: Sequence[str] = (), stage: str | None = Non
                step: int | None = None) -> tuple[TPOModel, dict[str, Any]]:
     """(model, info) of a checkpoint directory: `resolve_checkpoint(...).load()` and its `info`."""
     source = resolve_checkpoint(path, overrides, stage, step)
+    check_attention(source.cfg)
     return source.load(), source.info
 
 
 def _converted(path: str, overrides: Sequence[str]) -> CheckpointSource:
     from tpo_jax.checkpoints.configs import to_dict  # noqa: PLC0415
-    from tpo_jax.checkpoints.convert import model_config, read_report  # noqa: PLC0415
+    from tpo_jax.checkpoints.configs import model_config, read_report  # noqa: PLC0415
     report = read_report(path)
     if report.get("format") != "videochat":
         raise ConfigError(f"{path} is a converted {report.get('format')!r} checkpoint (an LLM only); a whole TPO "

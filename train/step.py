@@ -29,8 +29,7 @@ from flax import nnx, struct
 from tpo_jax.config import ConfigError, TPOConfig, check_field, check_positive
 from tpo_jax.losses import loss_counts, total_loss
 from tpo_jax.model import HEADS, TPOModel, abstract_model
-from tpo_jax.sharding import (activation_sharding, batch_sharding, fast_model_tracing, replicated,
-                              tree_shardings)
+from tpo_jax.sharding import activation_sharding, batch_sharding, replicated, tree_shardings
 from tpo_jax.train.nonfinite import skip_nonfinite
 from tpo_jax.train.optim import OptimConfig, learning_rates, make_optimizer
 from tpo_jax.train.stages import StageRecipe, get_recipe, param_group
@@ -210,6 +209,11 @@ class TrainShardings:
     rules: Any = None
 
 
+def cast_frozen(frozen, model_cfg: TPOConfig):
+    """The frozen params in the config's `frozen_param_dtype` (unchanged when it is None)."""
+    return _cast_floating(frozen, model_cfg.frozen_param_dtype)
+
+
 def _cast_floating(tree, dtype):
     if dtype is None:
         return tree
@@ -229,6 +233,7 @@ def train_shardings(model_cfg: TPOConfig, train_cfg: TrainConfig, mesh, rules, s
     (`tpo_jax.sharding.tree_shardings`). `frozen_dtype` as in `init_sharded`.
     """
     train_cfg.validate()
+    frozen_dtype = frozen_dtype or model_cfg.frozen_param_dtype
     recipe = get_recipe(train_cfg.stage)
     graphdef, abs_params, abs_frozen = split_model(abstract_model(model_cfg, seed), recipe)
     abs_frozen = jax.eval_shape(lambda f: _cast_floating(f, frozen_dtype), abs_frozen)
@@ -252,9 +257,10 @@ def init_sharded(model_cfg: TPOConfig, train_cfg: TrainConfig, mesh, rules, seed
 
     The model is built inside `jax.jit(..., out_shardings=...)` (shardings from `train_shardings`),
     so each device computes only its own shard and nothing is materialised whole. `frozen_dtype`
-    (e.g. "bfloat16") stores the frozen floating params in that dtype; trainable params keep the
-    config's `param_dtype`. Values equal those of `init_train_state(TPOModel(model_cfg, rngs=nnx.Rngs(seed)))`.
+    (e.g. "bfloat16"; default: the config's `frozen_param_dtype`) stores the frozen floating params in
+    that dtype; trainable params keep the config's `param_dtype`. Values equal those of `init_train_state(TPOModel(model_cfg, rngs=nnx.Rngs(seed)))`.
     """
+    frozen_dtype = frozen_dtype or model_cfg.frozen_param_dtype
     graphdef, tx, sh = train_shardings(model_cfg, train_cfg, mesh, rules, seed, frozen_dtype=frozen_dtype)
     recipe = get_recipe(train_cfg.stage)
 
@@ -262,8 +268,7 @@ def init_sharded(model_cfg: TPOConfig, train_cfg: TrainConfig, mesh, rules, seed
         _, params, frozen = split_model(TPOModel(model_cfg, rngs=nnx.Rngs(seed)), recipe)
         return _new_state(tx, params), _cast_floating(frozen, frozen_dtype)
 
-    with fast_model_tracing():
-        state, frozen = jax.jit(build, out_shardings=(sh.state, sh.frozen))()
+    state, frozen = jax.jit(build, out_shardings=(sh.state, sh.frozen))()
     return graphdef, state, frozen, tx, sh
 
 

@@ -45,6 +45,7 @@ from flax import nnx
 
 from tpo_jax.data.pipeline import eval_batches, make_train_iterator
 from tpo_jax import sharding as S
+from tpo_jax.attention import check_config as check_attention
 from tpo_jax.config import ConfigError
 from tpo_jax.train import report
 from tpo_jax.train.distributed import is_main_process
@@ -57,7 +58,8 @@ from tpo_jax.train.run_config import STAGES, RunConfig
 from tpo_jax.train.stages import get_recipe
 from tpo_jax.model import TPOModel
 from tpo_jax.train.optim import make_optimizer
-from tpo_jax.train.step import TrainShardings, TrainState, init_sharded, make_train_step, split_model
+from tpo_jax.train.step import (TrainShardings, TrainState, cast_frozen, init_sharded, make_train_step,
+                                split_model)
 from tpo_jax.train.workdir import (check_workdir, open_manager, params_of_groups, restore_params, stage_dir,
                                    trained_groups, write_json)
 
@@ -105,6 +107,7 @@ class Trainer:
             devices = devices[:cfg.devices]
         self.mesh = S.make_mesh(cfg.mesh, devices)
         self.rules = S.get_rules(cfg.sharding)
+        check_attention(cfg.model, devices[0].platform)
         self.stop_requested: str | None = None
         self.writer = None
         self._eval_batches = None
@@ -174,6 +177,7 @@ class Trainer:
             return init_sharded(self.cfg.model, train_cfg, self.mesh, self.rules, self.cfg.seed)
         graphdef, full = self.full_model()
         graphdef, params, frozen = split_model(nnx.merge(graphdef, full), get_recipe(train_cfg.stage))
+        frozen = cast_frozen(frozen, self.cfg.model)
         tx = make_optimizer(get_recipe(train_cfg.stage), params, train_cfg.optim)
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
         abs_state, abs_frozen = jax.eval_shape(lambda t: t, state), jax.eval_shape(lambda t: t, frozen)

@@ -64,6 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
     common(h, "merge")
     h.add_argument("--adapter", help="PEFT adapter directory (adapter_config.json + weights)")
     h.add_argument("--config", help="config.json of the LLM (default: next to the weights)")
+    h.add_argument("--scan-layers", action="store_true",
+                   help="write the decoder layers stacked for a scanned model (llm.stack.scan_layers)")
     for name, what in (("export-hf", "our LLM -> Hugging Face safetensors (+ PEFT adapter with --peft)"),
                        ("export-videochat", "whole model -> VideoChat-TPO key layout")):
         e = sub.add_parser(name, help=what)
@@ -92,7 +94,8 @@ def _run(args) -> int:
                                        **common)
         else:
             llm_cfg = (llm_config_from_hf(read_json(args.config), file=args.config) if args.config else None)
-            report = convert_hf(args.source, args.out, adapter=args.adapter, llm_cfg=llm_cfg, **common)
+            report = convert_hf(args.source, args.out, adapter=args.adapter, llm_cfg=llm_cfg,
+                                scan_layers=args.scan_layers or None, **common)
         if args.dry_run:
             print(format_report(report))
     else:

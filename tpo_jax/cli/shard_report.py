@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-per-shard", type=int, default=1, help="examples per data×fsdp shard")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
-    p.add_argument("--frozen-dtype", default=None, help="storage dtype of frozen params (e.g. bfloat16)")
+    p.add_argument("--frozen-dtype", default=None,
+                   help="storage dtype of frozen params (e.g. bfloat16; default: the config's frozen_param_dtype)")
     p.add_argument("--layers", default=None, help="'A,B': compile A and B layers and extrapolate per layer")
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--no-fast-compile", action="store_true",
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[tuple[str, dict]]]:
     layers = tuple(int(v) for v in args.layers.split(",")) if args.layers else None
     header = (f"`{args.config}`{' ' + ' '.join(overrides) if overrides else ''}, {args.stage}, seq_len {args.seq_len}, "
               f"{args.batch_per_shard} example(s) per data×fsdp shard; compute dtype {model_cfg.dtype}, trainable "
-              f"params {model_cfg.param_dtype}, frozen params {args.frozen_dtype or model_cfg.param_dtype}, "
+              f"params {model_cfg.param_dtype}, frozen params {args.frozen_dtype or model_cfg.frozen_param_dtype or model_cfg.param_dtype}, "
               f"AdamW moments {model_cfg.param_dtype}")
     rows = []
     for plan in args.plans.split(","):

@@ -65,8 +65,8 @@ def decode_impl(model, ids, attention_mask, visual_mask, frames, rng, gen: Gener
                 track_boxes=track_boxes, cache=cache, logits=False, return_vision_features=vision_features)
     logits = model.llm.logits(out.hidden[:, -1]).astype(jnp.float32)
 
-    rep = lambda x: jnp.repeat(x, nb, axis=0)  # noqa: E731  (prompt rows → prompt × beam rows)
-    cache = out.cache.replace(keys=tuple(map(rep, out.cache.keys)), values=tuple(map(rep, out.cache.values)))
+    rep = lambda x, axis=0: jnp.repeat(x, nb, axis=axis)  # noqa: E731  (prompt rows → prompt × beam rows)
+    cache = out.cache.replace(keys=rep(out.cache.keys, 1), values=rep(out.cache.values, 1))  # (layers, B, …)
     logits, key_mask = rep(logits), rep(key_mask)
     n_valid = rep(jnp.sum(attn, axis=1))
     r, d, k = b * nb, cfg.llm.hidden_size, gen.max_boxes
@@ -89,8 +89,7 @@ def decode_impl(model, ids, attention_mask, visual_mask, frames, rng, gen: Gener
         logits = sampling.restrict(c["logits"], c["done"], c["forced"], gen.pad_id)
         origin, tok, scores = sampling.choose(logits, c["scores"], key, gen)
         if nb > 1:  # beams: every per-row state follows the beam it extends
-            cache = c["cache"].replace(keys=tuple(x[origin] for x in c["cache"].keys),
-                                       values=tuple(x[origin] for x in c["cache"].values))
+            cache = c["cache"].replace(keys=c["cache"].keys[:, origin], values=c["cache"].values[:, origin])
             c = {**c, "cache": cache, **{n: c[n][origin] for n in (
                 "tokens", "lengths", "done", "stopped", "slot_h", "slot_on", "reg_n")}}
         live = ~c["done"]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpo_jax import layers
+from tpo_jax.attention import AttentionMask, attention
 from tpo_jax.config import TemporalHeadConfig
 from tpo_jax.layers import LayerNorm, Linear, MLP, param, split_rng
 
@@ -128,8 +129,8 @@ class MultiheadAttention(nnx.Module):
         qh = self.q_proj(q).reshape(b, lq, h, d // h)
         kh = self.k_proj(k).reshape(b, s, h, d // h)
         vh = self.v_proj(v).reshape(b, s, h, d // h)
-        out = layers.attention(qh, kh, vh, key_valid[:, None, None, :].astype(bool),
-                               dropout_rate=self.dropout_rate, rng=rng)
+        out = attention(qh, kh, vh, AttentionMask(key_valid=key_valid.astype(bool)), dropout_rate=self.dropout_rate,
+                        rng=rng)
         return self.out_proj(out.reshape(b, lq, d))
 
 
@@ -264,8 +265,8 @@ class DecoderLayer(FFN):
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
         v = self.sa_v_proj(tgt)
-        a = layers.attention(q.reshape(b, nq, h, hd), k.reshape(b, nq, h, hd), v.reshape(b, nq, h, hd),
-                             dropout_rate=self.dropout_rate, rng=r[0])
+        a = attention(q.reshape(b, nq, h, hd), k.reshape(b, nq, h, hd), v.reshape(b, nq, h, hd),
+                      dropout_rate=self.dropout_rate, rng=r[0])
         tgt = self.norm1(tgt + drop_path(self.self_attn.out_proj(a.reshape(b, nq, d)), self.dropout_rate, r[1]))
         # cross-attention
         q_content = self.ca_qcontent_proj(tgt)
@@ -278,8 +279,8 @@ class DecoderLayer(FFN):
         q_sine = self.ca_qpos_sine_proj(query_sine)
         q = jnp.concatenate([q_content.reshape(b, nq, h, hd), q_sine.reshape(b, nq, h, hd)], axis=-1)
         k = jnp.concatenate([k_content.reshape(b, s, h, hd), k_pos.reshape(b, s, h, hd)], axis=-1)
-        a = layers.attention(q, k, v.reshape(b, s, h, hd), mem_valid[:, None, None, :].astype(bool),
-                             scale=(2 * hd) ** -0.5, dropout_rate=self.dropout_rate, rng=r[2])
+        a = attention(q, k, v.reshape(b, s, h, hd), AttentionMask(key_valid=mem_valid.astype(bool)),
+                      scale=(2 * hd) ** -0.5, dropout_rate=self.dropout_rate, rng=r[2])
         tgt = self.norm2(tgt + drop_path(self.cross_attn.out_proj(a.reshape(b, nq, d)), self.dropout_rate, r[3]))
         return self.norm3(tgt + drop_path(self._ffn(tgt, r[4]), self.dropout_rate, r[5]))
 
