@@ -95,7 +95,13 @@ def _write_all(values, infos, args, budget: _Budget, write_one) -> list:
             del array
 
     async def run():
-        await asyncio.gather(*[one(v, i, a) for v, i, a in zip(values, infos, args)])
+        # every write finishes (or fails) before an error propagates: none may still be writing into the
+        # staged directory while the caller deletes it
+        results = await asyncio.gather(*[one(v, i, a) for v, i, a in zip(values, infos, args)],
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
 
     return [ocp_future.CommitFutureAwaitingContractedSignals(run(), name="tpo_convert_stream")]
 
