@@ -392,9 +392,10 @@ def tiny() -> TPOConfig:
 
 def videochat_tpo_7b() -> TPOConfig:
     """The released VideoChat-TPO shapes (UMT ViT-L 23 blocks, BERT-base Q-Former, Mistral-7B, LoRA r16), as a
-    pod runs them: scanned stacks, bf16 compute, float32 parameters with the frozen ones stored in bf16, and
-    attention picked by backend."""
-    stack = StackConfig(scan_layers=True, attention="auto")
+    pod runs them: scanned stacks with full remat, bf16 compute, float32 parameters with the frozen ones stored
+    in bf16, and attention picked by backend. (v5p, 16 examples per chip: 14.9 GiB per chip with full remat,
+    183 GiB without; docs/benchmarks.md, "Compiling the 7B train step".)"""
+    stack = StackConfig(scan_layers=True, remat_policy="full", attention="auto")
     return TPOConfig(vit=ViTConfig(stack=stack), qformer=QFormerConfig(stack=stack), llm=LLMConfig(stack=stack),
                      dtype="bfloat16", frozen_param_dtype="bfloat16")
 
