@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flax import nnx
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tpo_jax.checkpoints import tables
 from tpo_jax.checkpoints.convert import abstract_params, param_shapes
@@ -78,3 +78,12 @@ def load_model(out_dir, cfg) -> TPOModel:
 
 def t2n(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy()
+
+
+def exported_tensors(files) -> dict[str, torch.Tensor]:
+    """Every tensor of the .safetensors files an export wrote (its other files, e.g. the index, skipped)."""
+    out = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            out.update(load_file(str(f)))
+    return out

@@ -33,7 +33,7 @@ from tpo_jax.config import LoRAConfig, get_config, replace
 from tpo_jax.llm import MistralDecoder
 from tpo_jax.model import TPOModel, stack_layouts
 from tpo_jax.stack import StackLayout
-from test_convert_helpers import fake_videochat, real_keys, real_layout_tiny, source_shapes
+from test_convert_helpers import exported_tensors, fake_videochat, real_keys, real_layout_tiny, source_shapes
 from test_convert_hf import CFG as HF_CFG, IDS, TARGETS, TOL, _hf_model, _logits
 
 SCAN = {"llm.stack.scan_layers": True, "vit.stack.scan_layers": True, "qformer.stack.scan_layers": True}
@@ -212,10 +212,7 @@ def test_scanned_conversion_equals_unrolled_slices(converted):
 def test_scanned_export_videochat_is_bit_exact(tmp_path, source, converted):
     _, tensors = source
     files = export_videochat(converted[1], tmp_path / "back", max_shard_bytes=3_000_000)
-    back = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            back.update(load_file(str(f)))
+    back = exported_tensors(files)
     assert set(back) == set(tensors) == set(real_keys())
     for key, t in tensors.items():
         assert back[key].dtype == t.dtype and torch.equal(back[key], t), key

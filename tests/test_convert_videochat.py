@@ -13,14 +13,13 @@ import peft
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
 from tpo_jax.checkpoints.configs import model_config, read_report
 from tpo_jax.checkpoints.convert import convert_videochat
 from tpo_jax.checkpoints.export import export_videochat
 from tpo_jax.checkpoints.orbax_io import load_extras, read_arrays, saved_arrays
 from tpo_jax.cli.convert import main
-from test_convert_helpers import fake_videochat, load_model, real_keys, real_layout_tiny, t2n
+from test_convert_helpers import exported_tensors, fake_videochat, load_model, real_keys, real_layout_tiny, t2n
 
 CFG = real_layout_tiny()
 TOL = 1e-4
@@ -115,10 +114,7 @@ def test_every_real_key_is_mapped_or_kept(source, converted, model):
 def test_round_trip_is_bit_exact(tmp_path, source, converted):
     _, tensors = source
     files = export_videochat(converted[0], tmp_path / "back", max_shard_bytes=3_000_000)
-    back = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            back.update(load_file(str(f)))
+    back = exported_tensors(files)
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(back) == set(tensors)
     for key, t in tensors.items():
@@ -163,10 +159,7 @@ def test_merged_lora_and_float32(tmp_path, source, peft_model):
     np.testing.assert_array_equal(q, t2n(source[1]["query_tokens"]))
     # export of a merged model: base_layer = merged weight, zero adapters of the configured rank
     files = export_videochat(out, tmp_path / "back", dtype="bfloat16")
-    back = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            back.update(load_file(str(f)))
+    back = exported_tensors(files)
     p = "lm.base_model.model.model.layers.5.mlp.up_proj."
     assert back[p + "lora_A.default.weight"].shape == (CFG.lora.rank, CFG.llm.hidden_size)
     assert not back[p + "lora_B.default.weight"].float().any()
