@@ -10,7 +10,7 @@ and the parameter tree:
   config's `scan_layers` flags say. A stacked path and a per-layer path never look alike (`llm.layers.mlp.…`
   vs `llm.layers.3.mlp.…`), so these recognise the stacked arrays of a checkpoint written in either layout;
   export and `load_params` use them with the checkpoint's recorded config (conversion.json).
-* `locate(layouts, path)`: (layout, stacked path, index g) of a per-layer path; `slice_name` writes it
+* `locate(layouts, path)` (`tpo_jax.stack`): (layout, stacked path, index g) of a per-layer path; `slice_name` writes it
   `stacked[g]` (as the conversion report lists stacked destinations).
 * `unstacked_meta(meta, layouts)`: the per-layer view of `{path: (shape, dtype)}` of stacked arrays.
 * `across_layouts(...)`: for `load_params`, which arrays of a checkpoint in the other layout make a parameter.
@@ -19,34 +19,16 @@ and the parameter tree:
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from tpo_jax.checkpoints.configs import REPORT_FILE, model_config, read_report
 from tpo_jax.checkpoints.errors import ConversionError
 from tpo_jax.config import LLMConfig, TPOConfig, replace
-from tpo_jax.stack import StackLayout, stack_rest
+from tpo_jax.stack import StackLayout, locate, stack_rest
 
 __all__ = ["StackLayout", "present_layouts", "possible_layouts", "locate", "slice_name", "unstacked_meta",
            "stacked_groups", "checkpoint_layouts", "across_layouts"]
-
-
-def _parts(layout: StackLayout) -> re.Pattern:
-    before, after = layout.unrolled.split("{i}", 1)
-    return re.compile(re.escape(before) + r"(\d+)" + re.escape(after) + r"(.+)\Z")
-
-
-def locate(layouts: Sequence[StackLayout], path: str) -> tuple[StackLayout, str, int] | None:
-    """(layout, stacked path, index g) when `path` is layer i = start + g·step of one of `layouts`, else None."""
-    for layout in layouts:
-        m = _parts(layout).match(path)
-        if m is None:
-            continue
-        off = int(m.group(1)) - layout.start
-        if off >= 0 and off % layout.step == 0 and off // layout.step < layout.count:
-            return layout, layout.stacked + m.group(2), off // layout.step
-    return None
 
 
 def slice_name(layouts: Sequence[StackLayout], path: str) -> str:

@@ -20,6 +20,7 @@ and writes): stacked `{stacked}{rest}` index `g` holds unrolled `{unrolled with 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -145,6 +146,23 @@ def stack_rest(layouts: Sequence[StackLayout], path: str) -> tuple[StackLayout, 
     return None
 
 
+def _parts(layout: StackLayout) -> re.Pattern:
+    before, after = layout.unrolled.split("{i}", 1)
+    return re.compile(re.escape(before) + r"(\d+)" + re.escape(after) + r"(.+)\Z")
+
+
+def locate(layouts: Sequence[StackLayout], path: str) -> tuple[StackLayout, str, int] | None:
+    """(layout, stacked path, index g) when `path` is layer i = start + g·step of one of `layouts`, else None."""
+    for layout in layouts:
+        m = _parts(layout).match(path)
+        if m is None:
+            continue
+        off = int(m.group(1)) - layout.start
+        if off >= 0 and off % layout.step == 0 and off // layout.step < layout.count:
+            return layout, layout.stacked + m.group(2), off // layout.step
+    return None
+
+
 def unstack_shapes(shapes: dict[str, tuple[int, ...]], layouts: Sequence[StackLayout]) -> dict[str, tuple[int, ...]]:
     """Parameter shapes with every stacked path replaced by its per-layer paths and shapes."""
     out = {}
@@ -167,17 +185,12 @@ def stack_params(flat: dict[str, Any], layouts: Sequence[StackLayout]) -> dict[s
     Paths of no layout pass through. The inverse of `unstack_params`."""
     out, groups = {}, {}
     for path, value in flat.items():
-        for layout in layouts:
-            prefix = layout.unrolled.split("{i}", 1)[0]
-            head = path[len(prefix):].split(".", 1) if path.startswith(prefix) else None
-            if head and len(head) == 2 and head[0].isdigit() and layout.unrolled.endswith("{i}."):
-                i = int(head[0])
-                if i >= layout.start and (i - layout.start) % layout.step == 0 \
-                        and (i - layout.start) // layout.step < layout.count:
-                    groups.setdefault(layout.stacked + head[1], {})[(i - layout.start) // layout.step] = value
-                    break
-        else:
+        found = locate(layouts, path)
+        if found is None:
             out[path] = value
+        else:
+            _, stacked, g = found
+            groups.setdefault(stacked, {})[g] = value
     for path, parts in groups.items():
         values = [parts[g] for g in sorted(parts)]
         xp = np if all(isinstance(v, np.ndarray) for v in values) else jax.numpy
