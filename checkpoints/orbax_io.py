@@ -262,18 +262,15 @@ class ArrayReader:
             store = self._open[name] = ts.open(spec.json, open=True, read=True, context=self._context).result()
         return store
 
-    def read(self, name: str, index: int | None = None) -> np.ndarray:
-        """Array `name` (a dotted parameter path), or its index `index` along the leading axis."""
+    def read(self, name: str, index=None) -> np.ndarray:
+        """Array `name` (a dotted parameter path), or the part `index` of it (an int: that index of the leading
+        axis; or a tuple of ints and slices): only the storage chunks that part covers are read."""
         store = self._store(name)
         return np.asarray((store if index is None else store[index]).read().result())
 
     def chunk_shape(self, name: str) -> tuple[int, ...]:
         """The storage chunk of array `name` (leading 1 for a stacked parameter written `layers=True`)."""
         return tuple(self._store(name).chunk_layout.read_chunk.shape)
-
-
-def _place(host: np.ndarray, sharding) -> jax.Array:
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def _layouts(layouts, directory: Path) -> list:
@@ -284,6 +281,60 @@ def _layouts(layouts, directory: Path) -> list:
     if isinstance(layouts, (list, tuple)) and all(isinstance(lo, stacking.StackLayout) for lo in layouts):
         return list(layouts)
     return stacking.possible_layouts(layouts)
+
+
+def restore_plan(directory: str | Path, shapes: Mapping[str, tuple[int, ...]], layouts=None) -> dict[str, Any]:
+    """How the checkpoint at `directory` (an Orbax params directory) supplies the parameters `shapes`
+    ({checkpoint path: model shape}): {"saved": {path: (shape, dtype)} of the checkpoint, "direct": paths stored
+    as they are, "across": {path: parts} stored in the other stack layout (`stacking.across_layouts`),
+    "missing": paths it lacks, "extra": checkpoint arrays (or layers "name[g]") no parameter uses}.
+    Reads metadata only; a shape that does not fit is one ConversionError naming the parameter."""
+    from tpo_jax.checkpoints.stacking import across_layouts
+
+    directory = Path(directory)
+    saved = saved_arrays(directory)
+    direct, across, missing, used = [], {}, [], {}
+    stack_layouts = None
+    for cp, shape in shapes.items():
+        if cp in saved:
+            if tuple(saved[cp][0]) != tuple(shape):
+                raise ConversionError(f"shape mismatch: checkpoint has {tuple(saved[cp][0])}, the model expects "
+                                      f"{tuple(shape)}", file=str(directory), key=cp)
+            direct.append(cp)
+            used.setdefault(cp, None)
+            continue
+        if stack_layouts is None:
+            stack_layouts = _layouts(layouts, directory)
+        parts = across_layouts(cp, tuple(shape), saved, stack_layouts, where=str(directory))
+        if parts is None:
+            missing.append(cp)
+            continue
+        across[cp] = parts
+        for name, index in parts:
+            if index is None:
+                used.setdefault(name, None)
+            else:
+                used.setdefault(name, set()).add(index)
+    extra = sorted(k for k in saved if k not in used)
+    extra += [f"{k}[{g}]" for k, idx in used.items() if idx is not None for g in range(saved[k][0][0]) if g not in idx]
+    return {"saved": saved, "direct": direct, "across": across, "missing": missing, "extra": extra}
+
+
+def _read_shards(reader: "ArrayReader", parts: list[tuple[str, int | None]], shape: tuple[int, ...], dtype,
+                 sharding) -> jax.Array:
+    """A parameter stored in the other stack layout, placed with `sharding`: each device's shard is read
+    straight from the checkpoint (only the storage it covers), never the whole parameter on the host."""
+    dtype = np.dtype(dtype)
+
+    def shard(index: tuple) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        if len(parts) == 1 and parts[0][1] is not None:  # one layer of a stacked array
+            name, g = parts[0]
+            return reader.read(name, (g, *index)).astype(dtype, copy=False)
+        layers = range(shape[0])[index[0]]  # per-layer arrays stacked: the layers of this shard
+        return np.stack([reader.read(parts[g][0], index[1:]).astype(dtype, copy=False) for g in layers])
+
+    return jax.make_array_from_callback(tuple(shape), sharding, shard)
 
 
 def load_params(path: str | Path, abstract_state, shardings=None, *, prefix: str = "", strict: bool = True,
@@ -305,73 +356,47 @@ def load_params(path: str | Path, abstract_state, shardings=None, *, prefix: str
       conversion.json (none without one); or a TPOConfig / LLMConfig / (LLMConfig, LoRAConfig) (its stacks'
       layouts as if scanned: `stacking.possible_layouts`), or a list of `tpo_jax.stack.StackLayout` in
       checkpoint path space (e.g. `tpo_jax.model.stack_layouts(cfg)`). Parameters in the same layout on both
-      sides are restored as they are. A stacked parameter is assembled on the host one layer at a time
-      (its size once, plus one layer), then placed.
+      sides are restored as they are.
+    Every array goes straight into its shards: Orbax reads each device's part of a stored array, and a
+    parameter stored in the other layout is read shard by shard (`_read_shards`), so a process holds no more
+    than the shards it owns (plus Orbax's read buffers).
     Returns the same structure with jax.Array values.
     """
-    from tpo_jax.checkpoints.stacking import across_layouts
-
     root = Path(path)
     directory = root / "params" if (root / "params").is_dir() else root
-    saved = saved_arrays(directory)
     flat, rebuild = _flat_state(abstract_state)
     flat_sh = _flat_state(shardings)[0] if shardings is not None else {}
     pre = f"{prefix}." if prefix else ""
-    stack_layouts = None
-    wanted, across, used = {}, {}, {}
-    for p, leaf in flat.items():
-        value = _leaf_value(leaf)
-        cp = pre + p
-        sharding = _leaf_value(flat_sh[p]) if p in flat_sh else getattr(value, "sharding", None)
-        if sharding is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        if cp in saved:
-            if tuple(saved[cp][0]) != tuple(value.shape):
-                raise ConversionError(f"shape mismatch: checkpoint has {saved[cp][0]}, the model expects "
-                                      f"{tuple(value.shape)}", file=str(directory), key=cp)
-            wanted[cp] = jax.ShapeDtypeStruct(tuple(value.shape), value.dtype, sharding=sharding)
-            used.setdefault(cp, None)
-            continue
-        if stack_layouts is None:
-            stack_layouts = _layouts(layouts, directory)
-        parts = across_layouts(cp, tuple(value.shape), saved, stack_layouts, where=str(directory))
-        if parts is None:
-            if strict:
-                raise ConversionError(f"the checkpoint has no array for parameter '{cp}'", file=str(directory), key=cp)
-            continue
-        across[cp] = (parts, value, sharding)
-        for name, index in parts:
-            if index is None:
-                used.setdefault(name, None)
-            else:
-                used.setdefault(name, set()).add(index)
+    values = {p: _leaf_value(leaf) for p, leaf in flat.items()}
+    plan = restore_plan(directory, {pre + p: tuple(v.shape) for p, v in values.items()}, layouts)
+    if strict and plan["missing"]:
+        raise ConversionError(f"the checkpoint has no array for parameter '{plan['missing'][0]}'",
+                              file=str(directory), key=plan["missing"][0])
     if strict:
-        extra = sorted(k for k in saved if k.startswith(pre) and k not in used)
-        extra += [f"{k}[{g}]" for k, idx in used.items() if idx is not None
-                  for g in range(saved[k][0][0]) if g not in idx]
+        extra = [k for k in plan["extra"] if k.startswith(pre)]
         if extra:
             raise ConversionError(f"the model has no parameter for this checkpoint array ({len(extra)} such arrays)",
                                   file=str(directory), key=extra[0])
-    if wanted:
+
+    def sharding_of(p):
+        sharding = _leaf_value(flat_sh[p]) if p in flat_sh else getattr(values[p], "sharding", None)
+        return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    got = {}
+    if plan["direct"]:
+        wanted = {cp: jax.ShapeDtypeStruct(tuple(values[cp[len(pre):]].shape), values[cp[len(pre):]].dtype,
+                                           sharding=sharding_of(cp[len(pre):])) for cp in plan["direct"]}
         item = nest(wanted)
         restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
             directory.absolute(), args=ocp.args.PyTreeRestore(
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
         got = flatten(restored)
-    else:
-        got = {}
-    reader = ArrayReader(directory) if across else None
-    for cp, (parts, value, sharding) in across.items():  # one parameter at a time: its host copy is freed after
-        dtype = np.dtype(value.dtype)
-        if len(parts) == 1 and parts[0][1] is not None:
-            host = reader.read(*parts[0]).astype(dtype, copy=False)
-        else:
-            host = np.empty(tuple(value.shape), dtype)
-            for g, (name, _) in enumerate(parts):
-                host[g] = reader.read(name)
-        got[cp] = _place(host, sharding)
-        del host
-    return rebuild({p: got[pre + p] if pre + p in got else _leaf_value(leaf) for p, leaf in flat.items()})
+    if plan["across"]:
+        reader = ArrayReader(directory)
+        for cp, parts in plan["across"].items():
+            value = values[cp[len(pre):]]
+            got[cp] = _read_shards(reader, parts, tuple(value.shape), value.dtype, sharding_of(cp[len(pre):]))
+    return rebuild({p: got[pre + p] if pre + p in got else values[p] for p in flat})
 
 
 def load_extras(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
