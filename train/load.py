@@ -7,7 +7,8 @@ videochat` output), a stage checkpoint into the trainer's state (`restore_checkp
     source.cfg, source.info                      # the model config; {"kind", "path", ("stage", "step")}
 
 * A work directory (`config.json` + `<stage>/checkpoints`) is loaded as `tpo-eval` loads it: the model is
-  initialised with the run's seed and the parameter groups trained up to the stage are restored
+  initialised with the run's seed, its `init_from` weights are read over it, and the parameter groups trained
+  up to the stage are restored
   (`tpo_jax.train.workdir.restore_groups`); default: the last stage that has a checkpoint, its latest step.
 * A converted directory (`conversion.json` + `params/`) is restored whole (`load_params`); a converted
   Hugging Face LLM alone is refused.
@@ -30,6 +31,7 @@ from tpo_jax.attention import check_config as check_attention
 from tpo_jax.config import ConfigError, TPOConfig
 from tpo_jax.model import TPOModel
 from tpo_jax.overrides import apply_overrides
+from tpo_jax.train import init_from
 from tpo_jax.train.run_config import STAGES, RunConfig, load_run_config
 from tpo_jax.train.trainer import Trainer
 from tpo_jax.train.workdir import (config_diff, find_checkpoint, open_manager, restore_groups, restore_params,
@@ -111,9 +113,32 @@ def _load_workdir(path: str, run: RunConfig, stage: str, step: int) -> TPOModel:
         saved = with_defaults(mngr.read_json(step)["config"])["model"]
         _check_same(f"the {stage} checkpoint (step {step}) in {path}", saved, run.to_dict()["model"], "model.")
         model = TPOModel(run.model, rngs=nnx.Rngs(run.seed))
-        params, _, _ = restore_groups(mngr, step, nnx.state(model, nnx.Param), {}, trained_groups(run, stage))
+        params = nnx.state(model, nnx.Param)
+        if run.init_from:  # the pretrained weights the run started from, under what it trained
+            (params,) = init_from.load_init(init_from.prepare(run.init_from, params), params)
+        params, _, _ = restore_groups(mngr, step, params, {}, trained_groups(run, stage))
         nnx.update(model, params)
     return model
+
+
+def export_params(path: str, stage: str | None = None, step: int | None = None):
+    """A `tpo_jax.checkpoints.export.ParamSet` of a work directory's model (`resolve_checkpoint`: its init and
+    `init_from` weights under the groups trained up to `stage`), with the extras (SAM2, unused modules) of the
+    converted VideoChat-TPO checkpoints among its `init_from` sources, so `export_videochat` writes the
+    released key set. The model is loaded on this host (one process reads a checkpoint written by any number)."""
+    from tpo_jax.checkpoints.export import ParamSet  # noqa: PLC0415
+    from tpo_jax.checkpoints.orbax_io import load_extras  # noqa: PLC0415
+    source = resolve_checkpoint(path, stage=stage, step=step)
+    if source.info["kind"] != "workdir":
+        raise ConfigError(f"{path} is a converted checkpoint; tpo-convert exports it directly")
+    model = source.load()
+    run = load_run_config(os.path.join(path, "config.json"))
+    extras: dict = {}
+    for s in init_from.resolve_sources(run.init_from):
+        if s.kind == "videochat":
+            for group, arrays in load_extras(s.params_dir.parent).items():
+                extras.setdefault(group, {}).update(arrays)
+    return ParamSet.from_state(nnx.state(model, nnx.Param), source.cfg, extras)
 
 
 def restore_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = None, step: int | None = None,
@@ -149,4 +174,5 @@ def evaluate_checkpoint(cfg: RunConfig, workdir: str, *, stage: str | None = Non
     return {"stage": stage, "step": step, "metrics": trainer.evaluate(graphdef, params, frozen, accumulator, mode)}
 
 
-__all__ = ["CheckpointSource", "evaluate_checkpoint", "load_model", "resolve_checkpoint", "restore_checkpoint"]
+__all__ = ["CheckpointSource", "evaluate_checkpoint", "export_params", "load_model", "resolve_checkpoint",
+           "restore_checkpoint"]

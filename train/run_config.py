@@ -10,7 +10,8 @@ of its recipe (`tpo_jax.train.stages`) times `optim.lr_scale × stageN.lr_scale`
 peak LRs rescaled so the stage's fastest group gets `optim.lr` (ratios between groups kept).
 
 The `tiny` preset trains a from-scratch model, so its LRs are far above the paper's (which fine-tune
-pretrained weights): see docs/training.md for the choices.
+pretrained weights): see docs/training.md for the choices. The `videochat_tpo_7b` preset is the paper's recipe
+(`videochat_tpo_7b_run`) and needs `init_from` set (`check_required`, which `tpo-train` applies to its preset).
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ class RunConfig:
     devices: int = 0  # train on the first N devices (0: all)
     sharded_init: bool = False  # create the model directly in its shards (big models) instead of on the host
     seed: int = 0  # model init and dropout
+    # pretrained weights the run starts from, merged in order (later sources win): converted VideoChat-TPO or
+    # Hugging Face LLM directories (tpo-convert) or earlier tpo-train work directories; what none covers keeps
+    # its `seed` initialisation (tpo_jax.train.init_from)
+    init_from: tuple[str, ...] = ()
     micro_batches: int = 1
     dropout: bool = True
     loss_weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
@@ -154,6 +159,8 @@ class RunConfig:
         self.checkpoint.validate()
         self.eval.validate()
         get_rules(self.sharding)
+        check_field(isinstance(self.init_from, tuple) and all(isinstance(p, str) and p for p in self.init_from),
+                    "init_from", f"must be a list of directory paths, got {self.init_from!r}")
         check_positive(self, "", "micro_batches", "log_every")
         for name in ("devices", "max_nonfinite", "seed"):
             v = getattr(self, name)
@@ -233,15 +240,152 @@ def tiny_run() -> RunConfig:
     )
 
 
-def paper_run() -> RunConfig:
-    """The paper's recipe shapes (Table 17 LRs, dropout on) on the 7B model; data and steps to be set."""
-    return RunConfig(model=C.videochat_tpo_7b(), data=DataConfig(batch_size=8, seq_len=1024),
-                     stage1=StageRun("stage1", steps=1000), stage2=StageRun("stage2", steps=1000),
-                     stage3=StageRun("stage3", steps=1000), checkpoint=CheckpointConfig(every_steps=500, keep=2),
-                     sharded_init=True)
+# --- the paper's recipe (PAPER.md §3, Tab.17 / Tab.18) --------------------------------------------------------------
+
+#: The paper's total (global) batch size, every stage (Tab.17 / the stage-1 and stage-3 prose; see
+#: `videochat_tpo_7b_run`). `data.batch_size` is PER HOST (`tpo_jax.data.pipeline.DataConfig`): with N hosts feeding
+#: the batch, set `data.batch_size = PAPER_GLOBAL_BATCH // N` (N must divide 128).
+PAPER_GLOBAL_BATCH = 128
+
+#: Where the preset looks for the built datasets (placeholders: override `data.source`). Each entry of
+#: `PAPER_DATASETS` is one `tpo-build-data records --data-dir {PAPER_DATA_ROOT}/<entry> --inputs <entry>.json
+#: --model-config videochat_tpo_7b` build, whose dataset directory is `<data-dir>/tpo_records/1.1.0` (the builder
+#: `tpo_jax.data.builders.TpoRecords`, version `tpo_jax.data.record_codec.VERSION`).
+PAPER_DATA_ROOT = "data/tfds"
+PAPER_DATASETS = {  # directory → the paper's datasets it holds (Tab.1 / Tab.18), as records of one task
+    "temporal_grounding": "temporal: DiDeMo, QuerYD, HiREST, ActivityNet Captions, TACoS, Ego4D-NLQ, QVHighlights",
+    "spatial_grounding": "region: AS-V2, Visual Genome, RefCOCO, RefCOCO+, RefCOCOg",
+    "segmentation": "mask: MeViS, SA-V (SAMv2)",
+    "conversation": "conversation: VideoChat2-IT, ShareGPT-4o, LLaVA-Hound-DPO, ShareGPT4V, and the temporal-reasoning "
+                    "YouCook2 / ActivityNet dialogues",
+}
+PAPER_DATA_BUILD = "tpo_records/1.1.0"  # <builder name>/<version> below a --data-dir
 
 
-RUN_PRESETS = {"tiny": tiny_run, "videochat_tpo_7b": paper_run}
+def paper_data_dirs(root: str = PAPER_DATA_ROOT) -> tuple[str, ...]:
+    """The dataset directories of `PAPER_DATASETS` under `root` (they need not exist until training reads them)."""
+    return tuple(f"{root}/{name}/{PAPER_DATA_BUILD}" for name in PAPER_DATASETS)
+
+
+#: Examples each stage sees per task of this project: Tab.18's data volume × Tab.17's epochs. They are the stages'
+#: task mixtures (`StageRun.data_weights`, normalised by the pipeline) and, over `PAPER_GLOBAL_BATCH`, their steps.
+PAPER_STAGE_EXAMPLES: dict[str, dict[str, int]] = {
+    # stage 1, task assignment: 50K per task, 1 epoch (LM loss only: the LLM learns to emit the task tokens)
+    "stage1": {"temporal": 50_000, "region": 50_000, "mask": 50_000},
+    # stage 2, vision-task training: temporal 116.5K × 25 epochs, region 540.0K × 1, mask 114.6K × 3
+    "stage2": {"temporal": 116_500 * 25, "region": 540_000 * 1, "mask": 114_600 * 3},
+    # stage 3, multi-task with conversation, 3 epochs: temporal 7.5K (QVHighlights), region 400K, mask 116.5K,
+    # conversation 3M + 40K temporal-reasoning dialogues (Tab.1 lists YouCook2 / ActivityNet under conversation)
+    "stage3": {"temporal": 7_500 * 3, "region": 400_000 * 3, "mask": 116_500 * 3, "conversation": 3_040_000 * 3},
+}
+
+
+def paper_steps(stage: str, global_batch: int = PAPER_GLOBAL_BATCH) -> int:
+    """Steps of `stage` that show it `PAPER_STAGE_EXAMPLES[stage]` examples at `global_batch` (rounded up):
+    stage1 150,000 / 128 = 1,171.9 → 1,172; stage2 (2,912,500 + 540,000 + 343,800) = 3,796,300 / 128 = 29,658.6
+    → 29,659; stage3 3,564,000 × 3 = 10,692,000 / 128 = 83,531.25 → 83,532."""
+    return -(-sum(PAPER_STAGE_EXAMPLES[stage].values()) // global_batch)
+
+
+def _paper_weights(stage: str) -> dict[str, float]:
+    return {task: float(n) for task, n in PAPER_STAGE_EXAMPLES[stage].items()}
+
+
+def videochat_tpo_7b_run() -> RunConfig:
+    """VideoChat-TPO's training recipe (PAPER.md §3.1 Tab.17, §3.2, §4.2 Tab.18) on the 7B model. One setting
+    is required and has no default: `init_from`, the pretrained weights (the paper starts stage 1 from its base
+    model, the pretrained video-chat MLLM VideoChat2 with Mistral-7B, PAPER.md §1.2); `tpo-train --config
+    videochat_tpo_7b` refuses to start without it (`check_required`). The data directories are placeholders
+    (`paper_data_dirs`).
+
+        tpo-train --config videochat_tpo_7b --workdir runs/tpo7b --init-from /ckpt/videochat2_7b \\
+            --set 'data.source=["/data/tfds/temporal_grounding/tpo_records/1.1.0", ...]'
+
+    From Tab.17 (all three stages): AdamW, cosine decay, warmup ratio 0.2, weight decay 0.02, 224² input,
+    16 frames (`model.vit.num_frames`, the only clip length the released position table fits, MODEL-SPEC §10.13),
+    LoRA rank 16 / alpha 32, bf16 (`C.videochat_tpo_7b()`: scanned stacks, full remat, bf16 compute), SAM2 frozen.
+    Not in the paper, from the released run's training arguments (MODEL-SPEC §0): AdamW β (0.9, 0.999), ε 1e-5,
+    cosine down to 5 % of the peak (`min_lr_ratio` 0.05), gradient clipping at global norm 1.0.
+
+    Per stage: the recipe of `tpo_jax.train.stages` (what trains, peak LR), the data (Tab.18 × epochs), the steps:
+    * stage 1, task assignment: `stage1`, LoRA 2e-5 (LM loss only); temporal, region, mask 50K each, 1 epoch;
+      1,172 steps.
+    * stage 2, vision tasks: `stage2`, LoRA 2e-5, temporal head 1e-4 and token 2e-4, region head and box token
+      1e-4, mask adapter and track token 1e-4; temporal 116.5K × 25 epochs, region 540K × 1, mask 114.6K × 3;
+      29,659 steps.
+    * stage 3, multi-task: `stage3`, LoRA, vision encoder, connector, every head and token 2e-5; conversation
+      3.04M, region 400K, mask 116.5K, temporal 7.5K, × 3 epochs; 83,532 steps.
+
+    The recipes' LRs are Tab.17's, so no stage sets `lr_scale` / `group_lr_scale`. Each stage's task mixture
+    (`data_weights`) is the number of examples of each task it sees, and its steps are those examples over the
+    global batch of 128 (`PAPER_STAGE_EXAMPLES`, `paper_steps`). `data.batch_size` is per host; the preset's 128
+    is one host (one v5p-8, 4 chips, 32 examples per chip; `PAPER_GLOBAL_BATCH`): with N hosts set
+    `data.batch_size` to 128 / N to keep the paper's global batch.
+
+    Deviations and assumptions (PAPER.md §3.1 lists the paper's own inconsistencies):
+    * Stage 2 trains the three heads together (the `stage2` recipe, each head at its own LRs) in one stage with
+      one batch size; the paper trains each head and its token separately ("respectively"), temporal at batch
+      64 for 25 epochs, region at 128 for 1 epoch, mask at 128 for 3 epochs. The mixture keeps each head's number
+      of training examples (temporal 77 %, region 14 %, mask 9 % of each batch); the separate recipes
+      (`stage2_temporal`, `stage2_region`, `stage2_mask`) remain for runs that want them one at a time.
+    * Stage-2 region and mask LRs follow the table (1e-4); the prose says 2e-5: to follow the prose set
+      `stage2.group_lr_scale={"region_head": 0.2, "box_token": 0.2, "mask_adapter": 0.2, "track_token": 0.2,
+      "loc_encoder": 0.2}`. The `<track_box>` encoder (`loc_encoder`) is not in Tab.17; it trains with the mask
+      path (1e-4 in stage 2, 2e-5 in stage 3), as the recipes have it.
+    * Stage-3 batch: the prose says 128, Tab.17 says 256. The preset uses 128 everywhere (the prose, the stage-1
+      setting, and the released run's training arguments: 32 GPUs × 2 × 2 accumulation = 128, MODEL-SPEC §0);
+      a run has one batch size for all stages (`data` is one section). At 256, stage 3 would be 41,766 steps.
+    * Stage 3's "w/o Con." column (task data only, 1 epoch; presumably Tab.12's row 5) is not run: a run has
+      three stages, and stage 3 here is Tab.17's "Stage 3" (task data + conversation, 3 epochs).
+    * Every stage reads the same `data.source` (a run has one `data` section, part of its checkpoints' identity),
+      so a task's examples come from all its datasets in every stage: stage 1's temporal examples are not only
+      DiDeMo / QuerYD, stage 3's not only QVHighlights. The example counts per task are the paper's.
+    * Task data and conversation only: no `mc` (MVBench-style) training records; the in-loop evaluation
+      (`eval`) reads `validation_<task>` splits of mc, temporal, region and mask from `data.source` (build them,
+      or set `eval.enabled=false` and score checkpoints with `tpo-eval` later).
+    * Not in the paper: sequence length 1024 tokens (96 visual tokens + prompt; the longest templated task
+      example is 251 tokens, docs/data_pipeline.md; conversations longer than 1024 drop trailing turns). The
+      7B step was compiled for a v5p at seq 512 and 16 examples per chip (14.9 GiB per chip with full remat,
+      docs/benchmarks.md); seq 1024 at 32 per chip is not measured — `micro_batches=2` halves the activations.
+    * Dropout on, at the model config's (released) rates; loss weights 1 (the paper gives none, PAPER.md §2.4).
+    """
+    return RunConfig(
+        model=C.videochat_tpo_7b(),
+        data=DataConfig(source=paper_data_dirs(), batch_size=PAPER_GLOBAL_BATCH, seq_len=1024),
+        # Tab.17: warmup ratio 0.2, weight decay 0.02; min_lr_ratio 0.05 and the rest (β, ε, clipping) are the
+        # released run's (OptimConfig's defaults)
+        optim=RunOptim(warmup_ratio=0.2, weight_decay=0.02, min_lr_ratio=0.05),
+        # peak LRs: the recipes' own, which are Tab.17's (no lr_scale / group_lr_scale)
+        stage1=StageRun("stage1", steps=paper_steps("stage1"), data_weights=_paper_weights("stage1")),
+        stage2=StageRun("stage2", steps=paper_steps("stage2"), data_weights=_paper_weights("stage2")),
+        stage3=StageRun("stage3", steps=paper_steps("stage3"), data_weights=_paper_weights("stage3")),
+        checkpoint=CheckpointConfig(every_steps=500, keep=2),
+        sharded_init=True,
+    )
+
+
+RUN_PRESETS = {"tiny": tiny_run, "videochat_tpo_7b": videochat_tpo_7b_run}
+
+#: Settings a run preset cannot default. Its config validates without them (tests and tools read the preset), but
+#: `tpo-train` / `tpo-eval --config <preset>` refuse to start until they are set (`check_required`).
+REQUIRED_SETTINGS: dict[str, tuple[str, ...]] = {"videochat_tpo_7b": ("init_from",)}
+_REQUIRED_HINTS = {
+    "init_from": "the pretrained weights to start from, e.g. --init-from /ckpt/videochat_tpo (or "
+                 "--set 'init_from=[...]'): tpo-convert output directories (a Hugging Face Mistral-7B, the "
+                 "released VideoChat-TPO) or an earlier tpo-train work directory",
+}
+
+
+def check_required(cfg: RunConfig, preset: str) -> RunConfig:
+    """`cfg` (preset `preset` with the user's overrides) if every setting `REQUIRED_SETTINGS[preset]` is set,
+    else one ConfigError naming the first missing one."""
+    for name in REQUIRED_SETTINGS.get(preset, ()):
+        value = getattr(cfg, name)
+        entries = value if isinstance(value, (tuple, list)) else (value,)
+        check_field(bool(value) and all(isinstance(v, str) and v.strip() for v in entries), name,
+                    f"the {preset!r} run preset needs it set: {_REQUIRED_HINTS.get(name, 'no default')} "
+                    f"(got {value!r})")
+    return cfg
 
 
 def get_run_config(name: str = "tiny") -> RunConfig:

@@ -6,6 +6,7 @@
 Work directory (`tpo_jax.train.workdir` checks it and loads stage checkpoints back):
 
     WORKDIR/config.json               the resolved run config
+    WORKDIR/init_from.json            with `init_from`: what was loaded from which source, what was initialised
     WORKDIR/metrics.json              {"before", "after", "improvement", "stages": {stage: metrics}}, and
                                       "during" (a list) with eval.every_steps; with eval.generate the final
                                       evaluation ("after", and its stage) also scores generated answers
@@ -15,11 +16,13 @@ Work directory (`tpo_jax.train.workdir` checks it and loads stage checkpoints ba
     WORKDIR/tensorboard/              TensorBoard scalars (every loss term, LRs, grad norm, tokens/s, evals)
     WORKDIR/curves.png, metrics.png   training curves; before/after metrics
 
-Each stage starts from the model initialised with `cfg.seed` (built once on the host and put into its
-shards on the mesh `cfg.mesh` with the rules `cfg.sharding`; with `cfg.sharded_init` created directly in
-its shards by `tpo_jax.train.step.init_sharded`), loads the previous stage's final checkpoint (every parameter
-trained so far), and trains its recipe. A checkpoint holds the parameters of every group trained up to this
-stage, the optimizer state and step, the data-iterator state and the config: `resume=True` continues
+Each stage starts from the model initialised with `cfg.seed` (built once on the host and put into its shards
+on the mesh `cfg.mesh` with the rules `cfg.sharding`; with `cfg.sharded_init` created directly in its shards by
+`tpo_jax.train.step.init_sharded`) with the pretrained weights of `cfg.init_from` read over it
+(`tpo_jax.train.init_from`; checked and read before anything is written), loads the previous stage's final
+checkpoint (every parameter trained so far; with `init_from`, a stage whose previous stage has no checkpoint
+here starts from those weights), and trains its recipe. A checkpoint holds the parameters of every group
+trained up to this stage, the optimizer state and step, the data-iterator state and the config: `resume=True` continues
 a stage exactly where it stopped (same batches, same dropout keys, bit-identical losses on CPU).
 SIGTERM or Ctrl-C finishes the current step, saves, and returns (a second Ctrl-C aborts at once); `resume=True`
 skips stages that are finished and evaluated, and returns at once when all are. A step with a non-finite loss or gradient keeps
@@ -52,6 +55,7 @@ from tpo_jax.train.distributed import is_main_process
 from tpo_jax.train.evaluate import evaluate, make_predict_fn
 from tpo_jax.train.evaluate_generate import short as short_generated
 from tpo_jax.train.gc_schedule import GcSchedule
+from tpo_jax.train import init_from
 from tpo_jax.train.metrics import improvement
 from tpo_jax.train.nonfinite import NonFiniteError
 from tpo_jax.train.run_config import STAGES, RunConfig
@@ -60,8 +64,8 @@ from tpo_jax.model import TPOModel
 from tpo_jax.train.optim import make_optimizer
 from tpo_jax.train.step import (TrainShardings, TrainState, cast_frozen, init_sharded, make_train_step,
                                 split_model)
-from tpo_jax.train.workdir import (check_workdir, open_manager, params_of_groups, restore_params, stage_dir,
-                                   trained_groups, write_json)
+from tpo_jax.train.workdir import (check_workdir, existing_steps, open_manager, params_of_groups, restore_params,
+                                   stage_dir, trained_groups, write_json)
 
 log = logging.getLogger("tpo.train")
 
@@ -111,6 +115,8 @@ class Trainer:
         self.stop_requested: str | None = None
         self.writer = None
         self._eval_batches = None
+        self._init_plan: init_from.InitPlan | None = None
+        self._prebuilt: tuple[str, Any] | None = None  # a stage built (weights loaded) before anything was written
         self.metrics_path = os.path.join(self.workdir, "metrics.json")
 
     # files and logs (process 0 only)
@@ -166,12 +172,33 @@ class Trainer:
         return _cached(key, lambda: make_train_step(graphdef, tx, self.cfg.model, train_cfg, shardings=shardings,
                                                     guard_nonfinite=True))
 
+    def init_plan(self) -> init_from.InitPlan:
+        """Which `cfg.init_from` source gives each parameter (checked once, metadata only; empty without
+        sources)."""
+        if self._init_plan is None:
+            from tpo_jax.model import abstract_model  # noqa: PLC0415
+            params = nnx.state(abstract_model(self.cfg.model, self.cfg.seed), nnx.Param)
+            self._init_plan = init_from.prepare(self.cfg.init_from, params)
+        return self._init_plan
+
     def build_stage(self, stage: str):
-        """(graphdef, state, frozen, tx, shardings) of `stage` at initialisation, placed on the mesh.
+        """(graphdef, state, frozen, tx, shardings) of `stage` at initialisation, placed on the mesh: the
+        `cfg.seed` initialisation with the `cfg.init_from` weights loaded over it (`tpo_jax.train.init_from`).
 
         Default: the model is built eagerly on the host once (fast for small models on CPU) and put into
         its shards; with `cfg.sharded_init` each device creates its own shards (`tpo_jax.train.step.init_sharded`,
-        for models that do not fit one host's memory)."""
+        for models that do not fit one host's memory). The pretrained weights are then read straight into the
+        shards (and storage dtypes) of the parameters they replace."""
+        if self._prebuilt is not None and self._prebuilt[0] == stage:
+            built, self._prebuilt = self._prebuilt[1], None
+            return built
+        graphdef, state, frozen, tx, sh = self._build_initial(stage)
+        if self.cfg.init_from:
+            params, frozen = init_from.load_init(self.init_plan(), state.params, frozen)
+            state = state.replace(params=params)
+        return graphdef, state, frozen, tx, sh
+
+    def _build_initial(self, stage: str):
         train_cfg = self.cfg.train_config(stage)
         if self.cfg.sharded_init:
             return init_sharded(self.cfg.model, train_cfg, self.mesh, self.rules, self.cfg.seed)
@@ -191,11 +218,12 @@ class Trainer:
         return graphdef, state, frozen, tx, sh
 
     def init_stage(self, stage: str):
-        """`build_stage` with the previous stage's final parameters loaded."""
+        """`build_stage` with the previous stage's final parameters loaded (with `init_from` and no checkpoint of
+        the previous stage in the work directory, the stage starts from the `init_from` weights)."""
         graphdef, state, frozen, tx, sh = self.build_stage(stage)
         index = STAGES.index(stage)
-        if index > 0:
-            prev = STAGES[index - 1]
+        prev = STAGES[index - 1] if index > 0 else None
+        if prev and (not self.cfg.init_from or existing_steps(self.workdir, prev, self.cfg)):
             with open_manager(self.workdir, prev, self.cfg, read_only=True) as mngr:
                 state, frozen, _ = restore_params(mngr, self.cfg.stage(prev).steps, state, frozen,
                                                   trained_groups(self.cfg, prev))
@@ -326,9 +354,20 @@ class Trainer:
                       f"longer, use a new --workdir.")
             return {"workdir": self.workdir, "stages": {}, "complete": True, "metrics": metrics,
                     "wall_s": time.perf_counter() - t0}
+        if self.cfg.init_from:
+            # the pretrained weights are checked and read before anything is written: a bad source leaves the work
+            # directory as it was
+            before = "before" not in metrics and self.cfg.eval.enabled
+            if before:
+                self.eval_batches()  # the data first, as below
+            self._log(init_from.format_report(self.init_plan().report))
+            first = STAGES[0] if before else stages[0]
+            self._prebuilt = (first, self.build_stage(first))
         if self.main:
             os.makedirs(self.workdir, exist_ok=True)
             write_json(os.path.join(self.workdir, "config.json"), self.cfg.to_dict())
+            if self.cfg.init_from:
+                init_from.write_report(self.workdir, self._init_plan.report)
             from tensorboardX import SummaryWriter  # noqa: PLC0415
             self.writer = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
         summary: dict[str, Any] = {"workdir": self.workdir, "stages": {}}
@@ -386,6 +425,7 @@ class Trainer:
                 self._scalars("eval", after, self.global_offset(stage) + res["steps"])
                 self._save_metrics(metrics)
         finally:
+            self._prebuilt = None
             self._restore_signals(previous)
             if self.writer is not None:
                 self.writer.close()

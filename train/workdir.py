@@ -23,7 +23,7 @@ from tpo_jax.train.stages import get_recipe, param_group
 from tpo_jax.tree_paths import leaf_paths, nest, replace_by_path
 
 # config sections a checkpoint depends on; the others (logging, eval, checkpoint cadence, mesh) may change
-IDENTITY_FIELDS = ("model", "data", "optim", "seed", "micro_batches", "dropout", "loss_weights")
+IDENTITY_FIELDS = ("model", "data", "optim", "seed", "init_from", "micro_batches", "dropout", "loss_weights")
 
 
 def trained_groups(cfg: RunConfig, stage: str) -> frozenset[str]:
@@ -98,7 +98,8 @@ def write_json(path: str, obj) -> None:
 
 def check_workdir(cfg: RunConfig, workdir: str, stages: Sequence[str], resume: bool) -> dict[str, list[int]]:
     """One clear ConfigError when `workdir` cannot serve this run: not a directory, a checkpoint of another
-    config, a stage with checkpoints but no `resume`, or a missing previous-stage checkpoint. Returns the
+    config, a stage with checkpoints but no `resume`, or a missing previous-stage checkpoint (a run with
+    `init_from` may start at a later stage when the earlier one has no checkpoint at all). Returns the
     checkpoint steps of every stage that has some."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"work directory {workdir} is a file; --workdir takes a directory (a new one, or the "
@@ -129,7 +130,9 @@ def check_workdir(cfg: RunConfig, workdir: str, stages: Sequence[str], resume: b
         prev = STAGES[first - 1]
         steps = existing_steps(workdir, prev, cfg)
         need = cfg.stage(prev).steps
-        if need not in steps:
+        if not steps and cfg.init_from:
+            pass  # no earlier stage here: the stage starts from the init_from weights (e.g. a released TPO model)
+        elif need not in steps:
             have = f"it has steps {steps}" if steps else "there is none"
             raise ConfigError(
                 f"{STAGES[first]} starts from the final {prev} checkpoint (step {need}) in "

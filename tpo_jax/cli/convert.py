@@ -1,12 +1,14 @@
 """`tpo-convert`: PyTorch checkpoints -> tpo-jax (Orbax) and back (`python -m tpo_jax.cli.convert`).
 
 Subcommands `videochat`, `hf`, `export-hf`, `export-videochat`; see docs/conversion.md. The work lives in
-`tpo_jax.checkpoints.convert` and `tpo_jax.checkpoints.export`.
+`tpo_jax.checkpoints.convert` and `tpo_jax.checkpoints.export`; the exports also take a `tpo-train` work
+directory (its trained model: `tpo_jax.train.load.export_params`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tpo_jax.checkpoints.configs import llm_config_from_hf, read_json
@@ -69,8 +71,11 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, what in (("export-hf", "our LLM -> Hugging Face safetensors (+ PEFT adapter with --peft)"),
                        ("export-videochat", "whole model -> VideoChat-TPO key layout")):
         e = sub.add_parser(name, help=what)
-        e.add_argument("checkpoint", help="a directory written by tpo-convert")
+        e.add_argument("checkpoint", help="a directory written by tpo-convert, or a tpo-train work directory")
         e.add_argument("out")
+        e.add_argument("--stage", default=None, help="work directory: the stage whose checkpoint to export "
+                       "(default: the last one present)")
+        e.add_argument("--step", type=int, default=None, help="work directory: the checkpoint step (default: latest)")
         e.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="keep")
         e.add_argument("--max-shard-gb", type=float, default=5.0)
         e.add_argument("--overwrite", action="store_true")
@@ -100,10 +105,15 @@ def _run(args) -> int:
             print(format_report(report))
     else:
         kw = dict(dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
+        checkpoint = args.checkpoint
+        if not os.path.isfile(os.path.join(checkpoint, "conversion.json")) and \
+                os.path.isfile(os.path.join(checkpoint, "config.json")):  # a tpo-train work directory
+            from tpo_jax.train.load import export_params  # noqa: PLC0415
+            checkpoint = export_params(checkpoint, stage=args.stage, step=args.step)
         if args.command == "export-hf":
-            files = export_hf(args.checkpoint, args.out, peft=args.peft, **kw)
+            files = export_hf(checkpoint, args.out, peft=args.peft, **kw)
         else:
-            files = export_videochat(args.checkpoint, args.out, **kw)
+            files = export_videochat(checkpoint, args.out, **kw)
         print("\n".join(str(f) for f in files))
     return 0
 

@@ -3,6 +3,7 @@
     tpo-train                                   # tiny model, synthetic data, stages 1-3, ./runs/tiny
     tpo-train --workdir runs/a --stages 2 --resume --set stage2.steps=500 --set optim.lr=1e-3
     tpo-train --set model.llm.num_layers=4 --set data.batch_size=16 --stages all
+    tpo-train --config videochat_tpo_7b --init-from ckpt/videochat_tpo --workdir runs/7b   # from the released model
     tpo-eval --workdir runs/a                   # metrics of the latest checkpoint of the last stage
     tpo-eval --workdir runs/a --stage stage1 --step 100
     tpo-eval --workdir runs/a --mode teacher     # teacher-forced only (default both: + generated answers, gen/...)
@@ -76,10 +77,16 @@ def _setup(args, workdir_config: bool = False) -> "RunConfig":  # noqa: F821
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only managers etc.
     from tpo_jax.overrides import apply_overrides  # noqa: PLC0415
-    from tpo_jax.train.run_config import get_run_config, load_run_config  # noqa: PLC0415
+    from tpo_jax.train.run_config import check_required, get_run_config, load_run_config  # noqa: PLC0415
     saved = os.path.join(args.workdir, "config.json")
-    base = load_run_config(saved) if workdir_config and os.path.exists(saved) else get_run_config(args.config)
-    return apply_overrides(base, args.overrides)
+    from_workdir = workdir_config and os.path.exists(saved)
+    base = load_run_config(saved) if from_workdir else get_run_config(args.config)
+    cfg = apply_overrides(base, args.overrides)
+    if getattr(args, "init_from", None):
+        import dataclasses  # noqa: PLC0415
+        cfg = dataclasses.replace(cfg, init_from=tuple(args.init_from)).validate()
+    # a preset's settings without a default (videochat_tpo_7b: init_from) must come from --set / --init-from
+    return cfg if from_workdir else check_required(cfg, args.config)
 
 
 def train_main(argv=None) -> int:
@@ -87,6 +94,10 @@ def train_main(argv=None) -> int:
     _common(p)
     p.add_argument("--stages", type=_parse_stages, default="all", help="1, 2, 3, a list like 2,3, or all")
     p.add_argument("--resume", action="store_true", help="continue the stages' latest checkpoints in --workdir")
+    p.add_argument("--init-from", action="append", default=[], metavar="PATH",
+                   help="start from pretrained weights: a tpo-convert output (VideoChat-TPO or Hugging Face LLM) or "
+                        "an earlier work directory; repeatable, later sources override earlier ones (config field "
+                        "init_from; see docs/training.md)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop (with a checkpoint) after N training steps of this invocation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
