@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +25,11 @@ from tpo_jax import config as C
 from tpo_jax.checkpoints.convert import convert_hf, convert_videochat
 from tpo_jax.checkpoints.export import export_hf, export_videochat
 from tpo_jax.checkpoints.manager import CheckpointConfig
-from tpo_jax.checkpoints.orbax_io import LazyArray, write_streaming
+from tpo_jax.checkpoints.orbax_io import LazyArray, saved_arrays, write_streaming
 from tpo_jax.config import ConfigError
-from tpo_jax.sharding import shard_batch
+from tpo_jax.model import abstract_model, stack_layouts
+from tpo_jax.sharding import MeshConfig, get_rules, make_mesh, shard_batch, tree_shardings
+from tpo_jax.stack import stack_rest
 from tpo_jax.data.pipeline import DataConfig, make_train_iterator
 from tpo_jax.train.init_from import INIT_REPORT_FILE
 from tpo_jax.train.load import export_params, load_model
@@ -133,12 +138,17 @@ def exported(trained, tmp_path_factory):
     return out, export_videochat(export_params(str(workdir)), out)
 
 
+def _frozen_keys(tensors, converted) -> set[str]:
+    """Source keys of the tensors stage 3 does not train (SAM2 and the unused modules, kept as extras, included)."""
+    groups = _source_groups(converted)
+    trainable = get_recipe("stage3").trainable_groups
+    return {k for k in tensors if groups.get(k) not in trainable}
+
+
 def test_export_frozen_bit_identical_trainable_changed(trained, released, exported, tmp_path):
     _, workdir, _ = trained
     tensors, converted = released
-    groups = _source_groups(converted)
-    trainable = get_recipe("stage3").trainable_groups
-    frozen_keys = {k for k in tensors if groups.get(k) not in trainable}  # SAM2 and unused modules: extras
+    frozen_keys = _frozen_keys(tensors, converted)
     # in the released storage dtype (bf16), every frozen tensor comes back bit for bit
     back = exported_tensors(export_videochat(export_params(str(workdir)), tmp_path / "vc", dtype="bfloat16"))
     assert set(back) == set(tensors)  # every released key, SAM2 and the unused modules included
@@ -291,3 +301,68 @@ def test_bad_source_is_one_clear_error_and_leaves_the_workdir(case, tmp_path, re
     assert message.startswith(f"config field 'init_from': {src}") and expect in message
     assert len(message.splitlines()) == 1
     assert _tree(workdir) == before
+
+
+# ------------------------------------------------------------------------------------------------ multi-host
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_read_only_their_shards_and_export(released, tmp_path):
+    """2 processes × 4 devices train from a per-layer checkpoint into the scanned model: each stacked parameter is
+    read layer by layer, and every read is exactly this process's device shard of that layer (never the whole
+    tensor); the checkpoint both processes wrote exports on one host, frozen tensors bit for bit."""
+    tensors, _ = released
+    unrolled = C.replace(CFG, **{f"{s}.stack.scan_layers": False for s in ("llm", "vit", "qformer")})
+    source = tmp_path / "per_layer"
+    convert_videochat(released[1].parent / "src", source, unrolled)
+    stored = saved_arrays(source / "params")
+    workdir = tmp_path / "work"
+    port = _free_port()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(here) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, os.path.join(here, "multihost_init_worker.py"), "--process-id", str(i),
+                               "--num-processes", "2", "--port", str(port), "--source", str(source),
+                               "--workdir", str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads([line for line in out.splitlines() if line.startswith("{")][-1]) for out, _ in outs]
+    assert [r["devices"] for r in results] == [8, 8] and [r["local_devices"] for r in results] == [4, 4]
+    # the shard of each layer that one device of the 8 holds, from the same mesh and rules as the run
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    params = nnx.state(abstract_model(CFG), nnx.Param)
+    shardings = tree_shardings(params, mesh, get_rules("fsdp"))
+    layouts = stack_layouts(CFG)
+    expected = {}
+    for (path, value), (_, sharding) in zip(nnx.to_flat_state(params), nnx.to_flat_state(shardings)):
+        value, sharding = value.get_value(), sharding.get_value() if hasattr(sharding, "get_value") else sharding
+        found = stack_rest(layouts, ".".join(map(str, path)))
+        if found is not None:
+            layout, rest = found
+            shard = sharding.shard_shape(value.shape)[1:]
+            for g in range(layout.count):
+                expected[layout.unrolled_path(rest, g)] = list(shard)
+    for r in results:
+        assert r["reads"], "the stacked parameters were read across layouts"
+        wrong = [(x["name"], x["shape"], expected.get(x["name"])) for x in r["reads"]
+                 if x["shape"] != expected.get(x["name"])]
+        assert not wrong, wrong[:5]
+        assert {x["name"] for x in r["reads"]} == set(expected)  # every layer of every stacked parameter
+        split = [x for x in r["reads"] if np.prod(x["shape"]) < np.prod(stored[x["name"]][0])]
+        assert split, "some reads are a part of their array (the FSDP-split ones)"
+    print(f"process reads: {len(results[0]['reads'])} layer shards each; losses {results[0]['losses']}")
+    # the checkpoint the two processes wrote together exports on one host
+    back = exported_tensors(export_videochat(export_params(str(workdir)), tmp_path / "vc", dtype="bfloat16"))
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in _frozen_keys(*released))
