@@ -7,8 +7,9 @@ TensorStore, and drops it; a byte budget bounds how much is materialised at once
 budget runs alone). Peak memory is therefore about max(largest tensor, budget) plus its transform, not the
 checkpoint size. With `sharding` set on the leaves, each tensor is placed on the mesh
 (`jax.make_array_from_callback`) and written by Orbax's jax.Array handler (each process writes its shards).
-Leaves marked `layers=True` (stacked parameters of scanned layer stacks) are stored one chunk per index of
-their leading axis, so one layer can be read alone (`ArrayReader`).
+Arrays are stored in chunks of at most `CHUNK_BYTES`, so restoring one device's shard reads about that shard;
+leaves marked `layers=True` (stacked parameters of scanned layer stacks) are chunked along their leading axis
+first, one layer per chunk or less, so one layer can be read alone (`ArrayReader`).
 
 Reading: `load_params(path, abstract_state, shardings=None, *, prefix="", strict=True, layouts=None)`
 restores the saved tree into the structure of `abstract_state` (an `nnx.State`, e.g.
@@ -42,6 +43,9 @@ from orbax.checkpoint._src.serialization import tensorstore_utils, type_handler_
 from tpo_jax.checkpoints.errors import ConversionError
 
 DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
+# storage chunk size of the arrays written here (benchmarks/bench_init_from.py: with whole-array chunks, loading
+# onto 8 devices held up to 2.5x the largest tensor at once; with 4 MiB chunks, under 0.35x of it)
+CHUNK_BYTES = 4 * 1024 * 1024
 
 
 class LazyArray:
@@ -56,9 +60,10 @@ class LazyArray:
         self.layers = layers  # a stacked parameter: stored one chunk per index of the leading axis
 
     def save_args(self) -> ocp.SaveArgs:
-        # shard_axes=(0,) splits the storage chunks along the leading axis down to size 1, so one layer of a
-        # stacked array is read without reading the others (`ArrayReader`)
-        return ocp.SaveArgs(shard_axes=(0,)) if self.layers and self.shape else ocp.SaveArgs()
+        # storage chunks of at most CHUNK_BYTES: a reader of one device's shard (a restore into a sharded train
+        # state) reads little more than that shard, not the whole array; shard_axes=(0,) splits a stacked array's
+        # chunks along its leading axis first, down to one layer each (`ArrayReader` reads one layer alone)
+        return ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if self.layers and self.shape else ())
 
 
 class _Budget:

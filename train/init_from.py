@@ -20,8 +20,8 @@ earlier one (the released model, then a fine-tuned LLM). What no source has keep
 
 Loading never holds an unsharded copy of the model: every parameter is restored into the sharding (and the
 storage dtype: bf16 frozen weights stay bf16) of the train state it replaces, by Orbax (each process reads the
-shards it owns) or shard by shard from the other stack layout (`checkpoints.orbax_io.load_params`). Only the two
-vocabulary-extended tables are read whole once (the mean needs every row), then placed shard by shard.
+shards it owns) or shard by shard from the other stack layout (`checkpoints.orbax_io.load_params`); a
+vocabulary-extended table is read in blocks of rows for its mean, then shard by shard.
 
 Errors are `ConfigError`s naming the source and the tensor: a missing path, a directory of another kind, a
 tensor whose shape does not fit (both shapes; a vocabulary of another size says so), a source that covers none
@@ -249,17 +249,39 @@ def write_report(workdir: str, report: Mapping[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------ loading
 
-def _extended(source: Source, name: str, path: str, value) -> jax.Array:
+def _extended(source: Source, name: str, path: str, value, block_bytes: int = 4 * 2**20) -> jax.Array:
     """A vocabulary table of the source with the task-token rows appended at the mean of its rows, placed with
-    the sharding and dtype of `value` (one shard at a time from the host copy)."""
+    the sharding and dtype of `value`. The mean is accumulated over blocks of rows (about `block_bytes` each);
+    each device's shard is then read from the source (its rows below the old vocabulary) and filled with the mean
+    (above)."""
     axis = VOCAB_AXES[path]
-    table = ArrayReader(source.params_dir).read(name)
-    mean = table.astype(np.float32).mean(axis=axis, keepdims=True).astype(table.dtype)
-    reps = [1] * table.ndim
-    reps[axis] = NUM_ADDED_TOKENS
-    full = np.concatenate([table, np.tile(mean, reps)], axis=axis).astype(value.dtype, copy=False)
-    del table
-    return jax.make_array_from_callback(full.shape, value.sharding, lambda idx: full[idx])
+    reader = ArrayReader(source.params_dir)
+    old = saved_arrays(source.params_dir)[name][0]
+    chunk_rows = max(1, block_bytes // (4 * int(np.prod(old)) // old[axis]))
+    total = np.zeros([n for i, n in enumerate(old) if i != axis], np.float64)
+    for start in range(0, old[axis], chunk_rows):
+        block = [slice(None)] * len(old)
+        block[axis] = slice(start, min(start + chunk_rows, old[axis]))
+        total += reader.read(name, tuple(block)).astype(np.float32).sum(axis=axis, dtype=np.float64)
+    mean = np.expand_dims((total / old[axis]).astype(np.float32), axis)
+    dtype = np.dtype(value.dtype)
+
+    def shard(index: tuple) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(old) - len(index))
+        rows = range(value.shape[axis])[index[axis]]
+        parts = []
+        if rows.start < old[axis]:  # rows the source has
+            part = list(index)
+            part[axis] = slice(rows.start, min(rows.stop, old[axis]))
+            parts.append(reader.read(name, tuple(part)).astype(dtype, copy=False))
+        if rows.stop > old[axis]:  # the task-token rows
+            other = list(index)
+            other[axis] = slice(None)
+            fill = mean[tuple(other)].astype(dtype)
+            parts.append(np.repeat(fill, rows.stop - max(rows.start, old[axis]), axis=axis))
+        return np.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
+
+    return jax.make_array_from_callback(tuple(value.shape), value.sharding, shard)
 
 
 def load_init(plan: InitPlan, *trees):
