@@ -342,8 +342,19 @@ def _read_shards(reader: "ArrayReader", parts: list[tuple[str, int | None]], sha
     return jax.make_array_from_callback(tuple(shape), sharding, shard)
 
 
+def _read_whole_shards(reader: "ArrayReader", name: str, shape: tuple[int, ...], dtype, sharding) -> jax.Array:
+    """A stored array placed with `sharding`, each device's shard read on its own (only the chunks it covers)."""
+    dtype = np.dtype(dtype)
+
+    def shard(index: tuple) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        return reader.read(name, index if shape else None).astype(dtype, copy=False)
+
+    return jax.make_array_from_callback(tuple(shape), sharding, shard)
+
+
 def load_params(path: str | Path, abstract_state, shardings=None, *, prefix: str = "", strict: bool = True,
-                layouts=None):
+                layouts=None, sequential: bool = False):
     """Restore a converted checkpoint into the structure of `abstract_state`.
 
     path: the conversion output directory (its `params/` is read) or an Orbax checkpoint directory.
@@ -362,6 +373,9 @@ def load_params(path: str | Path, abstract_state, shardings=None, *, prefix: str
       layouts as if scanned: `stacking.possible_layouts`), or a list of `tpo_jax.stack.StackLayout` in
       checkpoint path space (e.g. `tpo_jax.model.stack_layouts(cfg)`). Parameters in the same layout on both
       sides are restored as they are.
+    sequential: read every array one device shard at a time with TensorStore (`ArrayReader`) instead of Orbax's
+      concurrent restore: at most one shard in flight, and a damaged file fails at once with one error (Orbax's
+      other reads would go on and report theirs later).
     Every array goes straight into its shards: Orbax reads each device's part of a stored array, and a
     parameter stored in the other layout is read shard by shard (`_read_shards`), so a process holds no more
     than the shards it owns (plus Orbax's read buffers).
@@ -388,7 +402,12 @@ def load_params(path: str | Path, abstract_state, shardings=None, *, prefix: str
         return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     got = {}
-    if plan["direct"]:
+    reader = ArrayReader(directory) if (plan["across"] or sequential) else None
+    if plan["direct"] and sequential:
+        for cp in plan["direct"]:
+            value = values[cp[len(pre):]]
+            got[cp] = _read_whole_shards(reader, cp, tuple(value.shape), value.dtype, sharding_of(cp[len(pre):]))
+    elif plan["direct"]:
         wanted = {cp: jax.ShapeDtypeStruct(tuple(values[cp[len(pre):]].shape), values[cp[len(pre):]].dtype,
                                            sharding=sharding_of(cp[len(pre):])) for cp in plan["direct"]}
         item = nest(wanted)
@@ -397,7 +416,6 @@ def load_params(path: str | Path, abstract_state, shardings=None, *, prefix: str
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
         got = flatten(restored)
     if plan["across"]:
-        reader = ArrayReader(directory)
         for cp, parts in plan["across"].items():
             value = values[cp[len(pre):]]
             got[cp] = _read_shards(reader, parts, tuple(value.shape), value.dtype, sharding_of(cp[len(pre):]))

@@ -19,8 +19,9 @@ earlier one (the released model, then a fine-tuned LLM). What no source has keep
 (new task tokens, heads). Stack layouts may differ (a per-layer checkpoint into a scanned model and back).
 
 Loading never holds an unsharded copy of the model: every parameter is restored into the sharding (and the
-storage dtype: bf16 frozen weights stay bf16) of the train state it replaces, by Orbax (each process reads the
-shards it owns) or shard by shard from the other stack layout (`checkpoints.orbax_io.load_params`); a
+storage dtype: bf16 frozen weights stay bf16) of the train state it replaces, one device shard at a time, each
+process reading only the shards of its own devices, also from the other stack layout
+(`checkpoints.orbax_io.load_params(sequential=True)`); a
 vocabulary-extended table is read in blocks of rows for its mean, then shard by shard.
 
 Errors are `ConfigError`s naming the source and the tensor: a missing path, a directory of another kind, a
@@ -298,7 +299,7 @@ def load_init(plan: InitPlan, *trees):
             continue
         spec = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for p, v in abstract.items()}
         try:
-            got = load_params(source.params_dir, nest(spec), strict=False, layouts=source.layouts)
+            got = load_params(source.params_dir, nest(spec), strict=False, layouts=source.layouts, sequential=True)
         except ConversionError as e:
             raise _fail(source.path, str(e)) from None
         except Exception as e:  # noqa: BLE001  (TensorStore / Orbax read errors: a truncated or damaged file)
