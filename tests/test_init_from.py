@@ -139,10 +139,10 @@ def exported(trained, tmp_path_factory):
     return out, export_videochat(export_params(str(workdir)), out)
 
 
-def _frozen_keys(tensors, converted) -> set[str]:
-    """Source keys of the tensors stage 3 does not train (SAM2 and the unused modules, kept as extras, included)."""
+def _frozen_keys(tensors, converted, recipe: str = "stage3") -> set[str]:
+    """Source keys of the tensors `recipe` does not train (SAM2 and the unused modules, kept as extras, included)."""
     groups = _source_groups(converted)
-    trainable = get_recipe("stage3").trainable_groups
+    trainable = get_recipe(recipe).trainable_groups
     return {k for k in tensors if groups.get(k) not in trainable}
 
 
@@ -337,7 +337,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_read_only_their_shards_and_export(released, tmp_path):
-    """2 processes × 4 devices train from a per-layer checkpoint into the scanned model: every read is exactly one
+    """2 processes × 4 devices train stage 1 from a per-layer checkpoint into the scanned model: every read is one
     of this process's device shards of a parameter (of one layer, for the stacked ones), never a whole tensor
     that is split; the checkpoint both processes wrote exports on one host, frozen tensors bit for bit."""
     tensors, _ = released
@@ -402,4 +402,6 @@ def test_two_processes_read_only_their_shards_and_export(released, tmp_path):
     print(f"process reads: {len(results[0]['reads'])} device shards each; losses {results[0]['losses']}")
     # the checkpoint the two processes wrote together exports on one host
     back = exported_tensors(export_videochat(export_params(str(workdir)), tmp_path / "vc", dtype="bfloat16"))
-    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in _frozen_keys(*released))
+    frozen = _frozen_keys(*released, recipe="stage1")  # the workers trained stage 1: LoRA
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in frozen)
+    assert not all(torch.equal(back[k], tensors[k]) for k in set(tensors) - frozen)  # and LoRA trained
