@@ -9,9 +9,6 @@ import gc
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +36,7 @@ from tpo_jax.train.stages import get_recipe, param_group
 from tpo_jax.train.step import TrainState, split_model
 from tpo_jax.train.trainer import Trainer, run
 
+from multihost_helper import check_exit, free_port, run_workers
 from test_convert_helpers import exported_tensors, fake_videochat, real_keys, source_shapes
 
 CFG = C.replace(C.get_config("tiny"), **{f"{s}.stack.scan_layers": True for s in ("llm", "vit", "qformer")})
@@ -329,12 +327,6 @@ def test_bad_source_is_one_clear_error_and_leaves_the_workdir(case, tmp_path, re
 
 # ------------------------------------------------------------------------------------------------ multi-host
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_read_only_their_shards_and_export(released, tmp_path):
     """2 processes × 4 devices train stage 1 from a per-layer checkpoint into the scanned model: every read is one
@@ -346,34 +338,12 @@ def test_two_processes_read_only_their_shards_and_export(released, tmp_path):
     convert_videochat(released[1].parent / "src", source, unrolled)
     stored = saved_arrays(source / "params")
     workdir = tmp_path / "work"
-    port = _free_port()
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(here) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    # output to files, not pipes: a worker blocked on a full pipe would stall both at their next barrier
-    logs = [(open(tmp_path / f"out{i}.txt", "w+"), open(tmp_path / f"err{i}.txt", "w+")) for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, os.path.join(here, "multihost_init_worker.py"), "--process-id", str(i),
-                               "--num-processes", "2", "--port", str(port), "--source", str(source),
-                               "--workdir", str(workdir)], stdout=logs[i][0], stderr=logs[i][1], text=True, env=env)
-             for i in range(2)]
-    try:
-        for p in procs:
-            p.wait(timeout=900)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    outs = []
-    for out, err in logs:
-        out.seek(0)
-        err.seek(0)
-        outs.append((out.read(), err.read()))
-        out.close()
-        err.close()
-    codes = [p.returncode for p in procs]
-    assert codes == [0, 0], "\n".join(f"--- process {i} (exit {c}):\n{err[-2500:]}"
-                                        for i, (c, (_, err)) in enumerate(zip(codes, outs)))
-    results = [json.loads([line for line in out.splitlines() if line.startswith("{")][-1]) for out, _ in outs]
+    port = free_port()
+    args = [["--process-id", str(i), "--num-processes", "2", "--port", str(port), "--source", str(source),
+             "--workdir", str(workdir)] for i in range(2)]
+    outs = run_workers("multihost_init_worker.py", args, tmp_path)
+    check_exit(outs)
+    results = [json.loads([line for line in out.splitlines() if line.startswith("{")][-1]) for _, out, _ in outs]
     assert [r["devices"] for r in results] == [8, 8] and [r["local_devices"] for r in results] == [4, 4]
     # the shard of each layer that one device of the 8 holds, from the same mesh and rules as the run
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))

@@ -3,8 +3,6 @@ FSDP over all 8 devices, per-host batch rows; the losses equal a single-process,
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import jax
@@ -22,14 +20,9 @@ from tpo_jax.train.step import init_train_state, make_train_step
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import multihost_worker  # noqa: E402
+from multihost_helper import check_exit, free_port, run_workers  # noqa: E402
 
 STEPS, BATCH = 3, 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def _reference_losses():
@@ -46,24 +39,14 @@ def _reference_losses():
 
 
 @pytest.mark.slow
-def test_two_processes_fsdp_match_single_process():
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_worker.py"), "--process-id", str(i),
-                               "--num-processes", "2", "--port", str(port), "--devices", "4",
-                               "--steps", str(STEPS), "--batch", str(BATCH)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(2)]
-    try:
-        reference = _reference_losses()
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+def test_two_processes_fsdp_match_single_process(tmp_path):
+    port = free_port()
+    args = [["--process-id", str(i), "--num-processes", "2", "--port", str(port), "--devices", "4",
+             "--steps", str(STEPS), "--batch", str(BATCH)] for i in range(2)]
+    outs = run_workers("multihost_worker.py", args, tmp_path, timeout=300)
+    check_exit(outs)
+    reference = _reference_losses()
+    outs = [(out, err) for _, out, err in outs]
     result = json.loads([line for line in outs[0][0].splitlines() if line.startswith("{")][-1])
     assert result["devices"] == 8 and result["processes"] == 2 and result["local_rows"] == BATCH // 2
     assert not [line for line in outs[1][0].splitlines() if line.startswith("{")], "only process 0 reports"
