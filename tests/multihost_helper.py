@@ -48,3 +48,26 @@ def check_exit(results) -> None:
     codes = [code for code, _, _ in results]
     assert codes == [0] * len(results), "\n".join(f"--- process {i} (exit {code}):\n{err[-2500:]}"
                                                   for i, (code, _, err) in enumerate(results))
+
+
+def worker_arguments(parser) -> None:
+    """The arguments every worker takes: its process id, the process count and the coordinator's port."""
+    parser.add_argument("--process-id", type=int, required=True)
+    parser.add_argument("--num-processes", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+
+
+def join_localhost(args, devices: int) -> None:
+    """In a worker, before anything imports JAX: `devices` fake CPU devices with the suite's compile flags and
+    full-precision matmuls, the repository importable, and `jax.distributed` joined on localhost."""
+    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                               "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, os.path.dirname(HERE))
+
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+    from tpo_jax.train.distributed import DistributedConfig, initialize
+    initialize(DistributedConfig(coordinator_address=f"localhost:{args.port}", num_processes=args.num_processes,
+                                 process_id=args.process_id, initialization_timeout=60))

@@ -11,8 +11,8 @@ state, so the test can check that it read nothing outside its own shards.
 
 import argparse
 import json
-import os
-import sys
+
+from multihost_helper import join_localhost, worker_arguments
 
 
 def run_config(source: str):
@@ -29,24 +29,15 @@ def run_config(source: str):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--process-id", type=int, required=True)
-    p.add_argument("--num-processes", type=int, required=True)
-    p.add_argument("--port", type=int, required=True)
+    worker_arguments(p)
     p.add_argument("--source", required=True)
     p.add_argument("--workdir", required=True)
     args = p.parse_args()
 
-    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
-                               "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0")
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    join_localhost(args, devices=4)
 
     import jax
-    jax.config.update("jax_default_matmul_precision", "highest")
-
-    from tpo_jax.train.distributed import DistributedConfig, initialize, shutdown
-    initialize(DistributedConfig(coordinator_address=f"localhost:{args.port}", num_processes=args.num_processes,
-                                 process_id=args.process_id, initialization_timeout=60))
+    from tpo_jax.train.distributed import shutdown
 
     import numpy as np
     from tpo_jax.checkpoints import orbax_io

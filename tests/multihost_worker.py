@@ -9,8 +9,8 @@ prints the per-step total losses as one JSON line (process 0 only).
 
 import argparse
 import json
-import os
-import sys
+
+from multihost_helper import join_localhost, worker_arguments
 
 BATCH_TASKS = ("region", "conversation")
 
@@ -28,25 +28,16 @@ def settings():
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--process-id", type=int, required=True)
-    p.add_argument("--num-processes", type=int, required=True)
-    p.add_argument("--port", type=int, required=True)
+    worker_arguments(p)
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
     args = p.parse_args()
 
-    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} "
-                               "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0")
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    join_localhost(args, devices=args.devices)
 
     import jax
-    jax.config.update("jax_default_matmul_precision", "highest")
-
-    from tpo_jax.train.distributed import DistributedConfig, initialize, is_main_process, shutdown
-    initialize(DistributedConfig(coordinator_address=f"localhost:{args.port}", num_processes=args.num_processes,
-                                 process_id=args.process_id, initialization_timeout=60))
+    from tpo_jax.train.distributed import is_main_process, shutdown
 
     from tpo_jax.data.synthetic import synthetic_batch
     from tpo_jax.sharding import MeshConfig, data_shard_for_process, get_rules, make_mesh, shard_batch
