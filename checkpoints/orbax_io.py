@@ -288,16 +288,18 @@ def _layouts(layouts, directory: Path) -> list:
     return stacking.possible_layouts(layouts)
 
 
-def restore_plan(directory: str | Path, shapes: Mapping[str, tuple[int, ...]], layouts=None) -> dict[str, Any]:
+def restore_plan(directory: str | Path, shapes: Mapping[str, tuple[int, ...]], layouts=None,
+                 saved: Mapping[str, tuple] | None = None) -> dict[str, Any]:
     """How the checkpoint at `directory` (an Orbax params directory) supplies the parameters `shapes`
     ({checkpoint path: model shape}): {"saved": {path: (shape, dtype)} of the checkpoint, "direct": paths stored
     as they are, "across": {path: parts} stored in the other stack layout (`stacking.across_layouts`),
     "missing": paths it lacks, "extra": checkpoint arrays (or layers "name[g]") no parameter uses}.
-    Reads metadata only; a shape that does not fit is one ConversionError naming the parameter."""
+    Reads metadata only (none when `saved`, the checkpoint's `saved_arrays`, is given); a shape that does not fit
+    is one ConversionError naming the parameter."""
     from tpo_jax.checkpoints.stacking import across_layouts
 
     directory = Path(directory)
-    saved = saved_arrays(directory)
+    saved = saved_arrays(directory) if saved is None else saved
     direct, across, missing, used = [], {}, [], {}
     stack_layouts = None
     for cp, shape in shapes.items():

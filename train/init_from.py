@@ -172,7 +172,8 @@ def plan_init(sources: Sequence[Source], shapes: Mapping[str, tuple[tuple[int, .
         try:
             saved = saved_arrays(source.params_dir)
             extend = {p for p, s in want.items() if _vocab_extension(p, s, saved, source)}
-            plan = restore_plan(source.params_dir, {p: s for p, s in want.items() if p not in extend}, source.layouts)
+            plan = restore_plan(source.params_dir, {p: s for p, s in want.items() if p not in extend}, source.layouts,
+                                saved)
         except ConversionError as e:
             raise _fail(source.path, str(e)) from None
         covered = [p for p in want if p not in extend and p not in plan["missing"]]
