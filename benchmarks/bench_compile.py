@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import platform
 import re
@@ -54,11 +53,11 @@ import tempfile
 import time
 import traceback
 
+from tpo_jax.train.topology import aot_environment, parse_topology, topology_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STACKS = ("llm", "vit", "qformer")
 GiB = 2**30
-# HBM per chip in GiB, by the generation prefix of the topology name (`v5p:2x2x2` → v5p)
-HBM_GIB = {"v5p": 95.0, "v5e": 16.0, "v5litepod": 16.0, "v4": 32.0, "v6e": 32.0}
 # XLA:CPU flags that only change LLVM code generation (same HLO, same buffer assignment), compile ~2-3x faster;
 # the same as tpo-shard-report's default
 FAST_CPU_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0")
@@ -80,22 +79,6 @@ _WHILE_RE = re.compile(r"\swhile\(")
 # Environment of a worker (set before it imports JAX)
 # ------------------------------------------------------------------------------------------------
 
-def tpu_accelerator_type(topology: str) -> str | None:
-    """libtpu's accelerator-type name for a topology ('v5p:2x2x2' → 'v5p-16': v4/v5p count TensorCores)."""
-    gen, _, dims = topology.partition(":")
-    try:
-        chips = math.prod(int(d) for d in dims.lower().split("x"))
-    except ValueError:
-        return None
-    if gen in ("v4", "v5p"):
-        return f"{gen}-{2 * chips}"
-    if gen in ("v5e", "v5litepod"):
-        return f"v5litepod-{chips}"
-    if gen == "v6e":
-        return f"v6e-{chips}"
-    return None
-
-
 def worker_env(spec: dict) -> dict:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"  # the host backend; TPU devices come from the topology, compile-only
@@ -104,13 +87,9 @@ def worker_env(spec: dict) -> dict:
         flags.append(f"--xla_force_host_platform_device_count={spec['devices']}")
         if spec["fast_cpu_compile"]:
             flags += [f for f in FAST_CPU_FLAGS if f.split("=")[0] not in " ".join(flags)]
-    else:
-        # with no TPU attached libtpu looks for one and logs errors; these quiet it (the topology is by name)
-        env.setdefault("TPU_SKIP_MDS_QUERY", "1")
-        env.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-        acc = tpu_accelerator_type(spec["topology"])
-        if acc:
-            env.setdefault("TPU_ACCELERATOR_TYPE", acc)
+    else:  # libtpu, compile-only: the slice is named, not looked for (tpo_jax.train.topology)
+        for key, value in aot_environment(spec["topology"]).items():
+            env.setdefault(key, value)
     env["XLA_FLAGS"] = " ".join(flags)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p)
     return env
@@ -189,8 +168,7 @@ def run_worker(spec: dict) -> dict:
         train_cfg = TrainConfig(stage=spec["stage"], micro_batches=spec["micro_batches"],
                                 optim=OptimConfig()).validate()
         if spec["backend"] == "tpu":
-            from jax.experimental import topologies
-            devices = list(topologies.get_topology_desc(spec["topology"], "tpu").devices)
+            devices = topology_devices(spec["topology"])
         else:
             devices = jax.devices()[:spec["devices"]]
         data, fsdp, tensor = spec["mesh"] or DEFAULT_MESH.get(spec["strategy"], (1, -1, 1))
@@ -422,8 +400,7 @@ def main(argv=None) -> int:
                    help="cpu: fake XLA:CPU devices; tpu: ahead-of-time compile for --topology with libtpu")
     p.add_argument("--topology", default="v5p:2x2x2", help="TPU topology name (--backend tpu)")
     p.add_argument("--hbm-gib", type=float, default=None,
-                   help="HBM per TPU chip in GiB (default by generation: " +
-                        ", ".join(f"{k} {v:g}" for k, v in HBM_GIB.items()) + ")")
+                   help="HBM per TPU chip in GiB (default: the chip's, tpo_jax.train.chips)")
     p.add_argument("--devices", type=int, default=8, help="fake CPU devices (--backend cpu)")
     p.add_argument("--config", default="videochat_tpo_7b", help="model preset")
     p.add_argument("--stage", default="stage3", help="training stage recipe")
@@ -473,10 +450,11 @@ def main(argv=None) -> int:
     per_device = _csv(args.per_device, int)
     scans = {"both": [True, False], "on": [True], "off": [False]}[args.scan]
     if args.backend == "tpu":
-        gen = args.topology.split(":")[0]
-        hbm_gib = args.hbm_gib if args.hbm_gib is not None else HBM_GIB.get(gen)
-        if hbm_gib is None:
-            p.error(f"--hbm-gib: no default for TPU generation {gen!r}; pass it")
+        try:
+            chip, _ = parse_topology(args.topology)
+        except ValueError as e:
+            p.error(str(e))
+        hbm_gib = args.hbm_gib if args.hbm_gib is not None else chip.hbm_bytes / GiB
     else:
         hbm_gib = None
     mesh = None

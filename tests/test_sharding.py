@@ -296,27 +296,6 @@ def test_shard_batch_and_activation_constraints(batch_np):
     np.testing.assert_array_equal(np.asarray(y), 2 * np.ones((8, 4, 16)))
 
 
-HLO = """
-  %all-gather.1 = f32[64,128]{1,0} all-gather(f32[8,128]{1,0} %p), channel_id=1, dimensions={0}
-  %ag-start = (bf16[4,8]{1,0}, bf16[32,8]{1,0}) all-gather-start(bf16[4,8]{1,0} %q), dimensions={0}
-  %ag-done = bf16[32,8]{1,0} all-gather-done((bf16[4,8]{1,0}, bf16[32,8]{1,0}) %ag-start)
-  all-reduce.7 = (f32[10]{0}, s32[3,3]{1,0}, f32[1]{0}, f32[1]{0}, f32[1]{0}, /*index=5*/f32[2,2]{1,0}) all-reduce(f32[10]{0} %a, s32[3,3]{1,0} %b, f32[1]{0} %c, f32[1]{0} %d, f32[1]{0} %e, /*index=5*/f32[2,2]{1,0} %f), to_apply=%add
-  %fusion.9 = f32[10]{0} fusion(f32[10]{0} %all-reduce.7), kind=kLoop, calls=%fused_computation
-  %reduce-scatter.2 = bf16[16]{0} reduce-scatter(bf16[128]{0} %g), dimensions={0}
-  %collective-permute.3 = f32[2,2]{1,0} collective-permute(f32[2,2]{1,0} %x), source_target_pairs={{0,1}}
-  %fusion.all-reduce-like = f32[4]{0} fusion(f32[4]{0} %y), calls=%fused_all-reduce
-"""
-
-
-def test_collective_stats_from_hlo_text():
-    stats = R.collective_stats(HLO)
-    assert stats["all-gather"] == {"count": 2, "bytes": 64 * 128 * 4 + 32 * 8 * 2}
-    assert stats["all-reduce"] == {"count": 1, "bytes": (10 + 9 + 3 + 4) * 4}
-    assert stats["reduce-scatter"] == {"count": 1, "bytes": 32}
-    assert stats["collective-permute"] == {"count": 1, "bytes": 16}
-    assert stats["all-to-all"] == {"count": 0, "bytes": 0}
-
-
 def test_extrapolation_is_linear_per_knob():
     # value = 5 + 3·llm + 7·vit (+ nested dicts): exact for any linear function of the depths
     f = lambda llm, vit: {"temp": 5 + 3 * llm + 7 * vit, "c": {"n": 1 + llm}}  # noqa: E731

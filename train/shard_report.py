@@ -23,21 +23,12 @@ PREFIX.png and the numbers as PREFIX.json (rewritten after each plan).
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import re
 import time
 from typing import Sequence
 
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+from tpo_jax.train.hlo import COLLECTIVES, collective_stats
+
 DEPTH_FIELDS = ("llm.num_layers", "vit.depth")  # per-layer extrapolation knobs
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
-# one instruction per line: `[ROOT] [%]name = SHAPE OP(operands), ...`; SHAPE may be a long tuple with
-# `/*index=N*/` comments, so it is everything up to the first collective op name followed by "("
-_OP_RE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s+"
-                    r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(", re.MULTILINE)
-_ARRAY_RE = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,31 +49,6 @@ def parse_plan(text: str):
     if strategy not in RULES:
         raise ConfigError(f"config field 'plans': unknown strategy {strategy!r} in {text!r}; known: {sorted(RULES)}")
     return strategy, MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
-
-
-def _array_bytes(shape_text: str) -> list[int]:
-    out = []
-    for dtype, dims in _ARRAY_RE.findall(shape_text):
-        size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-        out.append(size * _DTYPE_BYTES.get(dtype, 0))
-    return out
-
-
-def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{kind: {"count": n, "bytes": result bytes per device}} for each collective kind in HLO text.
-
-    Async pairs count once, at their `-start`; a `-start` result tuple holds operands then results,
-    so only its second half is counted.
-    """
-    stats = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
-    for m in _OP_RE.finditer(hlo_text):
-        sizes = _array_bytes(m.group("shape"))
-        if m.group("start") and m.group("shape").startswith("("):
-            arrays = [s for s in sizes if s > 4] or sizes  # drop scalar u32 contexts
-            sizes = arrays[len(arrays) // 2:]
-        stats[m.group("op")]["count"] += 1
-        stats[m.group("op")]["bytes"] += sum(sizes)
-    return stats
 
 
 _UNIT = {"name": "GiB", "scale": 2**30}

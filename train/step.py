@@ -141,7 +141,7 @@ def make_grad_fn(graphdef, model_cfg: TPOConfig, train_cfg: TrainConfig):
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: TPOConfig, train_cfg: TrainConfig,
                     *, shardings: "TrainShardings | None" = None, guard_nonfinite: bool = False, jit: bool = True,
-                    donate: bool = True):
+                    donate: bool = True, keep_unused: bool = False):
     """Build `train_step(state, frozen, batch, rng) -> (state, metrics)` — the one place the step is assembled.
 
     * `shardings` (from `train_shardings` / `init_sharded`): jit with explicit in/out shardings on its mesh and
@@ -149,7 +149,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: TPOCo
       (`tpo_jax.sharding.shard_batch`) and the metrics come back replicated. None: plain `jax.jit`.
     * `guard_nonfinite`: a step whose loss or gradient is not finite keeps the old params and optimizer
       state (`tpo_jax.train.nonfinite.skip_nonfinite`); `metrics["nonfinite"]` counts it.
-    * `jit=False` returns the pure function (no jit, no shardings); `donate` donates the state's buffers.
+    * `jit=False` returns the pure function (no jit, no shardings); `donate` donates the state's buffers;
+      `keep_unused` keeps arguments the step does not read (frozen heads in stage 1) as compiled parameters,
+      so `memory_analysis()` counts everything a device holds.
     """
     recipe = get_recipe(train_cfg.stage)
     grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg)
@@ -167,10 +169,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: TPOCo
         return step
     donate_argnums = (0,) if donate else ()
     if shardings is None:
-        return jax.jit(step, donate_argnums=donate_argnums)
+        return jax.jit(step, donate_argnums=donate_argnums, keep_unused=keep_unused)
     sh = shardings
     return jax.jit(_in_context(step, sh), in_shardings=(sh.state, sh.frozen, sh.batch, sh.replicated),
-                   out_shardings=(sh.state, sh.replicated), donate_argnums=donate_argnums)
+                   out_shardings=(sh.state, sh.replicated), donate_argnums=donate_argnums, keep_unused=keep_unused)
 
 
 def make_eval_step(graphdef, model_cfg: TPOConfig, heads=HEADS,
