@@ -30,17 +30,33 @@ log = logging.getLogger("tpo.train")
 class StepLog:
     """The per-step record of one stage: a line of `history_path` and TensorBoard scalars (through `scalars`) every
     `log_every` steps and at the last, the progress bar, and a one-time warning when label tokens fell beyond
-    `lm_rows`. Only the main process (`main`) writes."""
+    `lm_rows`. Only the main process (`main`) writes.
+
+    Speed: `tokens_per_s`, `steps_per_s` and, given `flops_per_step` (model FLOPs of one global step,
+    `tpo_jax.train.flops`), `tflops_per_s_per_device` = flops_per_step / dt / devices and, given the per-device
+    `peak_flops`, `mfu` = that / peak. `tokens` (the batch's unmasked tokens) and `model_tflops_per_step` are
+    logged with them, so each figure can be recomputed from the record."""
 
     def __init__(self, stage: str, history_path: str, *, start: int, total: int, offset: int, log_every: int,
-                 lm_rows: int, main: bool, progress: bool, scalars: Callable[[str, Mapping, int], None]):
+                 lm_rows: int, main: bool, progress: bool, scalars: Callable[[str, Mapping, int], None],
+                 flops_per_step: float | None = None, devices: int = 1, peak_flops: float | None = None):
         self.stage, self.total, self.offset, self.log_every, self.lm_rows = stage, total, offset, log_every, lm_rows
         self.scalars, self.warned = scalars, False
+        self.flops_per_step, self.devices, self.peak_flops = flops_per_step, devices, peak_flops
         self.file = open(history_path, "a") if main else None
         self.bar = None
         if main and progress:
             from tqdm import tqdm  # noqa: PLC0415
             self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True, leave=True)
+
+    def speed(self, tokens: int, dt: float) -> dict[str, float]:
+        out = {"tokens": float(tokens), "tokens_per_s": tokens / dt, "steps_per_s": 1.0 / dt}
+        if self.flops_per_step:
+            per_device = self.flops_per_step / dt / self.devices
+            out.update(model_tflops_per_step=self.flops_per_step / 1e12, tflops_per_s_per_device=per_device / 1e12)
+            if self.peak_flops:
+                out["mfu"] = per_device / self.peak_flops
+        return out
 
     def step(self, step: int, metrics: Mapping[str, float], tokens: int, dt: float, nonfinite_total: int) -> None:
         if metrics.get("count/lm_dropped", 0) > 0 and not self.warned:
@@ -48,8 +64,9 @@ class StepLog:
             log.warning("%s step %d: %d label tokens lay beyond lm_rows=%d label positions of their sample and were "
                         "left out of the LM loss (count/lm_dropped in history.jsonl); raise lm_rows (0: every "
                         "position)", self.stage, step, int(metrics["count/lm_dropped"]), self.lm_rows)
-        record = {"stage": self.stage, "step": step, "global_step": self.offset + step, **metrics,
-                  "tokens_per_s": tokens / dt, "steps_per_s": 1.0 / dt, "nonfinite_total": nonfinite_total}
+        speed = self.speed(tokens, dt)
+        record = {"stage": self.stage, "step": step, "global_step": self.offset + step, **metrics, **speed,
+                  "nonfinite_total": nonfinite_total}
         if self.file is not None and (step % self.log_every == 0 or step == self.total):
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -57,7 +74,12 @@ class StepLog:
                                    and not k.startswith("count/")}, self.offset + step)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss/total']:.4f}", tok_s=f"{tokens / dt:,.0f}", refresh=False)
+            postfix = {"loss": f"{metrics['loss/total']:.4f}", "tok_s": f"{speed['tokens_per_s']:,.0f}"}
+            if "mfu" in speed:
+                postfix["mfu"] = f"{speed['mfu']:.1%}"
+            elif "tflops_per_s_per_device" in speed:
+                postfix["tflop_s"] = f"{speed['tflops_per_s_per_device']:.3g}"
+            self.bar.set_postfix(postfix, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

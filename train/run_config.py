@@ -132,6 +132,11 @@ class RunConfig:
     lm_rows: int = 0  # LM logits only at the first N label positions per sample (0: every position); tpo_jax.train.step
     log_every: int = 1  # TensorBoard / history every N steps
     max_nonfinite: int = 10  # stop the run when more steps than this had a non-finite loss or gradient
+    # peak FLOP/s of one device in TFLOP/s, the denominator of the logged MFU; 0: the chip's (tpo_jax.train.chips),
+    # and no MFU where the device has no entry (a CPU)
+    peak_tflops: float = 0.0
+    # (first, last): write a jax.profiler trace of these steps of each trained stage to WORKDIR/profile/<stage>
+    profile_steps: tuple[int, ...] = ()
 
     def stage(self, name: str) -> StageRun:
         check_field(name in STAGES, "stages", f"unknown stage {name!r}; known: {list(STAGES)}")
@@ -162,6 +167,12 @@ class RunConfig:
         check_field(isinstance(self.init_from, tuple) and all(isinstance(p, str) and p for p in self.init_from),
                     "init_from", f"must be a list of directory paths, got {self.init_from!r}")
         check_positive(self, "", "micro_batches", "log_every")
+        check_field(isinstance(self.peak_tflops, (int, float)) and not isinstance(self.peak_tflops, bool)
+                    and self.peak_tflops >= 0, "peak_tflops", f"must be a number >= 0, got {self.peak_tflops!r}")
+        p = self.profile_steps
+        check_field(p == () or (isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) for v in p)
+                                and 1 <= p[0] <= p[1]), "profile_steps",
+                    f"must be empty or [first, last] step numbers with 1 <= first <= last, got {p!r}")
         for name in ("devices", "max_nonfinite", "seed"):
             v = getattr(self, name)
             check_field(isinstance(v, int) and v >= 0, name, f"must be an integer >= 0, got {v!r}")

@@ -13,8 +13,9 @@ Work directory (`tpo_jax.train.workdir` checks it and loads stage checkpoints ba
                                       (the `gen/...` keys, tpo_jax.train.evaluate_generate)
     WORKDIR/<stage>/checkpoints/      Orbax checkpoints (tpo_jax.checkpoints.manager) of each stage
     WORKDIR/<stage>/history.jsonl     per-step training metrics
-    WORKDIR/tensorboard/              TensorBoard scalars (every loss term, LRs, grad norm, tokens/s, evals)
+    WORKDIR/tensorboard/              TensorBoard scalars (every loss term, LRs, grad norm, tokens/s, TFLOP/s and MFU, evals)
     WORKDIR/curves.png, metrics.png   training curves; before/after metrics
+    WORKDIR/profile/<stage>/          with `profile_steps`: a jax.profiler trace of those steps
 
 Each stage starts from the model initialised with `cfg.seed` (built once on the host and put into its shards
 on the mesh `cfg.mesh` with the rules `cfg.sharding`; with `cfg.sharded_init` created directly in its shards by
@@ -50,7 +51,7 @@ from tpo_jax.data.pipeline import eval_batches, make_train_iterator
 from tpo_jax import sharding as S
 from tpo_jax.attention import check_config as check_attention
 from tpo_jax.config import ConfigError
-from tpo_jax.train import report
+from tpo_jax.train import chips, flops, report
 from tpo_jax.train.distributed import is_main_process
 from tpo_jax.train.evaluate import evaluate, make_predict_fn
 from tpo_jax.train.evaluate_generate import short as short_generated
@@ -172,6 +173,17 @@ class Trainer:
         return _cached(key, lambda: make_train_step(graphdef, tx, self.cfg.model, train_cfg, shardings=shardings,
                                                     guard_nonfinite=True))
 
+    def model_flops(self, stage: str, step_fn, args) -> float:
+        """Model FLOPs of one global step of `stage` (`tpo_jax.train.flops`: the matmuls, attention included,
+        with no remat recomputation), counted from the jaxpr of `step_fn(*args)` (the trace its first call reuses)
+        or, when a stack uses remat or another attention kernel, from the step traced without them."""
+        model_cfg, train_cfg = self.cfg.model, self.cfg.train_config(stage)
+        if flops.model_flops_config(model_cfg) == model_cfg:
+            return flops.count_jaxpr(step_fn.trace(*args).jaxpr).matmul
+        batch = args[2]
+        key = ("flops", repr(model_cfg), repr(train_cfg), tuple((k, v.shape) for k, v in sorted(batch.items())))
+        return _cached(key, lambda: flops.step_flops(model_cfg, train_cfg, batch).matmul)
+
     def init_plan(self) -> init_from.InitPlan:
         """Which `cfg.init_from` source gives each parameter (checked once, metadata only; empty without
         sources)."""
@@ -277,9 +289,14 @@ class Trainer:
                 it.close()
             mngr.close()
             raise
+        flops_per_step = self.model_flops(stage, step_fn, (state, frozen, S.shard_batch(batch, self.mesh),
+                                                           jax.random.fold_in(base_key, start)))
         steplog = report.StepLog(stage, history_path, start=start, total=run.steps, offset=offset,
                                  log_every=cfg.log_every, lm_rows=cfg.lm_rows, main=self.main, progress=self.progress,
-                                 scalars=self._scalars)
+                                 scalars=self._scalars, flops_per_step=flops_per_step, devices=self.mesh.devices.size,
+                                 peak_flops=chips.peak_flops_per_device(self.mesh.devices.flat[0].device_kind,
+                                                                        cfg.peak_tflops))
+        profile = Profile(cfg.profile_steps, os.path.join(self.workdir, "profile", stage), self._log)
         t_last, compile_s, trained = time.perf_counter(), None, 0
         gc_schedule = GcSchedule().start()  # collected on a step schedule, not mid-step (train/gc_schedule.py)
         try:
@@ -288,10 +305,12 @@ class Trainer:
                 data_state_now = it.get_state()  # after this step's batch: what a resume must continue from
                 tokens = int(np.sum(batch["attention_mask"])) * data_count
                 rng = jax.random.fold_in(base_key, step)
+                profile.before(step + 1)
                 state, metrics = step_fn(state, frozen, S.shard_batch(batch, self.mesh), rng)
                 if step + 1 < run.steps:
                     batch = next(it)  # prepared while the step runs
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                profile.after(step + 1)
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 if compile_s is None:
@@ -325,6 +344,7 @@ class Trainer:
             else:
                 result["step"] = run.steps
         finally:
+            profile.stop()
             gc_schedule.stop()
             steplog.close()
             if hasattr(it, "close"):
@@ -464,6 +484,29 @@ class Trainer:
         if previous is not None and threading.current_thread() is threading.main_thread():
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+
+class Profile:
+    """A `jax.profiler` trace of the steps `window` = (first, last) of a stage, written to `log_dir`."""
+
+    def __init__(self, window: Sequence[int], log_dir: str, note):
+        self.window, self.log_dir, self.note, self.active = tuple(window), log_dir, note, False
+
+    def before(self, step: int) -> None:
+        if self.window and step == self.window[0]:
+            os.makedirs(self.log_dir, exist_ok=True)
+            jax.profiler.start_trace(self.log_dir)
+            self.active = True
+
+    def after(self, step: int) -> None:
+        if self.active and step >= self.window[1]:
+            self.stop()
+            self.note(f"profile of steps {self.window[0]}..{step}: {self.log_dir}")
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
 
 
 def _step_text(step: int | None) -> str:

@@ -63,6 +63,16 @@ def _parse_stages(text: str) -> list[str]:
     return out
 
 
+def _parse_profile(text: str) -> tuple[int, int]:
+    try:
+        first, last = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIRST:LAST, e.g. 10:12") from None
+    if not 1 <= first <= last:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= FIRST <= LAST")
+    return first, last
+
+
 def _setup(args, workdir_config: bool = False) -> "RunConfig":  # noqa: F821
     """The run config: the preset (or, with `workdir_config`, the work directory's config.json) + overrides."""
     if args.fast_cpu_compile:
@@ -85,6 +95,9 @@ def _setup(args, workdir_config: bool = False) -> "RunConfig":  # noqa: F821
     if getattr(args, "init_from", None):
         import dataclasses  # noqa: PLC0415
         cfg = dataclasses.replace(cfg, init_from=tuple(args.init_from)).validate()
+    if getattr(args, "profile", None):
+        import dataclasses  # noqa: PLC0415
+        cfg = dataclasses.replace(cfg, profile_steps=args.profile).validate()
     # a preset's settings without a default (videochat_tpo_7b: init_from) must come from --set / --init-from
     return cfg if from_workdir else check_required(cfg, args.config)
 
@@ -100,6 +113,9 @@ def train_main(argv=None) -> int:
                         "init_from; see docs/training.md)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop (with a checkpoint) after N training steps of this invocation")
+    p.add_argument("--profile", type=_parse_profile, default=None, metavar="FIRST:LAST",
+                   help="write a jax.profiler trace of steps FIRST..LAST of each trained stage to WORKDIR/profile/<stage> "
+                        "(config field profile_steps; open it with TensorBoard's profile plugin or Perfetto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if isinstance(args.stages, str):
