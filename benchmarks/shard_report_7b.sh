@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# The sharding report of docs/sharding.md: VideoChat-TPO 7B, stage 3, on fake CPU devices (nothing allocated).
-# Writes docs/sharding_report_7b.{md,png,json}. Takes ~1-2 h on a 2-core CPU (XLA:CPU compiles).
+# The 7B sharding reports of docs/sharding.md: VideoChat-TPO 7B (the videochat_tpo_7b preset: scanned stacks,
+# bf16 compute, bf16 frozen weights) on TPU slices, compiled ahead of time by libtpu on this CPU machine
+# (pip install -e ".[tpu-aot]"; no TPU needed). Per slice and stage, a search for the paper's global batch of 128.
+# Each full-depth 7B compile takes ~3-8 min on a 2-core CPU; a search reuses the plans its JSON already holds,
+# so an interrupted run continues where it stopped. Usage: benchmarks/shard_report_7b.sh [TOPOLOGY...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHONPATH=. python -m tpo_jax.cli.shard_report --config videochat_tpo_7b --stage stage3 \
-  --plans fsdp:1x8x1,tp:1x1x8,fsdp_tp:1x4x2,fsdp:1x16x1,fsdp:1x64x1,dp:8x1x1 \
-  --dtype bfloat16 --frozen-dtype bfloat16 --layers 1,2 --seq-len 512 --batch-per-shard 1 \
-  --out docs/sharding_report_7b
+# v5p-8 (4 chips), the 8-chip v5p slice of docs/benchmarks.md, v5p-64 (32 chips), v5e-256, v6e-64
+topologies=("${@:-v5p:2x2x1 v5p:2x2x2 v5p:2x4x4 v5e:16x16 v6e:8x8}")
+for topo in ${topologies[@]}; do
+  for stage in stage1 stage2 stage3; do
+    python -m tpo_jax.cli.shard_report --config videochat_tpo_7b --stage "$stage" --topology "$topo" \
+      --search --global-batch 128 --strategies fsdp,fsdp_tp --out "docs/sharding/7b_${topo/:/_}_${stage}"
+  done
+done

@@ -56,3 +56,26 @@ def test_tiny_step_compiles_for_a_tpu_topology():
     # on the chip, TPU tiles pad each array's minor dims; with that padding the count is XLA's to the byte
     assert sum(p["device_bytes"] for p in params) == xla_argument
     assert ours < xla_argument < 1.5 * ours
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--topology", "v9:2x2"], ["config field 'topology'", "unknown TPU generation 'v9'"]),
+    (["--topology", "v5p-8"], ["config field 'topology'", "'v5p-8' is not a TPU topology name"]),
+    (["--topology", "v5e:2x2", "--plans", "fsdp:1x8x1"], ["config field 'plans'", "8 chips, but the topology has 4"]),
+    (["--chip", "v7"], ["config field 'chip'", "unknown chip 'v7'"]),
+])
+def test_shard_report_bad_topology_gives_one_line(argv, names, capfd):
+    from tpo_jax.cli.shard_report import main
+    assert main(argv) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tpo-shard-report: error: "), err
+    for name in names:
+        assert name in err[0], (name, err[0])
+
+
+def test_shard_report_without_libtpu_says_how_to_install(monkeypatch, capfd):
+    from tpo_jax.cli.shard_report import main
+    monkeypatch.setattr(T, "libtpu_available", lambda: False)
+    assert main(["--topology", "v5e:2x2", "--plans", "fsdp:1x4x1"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert "needs libtpu, which is not installed" in err and "tpu-aot" in err and len(err.splitlines()) == 1
