@@ -21,7 +21,8 @@ backward pass at all.
 
 `step_flops(..., model=True)` gives **model FLOPs**, the numerator of MFU: the step is traced with every
 stack's remat policy `none` and attention `einsum`, so recomputation and the attention kernel do not
-change the number. `model=False` traces the config as given (recomputation included).
+change the number. `model=False` gives executed FLOPs: the config's remat (recomputation included), attention
+still counted as `einsum` (a Pallas or cuDNN kernel is opaque to the jaxpr but does the same products).
 """
 
 from __future__ import annotations
@@ -142,13 +143,15 @@ def count_fn(fn, *args, **kwargs) -> FlopCount:
     return count_jaxpr(jax.make_jaxpr(fn)(*args, **kwargs))
 
 
-def model_flops_config(model_cfg):
-    """`model_cfg` with every stack at remat `none` and attention `einsum`: the program whose FLOPs are model FLOPs."""
+def model_flops_config(model_cfg, remat: bool = False):
+    """`model_cfg` with attention `einsum` in every stack (a fused kernel's FLOPs are invisible in the jaxpr) and,
+    unless `remat`, remat `none`: the program whose FLOPs are model FLOPs (`remat=True`: executed FLOPs)."""
     from tpo_jax.config import replace
     changes = {}
     for stack in ("llm", "vit", "qformer"):
-        changes[f"{stack}.stack.remat_policy"] = "none"
-        changes[f"{stack}.stack.remat_save"] = ()
+        if not remat:
+            changes[f"{stack}.stack.remat_policy"] = "none"
+            changes[f"{stack}.stack.remat_save"] = ()
         changes[f"{stack}.stack.attention"] = "einsum"
     return replace(model_cfg, **changes)
 
@@ -156,14 +159,15 @@ def model_flops_config(model_cfg):
 def step_flops(model_cfg, train_cfg, batch: dict, *, model: bool = True) -> FlopCount:
     """FLOPs of one train step of `train_cfg.stage` on `batch` (arrays or ShapeDtypeStructs of the global batch).
 
-    `model=True`: model FLOPs (remat `none`, attention `einsum`); False: the config as given.
+    `model=True`: model FLOPs (remat `none`); False: executed FLOPs (the config's remat, recomputation included).
+    Attention is counted as `einsum` either way: a fused kernel does the same products, out of the jaxpr's sight.
     """
     from tpo_jax.model import abstract_model
     from tpo_jax.train.optim import make_optimizer
     from tpo_jax.train.stages import get_recipe
     from tpo_jax.train.step import _new_state, cast_frozen, make_train_step, split_model
 
-    cfg = model_flops_config(model_cfg) if model else model_cfg
+    cfg = model_flops_config(model_cfg, remat=not model)
     recipe = get_recipe(train_cfg.stage)
     graphdef, abs_params, abs_frozen = split_model(abstract_model(cfg), recipe)
     abs_frozen = jax.eval_shape(lambda f: cast_frozen(f, cfg), abs_frozen)
