@@ -100,8 +100,10 @@ def test_model_flops_ignore_remat_and_attention_kernel():
     assert model_flops_config(remat) != remat
     model = step_flops(base, train_cfg, batch)
     assert step_flops(remat, train_cfg, batch).matmul == model.matmul
-    # as configured (remat full): the forward of every remat'd layer runs again in the backward pass
-    assert step_flops(remat, train_cfg, batch, model=False).matmul > 1.2 * model.matmul
+    # executed (remat full): the forward of every remat'd layer with a backward pass runs again. In stage 1 that
+    # is the LLM's decoder layers only (nothing below the LoRA trains), a small part next to the lm_head here
+    executed = step_flops(remat, train_cfg, batch, model=False).matmul
+    assert model.matmul < executed < 1.5 * model.matmul
     # scanned stacks run one transposed body every trip, so the first layer's input gradient is computed even
     # where nothing below it trains: at most one layer's worth more
     scanned = C.replace(remat, **{f"{s}.stack.scan_layers": True for s in ("llm", "vit", "qformer")})
