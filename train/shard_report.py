@@ -33,6 +33,7 @@ PREFIX.md, a bar chart PREFIX.png and the numbers as PREFIX.json (rewritten afte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import time
@@ -254,7 +255,7 @@ def try_measure(model_cfg, train_cfg, strategy, mesh_cfg, **kw) -> dict:
 
 def search(model_cfg, train_cfg, *, chips: int, global_batch: int, seq_len: int, strategies: Sequence[str],
            remats: Sequence[str] = REMAT_ORDER, max_tensor: int = 8, devices=None, chip=None, frozen_dtype=None,
-           done: dict | None = None, on_row=None) -> list[tuple[str, dict]]:
+           done: dict | None = None, on_row=None, around=None) -> list[tuple[str, dict]]:
     """Compile candidate plans for `global_batch` on `chips` devices and return every row, best first.
 
     Per mesh (`candidate_plans`) and remat policy (least recomputation first), micro-batches go up from 1 until
@@ -262,9 +263,11 @@ def search(model_cfg, train_cfg, *, chips: int, global_batch: int, seq_len: int,
     takes the micro-batch count that would bring it under (more micro-batches only shrink the activations and
     add weight gathers). A policy that fits without micro-batching ends the mesh: more recomputation would only
     be slower. `done` (name → row, e.g. an earlier JSON) skips compiles already made; `on_row(name, row)` is
-    called after each. Rows that fit rank by estimated MFU.
+    called after each, and `around(name)` (a context manager, e.g. one capturing XLA's log) around each compile.
+    Rows that fit rank by estimated MFU.
     """
     done = dict(done or {})
+    around = around or (lambda name: contextlib.nullcontext())
     rows: list[tuple[str, dict]] = []
     hbm = chip.hbm_bytes if chip else float("inf")
     for strategy, mesh_cfg, per_shard in candidate_plans(chips, global_batch, strategies, max_tensor):
@@ -278,9 +281,10 @@ def search(model_cfg, train_cfg, *, chips: int, global_batch: int, seq_len: int,
                     r = done[name]
                 else:
                     t_cfg = dataclasses.replace(train_cfg, micro_batches=micro)
-                    r = try_measure(with_remat(model_cfg, policy), t_cfg, strategy, mesh_cfg,
-                                    batch_per_shard=per_shard, seq_len=seq_len, frozen_dtype=frozen_dtype,
-                                    devices=devices, chip=chip)
+                    with around(name):
+                        r = try_measure(with_remat(model_cfg, policy), t_cfg, strategy, mesh_cfg,
+                                        batch_per_shard=per_shard, seq_len=seq_len, frozen_dtype=frozen_dtype,
+                                        devices=devices, chip=chip)
                     r.update(plan=plan_name(strategy, mesh_cfg), remat=policy, micro_batches=micro)
                 rows.append((name, r))
                 if on_row:

@@ -139,11 +139,10 @@ def run(args: argparse.Namespace, devices=None, chip=None) -> tuple[str, list[tu
     if args.search:
         header += f"; search for global batch {args.global_batch}"
         done = _previous(args.out, header)
-        with xla_notes("search", getattr(args, "debug", False)):
-            ranked = search(model_cfg, train_cfg, chips=len(devices), global_batch=args.global_batch,
-                            seq_len=args.seq_len, strategies=args.strategies.split(","), remats=args.remat.split(","),
-                            max_tensor=args.max_tensor, devices=devices, chip=chip, frozen_dtype=args.frozen_dtype,
-                            done=done, on_row=record)
+        ranked = search(model_cfg, train_cfg, chips=len(devices), global_batch=args.global_batch,
+                        seq_len=args.seq_len, strategies=args.strategies.split(","), remats=args.remat.split(","),
+                        max_tensor=args.max_tensor, devices=devices, chip=chip, frozen_dtype=args.frozen_dtype,
+                        done=done, on_row=record, around=lambda name: xla_notes(name, getattr(args, "debug", False)))
         rows[:] = ranked
         if args.out:
             write(args.out, to_markdown(rows, header), rows, header, chip)
