@@ -335,6 +335,17 @@ def test_search_raises_micro_batches_until_a_plan_fits(monkeypatch):
     assert R.hbm_needed("the total memory required for HLO temporaries (182.91G) exceeds") == 182.91 * 2**30
 
 
+def test_search_resumes_only_its_own_report(tmp_path):
+    args = report_cli._parser().parse_args(["--config", "videochat_tpo_7b", "--topology", "v5p:2x2x2", "--search"])
+    prefix = str(tmp_path / "s")
+    rows = [("fsdp:1x8x1 remat=none micro=1", {"error": "RESOURCE_EXHAUSTED: ...", "fits": False})]
+    report_cli.write(prefix, "table", rows, "header", CH.CHIPS["v5p"], report_cli._identity(args))
+    assert report_cli._previous(prefix, report_cli._identity(args)) == dict(rows)
+    other = report_cli._parser().parse_args(["--config", "videochat_tpo_7b", "--topology", "v5p:2x2x2", "--search",
+                                             "--stage", "stage2"])
+    assert report_cli._previous(prefix, report_cli._identity(other)) == {}
+
+
 @pytest.mark.slow
 def test_shard_report_end_to_end(tmp_path):
     args = report_cli._parser().parse_args([

@@ -110,8 +110,9 @@ def _config(args):
     overrides = list(args.set) + ([f"dtype={args.dtype}"] if args.dtype else [])
     model_cfg = apply_overrides(C.get_config(args.config), overrides)
     train_cfg = TrainConfig(stage=args.stage, micro_batches=args.micro_batches, optim=OptimConfig()).validate()
-    stacks = ", ".join(f"{s} {'scanned' if getattr(model_cfg, s).stack.scan_layers else 'unrolled'} "
-                       f"remat {getattr(model_cfg, s).stack.remat_policy}" for s in ("llm", "vit", "qformer"))
+    stacks = ", ".join(f"{s} {'scanned' if getattr(model_cfg, s).stack.scan_layers else 'unrolled'}" + (
+        "" if args.search else f" remat {getattr(model_cfg, s).stack.remat_policy}") for s in ("llm", "vit", "qformer"))
+    stacks += " (remat per plan)" if args.search else ""
     header = (f"`{args.config}`{' ' + ' '.join(overrides) if overrides else ''}, {args.stage}, seq_len {args.seq_len}; "
               f"compute dtype {model_cfg.dtype}, trainable params {model_cfg.param_dtype}, frozen params "
               f"{args.frozen_dtype or model_cfg.frozen_param_dtype or model_cfg.param_dtype}, AdamW moments "
@@ -134,18 +135,18 @@ def run(args: argparse.Namespace, devices=None, chip=None) -> tuple[str, list[tu
         status = r["error"][:100] if "error" in r else f"compile {r['compile_s']:.0f} s"
         print(f"[{name}] {status}", file=sys.stderr)
         if args.out:
-            write(args.out, to_markdown(rows, header), rows, header, chip)
+            write(args.out, to_markdown(rows, header), rows, header, chip, _identity(args))
 
     if args.search:
         header += f"; search for global batch {args.global_batch}"
-        done = _previous(args.out, header)
+        done = _previous(args.out, _identity(args))
         ranked = search(model_cfg, train_cfg, chips=len(devices), global_batch=args.global_batch,
                         seq_len=args.seq_len, strategies=args.strategies.split(","), remats=args.remat.split(","),
                         max_tensor=args.max_tensor, devices=devices, chip=chip, frozen_dtype=args.frozen_dtype,
                         done=done, on_row=record, around=lambda name: xla_notes(name, getattr(args, "debug", False)))
         rows[:] = ranked
         if args.out:
-            write(args.out, to_markdown(rows, header), rows, header, chip)
+            write(args.out, to_markdown(rows, header), rows, header, chip, _identity(args))
         return to_markdown(rows, header), rows
     for plan in args.plans.split(","):
         strategy, mesh_cfg = parse_plan(plan)
@@ -156,24 +157,34 @@ def run(args: argparse.Namespace, devices=None, chip=None) -> tuple[str, list[tu
     return to_markdown(rows, header), rows
 
 
-def _previous(prefix: str | None, header: str) -> dict:
-    """The rows of an earlier PREFIX.json written for the same header (same config, stage, topology)."""
+IDENTITY = ("config", "set", "stage", "topology", "chip", "seq_len", "dtype", "frozen_dtype", "global_batch",
+            "strategies", "max_tensor", "devices")
+
+
+def _identity(args) -> dict:
+    """What a report's numbers depend on: an earlier PREFIX.json with the same is reused by a search."""
+    return {k: getattr(args, k, None) for k in IDENTITY}
+
+
+def _previous(prefix: str | None, identity: dict) -> dict:
+    """The rows of an earlier PREFIX.json written with the same `identity` (config, stage, topology, ...)."""
     import json
     if not prefix or not os.path.exists(prefix + ".json"):
         return {}
     with open(prefix + ".json") as f:
         old = json.load(f)
-    return old.get("rows", {}) if old.get("header") == header else {}
+    return old.get("rows", {}) if old.get("identity") == json.loads(json.dumps(identity)) else {}
 
 
-def write(prefix: str, markdown: str, rows, header: str = "", chip=None) -> None:
+def write(prefix: str, markdown: str, rows, header: str = "", chip=None, identity: dict | None = None) -> None:
     """PREFIX.md, PREFIX.png and PREFIX.json."""
     import json
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     with open(prefix + ".md", "w") as f:
         f.write(markdown)
     with open(prefix + ".json", "w") as f:
-        json.dump({"header": header, "rows": {name: r for name, r in rows}}, f, indent=1, default=float)
+        json.dump({"header": header, "identity": identity, "rows": {name: r for name, r in rows}}, f, indent=1,
+                  default=float)
     plot(rows, prefix + ".png", title=markdown.splitlines()[0][:200], hbm_bytes=chip.hbm_bytes if chip else None)
 
 
