@@ -11,6 +11,6 @@ topologies=("${@:-v5p:2x2x1 v5p:2x2x2 v5p:2x4x4 v5e:16x16 v6e:8x8}")
 for topo in ${topologies[@]}; do
   for stage in stage1 stage2 stage3; do
     python -m tpo_jax.cli.shard_report --config videochat_tpo_7b --stage "$stage" --topology "$topo" \
-      --search --global-batch 128 --strategies fsdp,fsdp_tp --out "docs/sharding/7b_${topo/:/_}_${stage}"
+      --search --global-batch 128 --strategies fsdp --out "docs/sharding/7b_${topo/:/_}_${stage}"
   done
 done
