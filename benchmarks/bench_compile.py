@@ -53,6 +53,7 @@ import tempfile
 import time
 import traceback
 
+from tpo_jax.train.hlo import while_loops
 from tpo_jax.train.topology import aot_environment, parse_topology, topology_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +73,6 @@ MEMORY_FIELDS = (("argument", "argument_size_in_bytes"), ("output", "output_size
 TPU_CACHE_NOTE = ("persistent compilation cache not used: a compile-only TPU client cannot load cached executables "
                   "(jax 0.10.2 / libtpu 0.0.42.1); use --resume to reuse earlier results instead")
 _INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*\S", re.MULTILINE)
-_WHILE_RE = re.compile(r"\swhile\(")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def run_worker(spec: dict) -> dict:
         result["stablehlo_chars"] = len(lowered.as_text())
         hlo = compiled.as_text()
         result.update(hlo_chars=len(hlo), hlo_ops=len(_INSTR_RE.findall(hlo)),
-                      hlo_while_loops=len(_WHILE_RE.findall(hlo)))
+                      hlo_while_loops=while_loops(hlo))
         result["flops_undercounted"] = result["hlo_while_loops"] > 0
         if spec["cache_dir"] and spec["backend"] != "tpu":
             result["cache_hit"] = cache_events["hits"] > 0

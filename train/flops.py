@@ -177,3 +177,11 @@ def step_flops(model_cfg, train_cfg, batch: dict, *, model: bool = True) -> Flop
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype)
     return count_fn(step, abs_state, abs_frozen, batch, rng)
+
+
+def step_flops_from(jaxpr, model_cfg, train_cfg, batch: dict, *, model: bool = True) -> FlopCount:
+    """`step_flops` of a step whose own jaxpr is at hand (`jaxpr`: a ClosedJaxpr, or a callable returning it): that
+    jaxpr is counted when the step's config is already the one to count, else the step is traced anew."""
+    if model_flops_config(model_cfg, remat=not model) == model_cfg:
+        return count_jaxpr(jaxpr() if callable(jaxpr) else jaxpr)
+    return step_flops(model_cfg, train_cfg, batch, model=model)

@@ -207,14 +207,9 @@ def measure(model_cfg, train_cfg, strategy: str, mesh_cfg, *, batch_per_shard: i
     step = make_train_step(graphdef, tx, model_cfg, train_cfg, shardings=sh, keep_unused=True)
     t0 = time.perf_counter()
     traced = step.trace(sh.abstract_state, sh.abstract_frozen, batch, rng)
-    counted = F.count_jaxpr(traced.jaxpr)
     compiled = traced.lower().compile()
     compile_s = time.perf_counter() - t0
-
-    def count(model: bool):  # the traced step's own jaxpr where it is the program to count
-        same = F.model_flops_config(model_cfg, remat=not model) == model_cfg
-        return counted if same else F.step_flops(model_cfg, train_cfg, batch, model=model)
-    model, executed = count(True), count(False)
+    model, executed = (F.step_flops_from(traced.jaxpr, model_cfg, train_cfg, batch, model=m) for m in (True, False))
     mem = compiled.memory_analysis()
     state = sh.abstract_state
     text = compiled.as_text()

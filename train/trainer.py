@@ -177,12 +177,10 @@ class Trainer:
         """Model FLOPs of one global step of `stage` (`tpo_jax.train.flops`: the matmuls, attention included,
         with no remat recomputation), counted from the jaxpr of `step_fn(*args)` (the trace its first call reuses)
         or, when a stack uses remat or another attention kernel, from the step traced without them."""
-        model_cfg, train_cfg = self.cfg.model, self.cfg.train_config(stage)
-        if flops.model_flops_config(model_cfg) == model_cfg:
-            return flops.count_jaxpr(step_fn.trace(*args).jaxpr).matmul
-        batch = args[2]
+        model_cfg, train_cfg, batch = self.cfg.model, self.cfg.train_config(stage), args[2]
         key = ("flops", repr(model_cfg), repr(train_cfg), tuple((k, v.shape) for k, v in sorted(batch.items())))
-        return _cached(key, lambda: flops.step_flops(model_cfg, train_cfg, batch).matmul)
+        return _cached(key, lambda: flops.step_flops_from(lambda: step_fn.trace(*args).jaxpr, model_cfg, train_cfg,
+                                                          batch).matmul)
 
     def init_plan(self) -> init_from.InitPlan:
         """Which `cfg.init_from` source gives each parameter (checked once, metadata only; empty without
