@@ -333,6 +333,16 @@ def test_search_raises_micro_batches_until_a_plan_fits(monkeypatch):
         ("fsdp:1x8x1", 16), ("fsdp:2x4x1", 16), ("fsdp:4x2x1", 16), ("dp:8x1x1", 16), ("fsdp_tp:1x4x2", 32),
         ("fsdp_tp:2x2x2", 32), ("tp:4x1x2", 32), ("fsdp_tp:1x2x4", 64), ("tp:2x1x4", 64), ("tp:1x1x8", 128)]
     assert R.hbm_needed("the total memory required for HLO temporaries (182.91G) exceeds") == 182.91 * 2**30
+    # `plans` keeps only the named meshes of the 8-chip candidates; `remats` only the named policies
+    calls.clear()
+    R.search(C.get_config("tiny"), TrainConfig(stage="stage1", optim=OptimConfig()), chips=8, global_batch=16,
+             seq_len=64, strategies=("fsdp", "dp"), remats=("full",), chip=chip, plans=["fsdp:2x4x1"])
+    assert calls == [("fsdp:2x4x1", 2, "full", 1)]
+    # the first micro-batch count tried is the config's (2 here, which fits: 1 is never compiled)
+    calls.clear()
+    R.search(C.get_config("tiny"), TrainConfig(stage="stage1", micro_batches=2, optim=OptimConfig()), chips=2,
+             global_batch=8, seq_len=64, strategies=("fsdp",), remats=("dots_with_no_batch_dims_saveable",), chip=chip)
+    assert calls == [("fsdp:1x2x1", 4, "dots_with_no_batch_dims_saveable", 2)]
 
 
 def test_search_resumes_only_its_own_report(tmp_path):

@@ -250,26 +250,31 @@ def try_measure(model_cfg, train_cfg, strategy, mesh_cfg, **kw) -> dict:
 
 def search(model_cfg, train_cfg, *, chips: int, global_batch: int, seq_len: int, strategies: Sequence[str],
            remats: Sequence[str] = REMAT_ORDER, max_tensor: int = 8, devices=None, chip=None, frozen_dtype=None,
-           done: dict | None = None, on_row=None, around=None) -> list[tuple[str, dict]]:
+           done: dict | None = None, on_row=None, around=None, plans: Sequence[str] | None = None
+           ) -> list[tuple[str, dict]]:
     """Compile candidate plans for `global_batch` on `chips` devices and return every row, best first.
 
-    Per mesh (`candidate_plans`) and remat policy (least recomputation first), micro-batches go up from 1 until
+    Per mesh (`candidate_plans`) and remat policy (least recomputation first), micro-batches go up from
+    `train_cfg.micro_batches` (1, or a count an earlier report showed is needed) until
     the step fits the chip's HBM: each compile that does not fit says how much temp it needed, and the next try
     takes the micro-batch count that would bring it under (more micro-batches only shrink the activations and
     add weight gathers). A policy that fits without micro-batching ends the mesh: more recomputation would only
     be slower. `done` (name → row, e.g. an earlier JSON) skips compiles already made; `on_row(name, row)` is
     called after each, and `around(name)` (a context manager, e.g. one capturing XLA's log) around each compile.
-    Rows that fit rank by estimated MFU.
+    `plans` (names as `plan_name` writes them, e.g. "fsdp:1x8x1") keeps only those meshes. Rows that fit rank by
+    estimated MFU.
     """
     done = dict(done or {})
     around = around or (lambda name: contextlib.nullcontext())
     rows: list[tuple[str, dict]] = []
     hbm = chip.hbm_bytes if chip else float("inf")
     for strategy, mesh_cfg, per_shard in candidate_plans(chips, global_batch, strategies, max_tensor):
+        if plans is not None and plan_name(strategy, mesh_cfg) not in plans:
+            continue
         for policy in remats:
             micro_options = [m for m in _divisors(per_shard * mesh_cfg.data * mesh_cfg.fsdp)
                              if (per_shard * mesh_cfg.data * mesh_cfg.fsdp) // m >= mesh_cfg.data * mesh_cfg.fsdp]
-            micro = 1
+            micro = next((m for m in micro_options if m >= train_cfg.micro_batches), None)
             while micro is not None:
                 name = f"{plan_name(strategy, mesh_cfg)} remat={policy} micro={micro}"
                 if name in done:

@@ -21,7 +21,8 @@ import tempfile
 from typing import Sequence
 
 from tpo_jax.cli.common import add_debug_flag, guarded
-from tpo_jax.train.shard_report import REMAT_ORDER, measure, parse_plan, plot, search, to_markdown
+from tpo_jax.train.shard_report import (REMAT_ORDER, measure, parse_plan, plan_name, plot, rank, search,
+                                        to_markdown)
 
 DEFAULT_PLANS = "dp:8x1x1,fsdp:1x8x1,tp:1x1x8,fsdp_tp:1x4x2"
 
@@ -38,9 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chip", default=None, help="without --topology: estimate step time and MFU for this chip "
                                                 "(tpo_jax.train.chips: v4, v5e, v5p, v6e, a100, h100, h200, b200)")
     p.add_argument("--plans", default=None, help="comma list of STRATEGY:DATAxFSDPxTENSOR (default: "
-                                                 f"{DEFAULT_PLANS} on CPU, fsdp over every chip of a topology)")
+                                                 f"{DEFAULT_PLANS} on CPU, fsdp over every chip of a topology); "
+                                                 "with --search: only these meshes (default: every candidate)")
     p.add_argument("--batch-per-shard", type=int, default=1, help="examples per data×fsdp shard")
-    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--micro-batches", type=int, default=1, help="gradient-accumulation steps; with --search, the "
+                                                                 "fewest tried (default 1)")
     p.add_argument("--search", action="store_true",
                    help="compile the candidate plans for --global-batch and rank those that fit")
     p.add_argument("--global-batch", type=int, default=128, help="--search: examples per step (paper: 128)")
@@ -143,8 +146,10 @@ def run(args: argparse.Namespace, devices=None, chip=None) -> tuple[str, list[tu
         ranked = search(model_cfg, train_cfg, chips=len(devices), global_batch=args.global_batch,
                         seq_len=args.seq_len, strategies=args.strategies.split(","), remats=args.remat.split(","),
                         max_tensor=args.max_tensor, devices=devices, chip=chip, frozen_dtype=args.frozen_dtype,
-                        done=done, on_row=record, around=lambda name: xla_notes(name, getattr(args, "debug", False)))
-        rows[:] = ranked
+                        done=done, on_row=record, around=lambda name: xla_notes(name, getattr(args, "debug", False)),
+                        plans=getattr(args, "search_plans", None))
+        seen = {name for name, _ in ranked}  # an earlier, differently restricted search's rows stay in the report
+        rows[:] = rank(ranked + [(name, r) for name, r in done.items() if name not in seen])
         if args.out:
             write(args.out, to_markdown(rows, header), rows, header, chip, _identity(args))
         return to_markdown(rows, header), rows
@@ -197,6 +202,8 @@ def _main(args) -> int:
     from tpo_jax.config import ConfigError
     from tpo_jax.train import chips as CH
     from tpo_jax.train import topology as T
+    if args.search and args.plans:
+        args.search_plans = [plan_name(*parse_plan(p)) for p in args.plans.split(",")]
     if args.topology:
         chip, _ = T.parse_topology(args.topology)
         T.prepare_environment(args.topology)  # before libtpu loads
