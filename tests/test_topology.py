@@ -63,6 +63,7 @@ def test_tiny_step_compiles_for_a_tpu_topology():
     (["--topology", "v5p-8"], ["config field 'topology'", "'v5p-8' is not a TPU topology name"]),
     (["--topology", "v5e:2x2", "--plans", "fsdp:1x8x1"], ["config field 'plans'", "8 chips, but the topology has 4"]),
     (["--chip", "v7"], ["config field 'chip'", "unknown chip 'v7'"]),
+    (["--xla-option", "xla_disable_hlo_passes"], ["config field 'xla_option'", "is not KEY=VALUE"]),
 ])
 def test_shard_report_bad_topology_gives_one_line(argv, names, capfd):
     from tpo_jax.cli.shard_report import main

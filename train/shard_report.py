@@ -37,7 +37,7 @@ import contextlib
 import dataclasses
 import re
 import time
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from tpo_jax.train.hlo import COLLECTIVES
 
@@ -178,11 +178,14 @@ def estimate(r: dict, chip) -> dict:
 
 
 def measure(model_cfg, train_cfg, strategy: str, mesh_cfg, *, batch_per_shard: int, seq_len: int,
-            frozen_dtype: str | None = None, devices=None, chip=None) -> dict:
+            frozen_dtype: str | None = None, devices=None, chip=None,
+            compiler_options: Mapping[str, str] | None = None) -> dict:
     """Compile the sharded train step for one plan over abstract arrays and return its numbers, per device.
 
     `devices`: the devices to build the mesh from (a TPU topology's, `tpo_jax.train.topology`; default: JAX's
     own, fake CPU devices). `chip`: add the step-time / MFU estimate and the fit against its HBM (`estimate`).
+    `compiler_options`: XLA debug options for this compile (`Lowered.compile(compiler_options=...)`), e.g.
+    `{"xla_disable_hlo_passes": "all-gather-simplifier"}` around a compiler crash.
     """
     import jax
 
@@ -207,7 +210,7 @@ def measure(model_cfg, train_cfg, strategy: str, mesh_cfg, *, batch_per_shard: i
     step = make_train_step(graphdef, tx, model_cfg, train_cfg, shardings=sh, keep_unused=True)
     t0 = time.perf_counter()
     traced = step.trace(sh.abstract_state, sh.abstract_frozen, batch, rng)
-    compiled = traced.lower().compile()
+    compiled = traced.lower().compile(compiler_options=dict(compiler_options) if compiler_options else None)
     compile_s = time.perf_counter() - t0
     model, executed = (F.step_flops_from(traced.jaxpr, model_cfg, train_cfg, batch, model=m) for m in (True, False))
     mem = compiled.memory_analysis()
@@ -250,8 +253,8 @@ def try_measure(model_cfg, train_cfg, strategy, mesh_cfg, **kw) -> dict:
 
 def search(model_cfg, train_cfg, *, chips: int, global_batch: int, seq_len: int, strategies: Sequence[str],
            remats: Sequence[str] = REMAT_ORDER, max_tensor: int = 8, devices=None, chip=None, frozen_dtype=None,
-           done: dict | None = None, on_row=None, around=None, plans: Sequence[str] | None = None
-           ) -> list[tuple[str, dict]]:
+           done: dict | None = None, on_row=None, around=None, plans: Sequence[str] | None = None,
+           compiler_options: Mapping[str, str] | None = None) -> list[tuple[str, dict]]:
     """Compile candidate plans for `global_batch` on `chips` devices and return every row, best first.
 
     Per mesh (`candidate_plans`) and remat policy (least recomputation first), micro-batches go up from
@@ -284,7 +287,7 @@ def search(model_cfg, train_cfg, *, chips: int, global_batch: int, seq_len: int,
                     with around(name):
                         r = try_measure(with_remat(model_cfg, policy), t_cfg, strategy, mesh_cfg,
                                         batch_per_shard=per_shard, seq_len=seq_len, frozen_dtype=frozen_dtype,
-                                        devices=devices, chip=chip)
+                                        devices=devices, chip=chip, compiler_options=compiler_options)
                     r.update(plan=plan_name(strategy, mesh_cfg), remat=policy, micro_batches=micro)
                 rows.append((name, r))
                 if on_row:

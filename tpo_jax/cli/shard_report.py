@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
     p.add_argument("--frozen-dtype", default=None,
                    help="storage dtype of frozen params (e.g. bfloat16; default: the config's frozen_param_dtype)")
+    p.add_argument("--xla-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="XLA debug option for every compile (repeatable), e.g. "
+                        "xla_disable_hlo_passes=all-gather-simplifier around a libtpu crash (docs/sharding.md)")
     p.add_argument("--no-fast-compile", action="store_true",
                    help="compile with XLA:CPU's default codegen flags (slower; same HLO-level buffers)")
     p.add_argument("--out", default=None,
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace, devices=None, chip=None) -> tuple[str, list[tu
     devices = jax.devices() if devices is None else devices
     model_cfg, train_cfg, header = _config(args)
     where = f"TPU {args.topology}" if args.topology else f"{len(devices or [])} fake CPU devices"
-    header += f"; {where}"
+    header += f"; {where}" + "".join(f"; XLA option {k}={v}" for k, v in _xla_options(args).items())
     rows: list[tuple[str, dict]] = []
 
     def record(name, r):
@@ -147,7 +150,7 @@ def run(args: argparse.Namespace, devices=None, chip=None) -> tuple[str, list[tu
                         seq_len=args.seq_len, strategies=args.strategies.split(","), remats=args.remat.split(","),
                         max_tensor=args.max_tensor, devices=devices, chip=chip, frozen_dtype=args.frozen_dtype,
                         done=done, on_row=record, around=lambda name: xla_notes(name, getattr(args, "debug", False)),
-                        plans=getattr(args, "search_plans", None))
+                        plans=getattr(args, "search_plans", None), compiler_options=_xla_options(args))
         seen = {name for name, _ in ranked}  # an earlier, differently restricted search's rows stay in the report
         rows[:] = rank(ranked + [(name, r) for name, r in done.items() if name not in seen])
         if args.out:
@@ -157,18 +160,33 @@ def run(args: argparse.Namespace, devices=None, chip=None) -> tuple[str, list[tu
         strategy, mesh_cfg = parse_plan(plan)
         with xla_notes(plan, getattr(args, "debug", False)):
             r = measure(model_cfg, train_cfg, strategy, mesh_cfg, batch_per_shard=args.batch_per_shard,
-                        seq_len=args.seq_len, frozen_dtype=args.frozen_dtype, devices=devices, chip=chip)
+                        seq_len=args.seq_len, frozen_dtype=args.frozen_dtype, devices=devices, chip=chip,
+                        compiler_options=_xla_options(args))
         record(plan, r)
     return to_markdown(rows, header), rows
 
 
 IDENTITY = ("config", "set", "stage", "topology", "chip", "seq_len", "dtype", "frozen_dtype", "global_batch",
-            "strategies", "max_tensor", "devices")
+            "strategies", "max_tensor", "devices", "xla_option")
+
+
+def _xla_options(args) -> dict[str, str]:
+    """`--xla-option KEY=VALUE` as a dict (one ConfigError for a malformed entry)."""
+    from tpo_jax.config import ConfigError
+    options = {}
+    for item in getattr(args, "xla_option", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"config field 'xla_option': {item!r} is not KEY=VALUE, e.g. "
+                              f"xla_disable_hlo_passes=all-gather-simplifier")
+        options[key.strip()] = value.strip()
+    return options
 
 
 def _identity(args) -> dict:
     """What a report's numbers depend on: an earlier PREFIX.json with the same is reused by a search."""
-    return {k: getattr(args, k, None) for k in IDENTITY}
+    # xla_option only where set: the reports written before it existed stay reusable
+    return {k: getattr(args, k, None) for k in IDENTITY if k != "xla_option" or getattr(args, k, None)}
 
 
 def _previous(prefix: str | None, identity: dict) -> dict:
@@ -202,6 +220,7 @@ def _main(args) -> int:
     from tpo_jax.config import ConfigError
     from tpo_jax.train import chips as CH
     from tpo_jax.train import topology as T
+    _xla_options(args)  # a malformed entry fails before anything compiles
     if args.search and args.plans:
         args.search_plans = [plan_name(*parse_plan(p)) for p in args.plans.split(",")]
     if args.topology:
