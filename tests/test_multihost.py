@@ -43,7 +43,7 @@ def test_two_processes_fsdp_match_single_process(tmp_path):
     port = free_port()
     args = [["--process-id", str(i), "--num-processes", "2", "--port", str(port), "--devices", "4",
              "--steps", str(STEPS), "--batch", str(BATCH)] for i in range(2)]
-    outs = run_workers("multihost_worker.py", args, tmp_path, timeout=300)
+    outs = run_workers("multihost_worker.py", args, tmp_path, timeout=600)
     check_exit(outs)
     reference = _reference_losses()
     outs = [(out, err) for _, out, err in outs]
