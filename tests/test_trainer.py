@@ -183,33 +183,8 @@ def test_too_many_nonfinite_steps_stop_the_run(full_run, tmp_path, monkeypatch):
             return self.it.get_state()
 
     monkeypatch.setattr(T, "make_train_iterator", Poisoned)
-    with pytest.raises(NonFiniteError, match=r"stage1: 3 steps had a non-finite loss.*max_nonfinite=2\), the last at "
-                                             r"step 5; .*no checkpoint holds them"):
+    with pytest.raises(NonFiniteError, match=r"stage1: 3 steps had a non-finite loss .*max_nonfinite=2.*at step 5"):
         T.run(_cfg("max_nonfinite=2", "eval.enabled=false"), str(tmp_path), stages=["stage1"], progress=False)
-
-
-def test_exploding_updates_never_reach_a_checkpoint(tmp_path, capsys):
-    # optim.lr=1e30: the loss stays finite, but the first update at a non-zero LR (step 2, after warmup's LR 0)
-    # makes weights ~1e29. Every such step is rejected; the run finishes, saying so.
-    cfg = _cfg("stage1.steps=6", "checkpoint.every_steps=2", "checkpoint.keep=5", "optim.lr=1e30",
-               "eval.enabled=false", "max_nonfinite=100")
-    summary = T.run(cfg, str(tmp_path), stages=["stage1"], progress=False)
-    assert [h["nonfinite_total"] for h in _history(tmp_path)] == [0, 1, 2, 3, 4, 5]
-    assert all(np.isfinite(h["loss/total"]) for h in _history(tmp_path))  # the loss alone never told
-    assert "stage1: warning: 5 step(s) were skipped" in capsys.readouterr().out
-    assert summary["stages"]["stage1"]["skipped_steps"] == 5
-    _, init, init_frozen, _, _ = T.Trainer(cfg, str(tmp_path / "fresh"), progress=False).build_stage("stage1")
-    target = W.params_of_groups(abstract_like(init.params), abstract_like(init_frozen), W.trained_groups(cfg, "stage1"))
-    initial = dict(leaf_paths(init.params)) | dict(leaf_paths(init_frozen))
-    with CheckpointManager(tmp_path / "stage1" / "checkpoints") as m:
-        assert m.all_steps() == [2, 4, 6]
-        for step in m.all_steps():
-            saved = dict(leaf_paths(m.restore(step, params=target)["params"]))
-            values = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in saved.values()])
-            assert np.all(np.isfinite(values)) and np.abs(values).max() < 1e6, step
-            # step 1 ran at LR 0 (warmup) and every later step was rejected: the initial weights, bit for bit
-            for path, value in saved.items():
-                np.testing.assert_array_equal(np.asarray(value), np.asarray(initial[path]), err_msg=path)
 
 
 def test_bad_input_gives_one_clear_error(full_run, tmp_path, capsys):
@@ -350,8 +325,6 @@ def test_run_config_overrides_and_json_round_trip(tmp_path):
         path.write_text(json.dumps(dict(cfg.to_dict(), optim=dict(cfg.to_dict()["optim"], **{field: value}))))
         with pytest.raises(ConfigError, match=rf"'optim\.{field}': must be a finite number, got (inf|nan)"):
             load_run_config(str(path))
-    with pytest.raises(ConfigError, match=r"'max_param_abs': must be a finite number > 0"):
-        _cfg("max_param_abs=0")
     for bad, msg in [("model.llm.num_layers=two", r"'model\.llm\.num_layers': cannot read 'two' as an integer"),
                      ("stage2.recipe=stage9", r"'stage2\.recipe': unknown recipe 'stage9'"),
                      ("model.vit=1", r"'model\.vit' is a section"),

@@ -132,8 +132,7 @@ class RunConfig:
     loss_weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
     lm_rows: int = 0  # LM logits only at the first N label positions per sample (0: every position); tpo_jax.train.step
     log_every: int = 1  # TensorBoard / history every N steps
-    max_nonfinite: int = 10  # stop the run when more steps than this were rejected (non-finite or exploding)
-    max_param_abs: float = 1e6  # a step whose new params exceed this in magnitude is rejected (tpo_jax.train.nonfinite)
+    max_nonfinite: int = 10  # stop the run when more steps than this had a non-finite loss or gradient
     # peak FLOP/s of one device in TFLOP/s, the denominator of the logged MFU; 0: the chip's (tpo_jax.train.chips),
     # and no MFU where the device has no entry (a CPU)
     peak_tflops: float = 0.0
@@ -175,9 +174,6 @@ class RunConfig:
         check_field(p == () or (isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) for v in p)
                                 and 1 <= p[0] <= p[1]), "profile_steps",
                     f"must be empty or [first, last] step numbers with 1 <= first <= last, got {p!r}")
-        check_field(isinstance(self.max_param_abs, (int, float)) and not isinstance(self.max_param_abs, bool)
-                    and math.isfinite(self.max_param_abs) and self.max_param_abs > 0, "max_param_abs",
-                    f"must be a finite number > 0, got {self.max_param_abs!r}")
         for name in ("devices", "max_nonfinite", "seed"):
             v = getattr(self, name)
             check_field(isinstance(v, int) and v >= 0, name, f"must be an integer >= 0, got {v!r}")

@@ -26,9 +26,8 @@ here starts from those weights), and trains its recipe. A checkpoint holds the p
 trained up to this stage, the optimizer state and step, the data-iterator state and the config: `resume=True` continues
 a stage exactly where it stopped (same batches, same dropout keys, bit-identical losses on CPU).
 SIGTERM or Ctrl-C finishes the current step, saves, and returns (a second Ctrl-C aborts at once); `resume=True`
-skips stages that are finished and evaluated, and returns at once when all are. A step with a non-finite loss, gradient or update, or
-one that makes a parameter exceed `cfg.max_param_abs`, keeps the old parameters (`tpo_jax.train.nonfinite`); more
-than `cfg.max_nonfinite` of them stop the run, and a stage that finishes with some says so in its last log line.
+skips stages that are finished and evaluated, and returns at once when all are. A step with a non-finite loss or gradient keeps
+the old parameters (`tpo_jax.train.nonfinite`), and more than `cfg.max_nonfinite` of them stop the run.
 Only process 0 writes files and logs.
 """
 
@@ -170,10 +169,9 @@ class Trainer:
     def compiled_train_step(self, graphdef, tx, stage: str, shardings: TrainShardings):
         """The jitted, sharded, non-finite-guarded train step of `stage` (compiled once per process and config)."""
         train_cfg = self.cfg.train_config(stage)
-        key = ("train", repr(self.cfg.model), repr(train_cfg), _mesh_key(shardings.mesh), tuple(shardings.rules),
-               self.cfg.max_param_abs)
+        key = ("train", repr(self.cfg.model), repr(train_cfg), _mesh_key(shardings.mesh), tuple(shardings.rules))
         return _cached(key, lambda: make_train_step(graphdef, tx, self.cfg.model, train_cfg, shardings=shardings,
-                                                    guard_nonfinite=True, max_param_abs=self.cfg.max_param_abs))
+                                                    guard_nonfinite=True))
 
     def model_flops(self, stage: str, step_fn, args) -> float:
         """Model FLOPs of one global step of `stage` (`tpo_jax.train.flops`: the matmuls, attention included,
@@ -322,9 +320,8 @@ class Trainer:
                 if nonfinite > cfg.max_nonfinite:
                     mngr.wait()
                     raise NonFiniteError(
-                        f"{stage}: {nonfinite} steps had a non-finite loss, gradient or update, or params above "
-                        f"max_param_abs={cfg.max_param_abs:g} (more than max_nonfinite={cfg.max_nonfinite}), the "
-                        f"last at step {step + 1}; their updates were skipped, no checkpoint holds them. Last "
+                        f"{stage}: {nonfinite} steps had a non-finite loss or gradient (more than max_nonfinite="
+                        f"{cfg.max_nonfinite}), the last at step {step + 1}; their updates were skipped. Last "
                         f"checkpoint: {_step_text(mngr.latest_step())}. Lower the learning rate ({stage}.lr_scale, "
                         f"optim.lr) or check the data.")
                 last = step + 1 == run.steps
@@ -351,12 +348,7 @@ class Trainer:
             if hasattr(it, "close"):
                 it.close()
             mngr.close()  # waits for the last save
-        result.update(state=state, frozen=frozen, graphdef=graphdef, compile_s=compile_s, trained=trained,
-                      skipped_steps=nonfinite)
-        if nonfinite:
-            self._log(f"{stage}: warning: {nonfinite} step(s) were skipped (a non-finite loss, gradient or update, or "
-                      f"params above max_param_abs={cfg.max_param_abs:g}); their batches trained nothing. "
-                      f"history.jsonl counts them (nonfinite_total).")
+        result.update(state=state, frozen=frozen, graphdef=graphdef, compile_s=compile_s, trained=trained)
         return result
 
     # the job
@@ -423,8 +415,7 @@ class Trainer:
                     continue
                 res = self.train_stage(stage, stop_after=left)
                 trained += res.get("trained", 0)
-                summary["stages"][stage] = {k: res.get(k) for k in ("start", "step", "steps", "compile_s", "stopped",
-                                                                        "skipped_steps")}
+                summary["stages"][stage] = {k: res.get(k) for k in ("start", "step", "steps", "compile_s", "stopped")}
                 summary["stages"][stage]["losses"] = res["losses"]
                 if res["evals"]:
                     during = [e for e in metrics.get("during", []) if e["stage"] != stage or e["step"] <= res["start"]]
