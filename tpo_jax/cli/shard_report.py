@@ -132,8 +132,9 @@ def run(args: argparse.Namespace, devices=None, chip=None) -> tuple[str, list[tu
     import jax
     devices = jax.devices() if devices is None else devices
     model_cfg, train_cfg, header = _config(args)
+    options = _xla_options(args)
     where = f"TPU {args.topology}" if args.topology else f"{len(devices or [])} fake CPU devices"
-    header += f"; {where}" + "".join(f"; XLA option {k}={v}" for k, v in _xla_options(args).items())
+    header += f"; {where}" + "".join(f"; XLA option {k}={v}" for k, v in options.items())
     rows: list[tuple[str, dict]] = []
 
     def record(name, r):
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace, devices=None, chip=None) -> tuple[str, list[tu
                         seq_len=args.seq_len, strategies=args.strategies.split(","), remats=args.remat.split(","),
                         max_tensor=args.max_tensor, devices=devices, chip=chip, frozen_dtype=args.frozen_dtype,
                         done=done, on_row=record, around=lambda name: xla_notes(name, getattr(args, "debug", False)),
-                        plans=getattr(args, "search_plans", None), compiler_options=_xla_options(args))
+                        plans=getattr(args, "search_plans", None), compiler_options=options)
         seen = {name for name, _ in ranked}  # an earlier, differently restricted search's rows stay in the report
         rows[:] = rank(ranked + [(name, r) for name, r in done.items() if name not in seen])
         if args.out:
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace, devices=None, chip=None) -> tuple[str, list[tu
         with xla_notes(plan, getattr(args, "debug", False)):
             r = measure(model_cfg, train_cfg, strategy, mesh_cfg, batch_per_shard=args.batch_per_shard,
                         seq_len=args.seq_len, frozen_dtype=args.frozen_dtype, devices=devices, chip=chip,
-                        compiler_options=_xla_options(args))
+                        compiler_options=options)
         record(plan, r)
     return to_markdown(rows, header), rows
 
