@@ -130,8 +130,8 @@ def video_id(record: Record) -> int:
     return zlib.crc32(video_key(record).encode("utf-8")) & 0x7FFFFFFF
 
 
-def _fail(record: Record, msg: str):
-    raise RecordError(f"record {record.id!r} ({record.task}): {msg}")
+def _fail(record: Record, msg: str, kind: str = "template"):
+    raise RecordError(f"record {record.id!r} ({record.task}): {msg}", kind)
 
 
 def _is_video(record: Record) -> bool:
@@ -266,7 +266,7 @@ def build_example(record: Record, media, spec: ExampleSpec, tok: MultimodalToken
 
     frames = np.asarray(media.frames, np.float32)
     if frames.ndim != 4 or frames.shape[1:] != (spec.img_size, spec.img_size, 3):
-        _fail(record, f"frames of shape {frames.shape}, expected (T, {spec.img_size}, {spec.img_size}, 3)")
+        _fail(record, f"frames of shape {frames.shape}, expected (T, {spec.img_size}, {spec.img_size}, 3)", "decode")
     if not is_video and len(frames) == 1:
         frames = np.repeat(frames, spec.num_frames, axis=0)
     if len(frames) != spec.num_frames:
@@ -274,9 +274,16 @@ def build_example(record: Record, media, spec: ExampleSpec, tok: MultimodalToken
     out["frames"][:] = frames
 
     # --- tokens: drop whole trailing turns until the example fits ---------------------------------------------------
+    if task == "mc" and len(record.options) > min(spec.max_options, len(OPTION_LETTERS)):
+        _fail(record, f"{len(record.options)} options, at most {min(spec.max_options, len(OPTION_LETTERS))} supported")
     turns = dialogue(record, seed)
     times = np.asarray(media.timestamps, np.float64).tolist() if is_video else None
-    pieces = tokenize_dialogue(tok, turns, is_video=is_video, frame_times=times, instruction=record.instruction)
+    try:
+        pieces = tokenize_dialogue(tok, turns, is_video=is_video, frame_times=times, instruction=record.instruction)
+    except RecordError:
+        raise
+    except Exception as e:  # noqa: BLE001  (the tokenizer library's own errors: this record's text)
+        _fail(record, f"cannot tokenize ({type(e).__name__}: {str(e)[:120]})", "tokenize")
     lengths = np.cumsum([len(p) + len(a) for p, _, a in pieces])
     keep = int(np.sum(lengths <= spec.seq_len))
     if keep == 0:

@@ -20,9 +20,16 @@ caller can skip and count. A file that cannot be read at all (missing, not JSON)
 Temporal records get ids "<video id>#<n>" (the query's number or qid): the part before "#" names the video
 (`tpo_jax.data.conversation.video_key`), also after `tpo-build-data` stored the media without its path.
 
-Media paths are joined to `media_root` (absolute paths are kept); files are not opened here
-(`tpo_jax.data.video.load_media` raises `MediaError` for missing or corrupt media) except to read an image's size
-when a `refcoco` entry has no width/height.
+Media paths are joined to `media_root` and must stay inside it once resolved (no `..`, no absolute path and
+no symlink leading outside; `allow_outside_media_root=True` lifts this); files are not opened here
+(`tpo_jax.data.video.load_media` raises `MediaError` for missing or corrupt media) except to read an image's
+size when a `refcoco` entry has no width/height.
+
+Hostile input: numbers must be JSON numbers (not strings, not booleans), finite, in range (durations and fps
+> 0, boxes inside the frame, saliency scores 0-4); sizes that would be allocated (RLE size, track width ×
+height, saliency clips = duration / clip_seconds, durations) are checked against `MediaBudget` first; any
+exception while parsing one entry (deep nesting, a 5,000-digit integer, a library error) is that entry's
+RecordError, with a `kind` (`tpo_jax.data.records.SKIP_KINDS`).
 """
 
 from __future__ import annotations
@@ -32,12 +39,14 @@ import glob
 import json
 import math
 import os
+import reprlib
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from tpo_jax.data import rle as R
-from tpo_jax.data.records import Record, RecordError
+from tpo_jax.data.records import (DEFAULT_BUDGET, MAX_OPTIONS, MediaBudget, Record, RecordError, as_record_error,
+                                   finite_number)
 
 _MISSING = object()
 
@@ -45,8 +54,57 @@ _MISSING = object()
 class _Bad(Exception):
     """Internal: a bad field in one entry (turned into a RecordError naming the file and line)."""
 
+    def __init__(self, message: str, kind: str = "bad_field"):
+        super().__init__(message)
+        self.kind = kind
+
+
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlevel, _repr.maxlist, _repr.maxdict = 60, 60, 3, 6, 4
+
+
+def _short(value) -> str:
+    """A bounded repr (deeply nested or huge values stay one short line)."""
+    try:
+        return _repr.repr(value)
+    except (RecursionError, ValueError):
+        return f"<{type(value).__name__}>"
+
+
+class MediaRoot:
+    """Where the media paths of an annotation file may point: joined to `root` and, resolved (symlinks
+    followed), inside it, unless `allow_outside` (then also absolute paths are kept as given). Without a
+    root, paths are used as given. Carries the `MediaBudget` the parsers check sizes against."""
+
+    def __init__(self, root: str | os.PathLike | None, allow_outside: bool = False,
+                 budget: MediaBudget | None = None):
+        self.root = None if root is None else os.fspath(root)
+        self.real = None if root is None else os.path.realpath(self.root)
+        self.allow_outside, self.budget = bool(allow_outside), budget or DEFAULT_BUDGET
+
+    def path(self, rel: str) -> str:
+        if not isinstance(rel, str) or not rel:
+            raise _Bad("empty media path")
+        if "\x00" in rel:
+            raise _Bad(f"media path {_short(rel)} holds a NUL character", "path")
+        if self.root is None:
+            return rel
+        if os.path.isabs(rel):
+            if self.allow_outside:
+                return rel
+            joined = rel
+        else:
+            joined = os.path.join(self.root, rel)
+        if not self.allow_outside:
+            real = os.path.realpath(joined)
+            if not (real == self.real or real.startswith(self.real.rstrip(os.sep) + os.sep)):
+                raise _Bad(f"media path {_short(rel)} resolves to {real}, outside the media root {self.root} "
+                           "(allow_outside_media_root=True to allow)", "path")
+        return joined
+
 
 def _get(entry: dict, key: str, types, default: Any = _MISSING):
+    """entry[key] of `types` (bool is not an int), `default` when missing / null (no default: _Bad)."""
     if not isinstance(entry, dict):
         raise _Bad(f"entry must be a JSON object, got {type(entry).__name__}")
     if key not in entry or entry[key] is None:
@@ -57,7 +115,7 @@ def _get(entry: dict, key: str, types, default: Any = _MISSING):
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise _Bad(f"field {key!r} must be {_type_names(types)}, got bool")
     if not isinstance(value, types):
-        raise _Bad(f"field {key!r} must be {_type_names(types)}, got {type(value).__name__} {str(value)[:60]!r}")
+        raise _Bad(f"field {key!r} must be {_type_names(types)}, got {type(value).__name__} {_short(value)}")
     return value
 
 
@@ -73,21 +131,32 @@ def _first_key(entry: dict, keys: tuple[str, ...], types) -> tuple[str, Any]:
     raise _Bad(f"missing field {' / '.join(repr(k) for k in keys)}")
 
 
-def _media_path(media_root: str | None, rel: str) -> str:
-    if not rel:
-        raise _Bad("empty media path")
-    return rel if (media_root is None or os.path.isabs(rel)) else os.path.join(media_root, rel)
+def _media_path(media_root: MediaRoot, rel: str) -> str:
+    return media_root.path(rel)
 
 
-def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _Bad(f"{what} must be a number, got {value!r}")
+def _number(value, what: str, *, positive: bool = False, minimum: float | None = None) -> float:
+    """A JSON number (int or float; not a string, not a bool), finite, in range."""
     try:
-        x = float(value)
-    except ValueError:
-        raise _Bad(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise _Bad(f"{what} must be finite, got {value!r}")
+        return finite_number(value, what, positive=positive, minimum=minimum)
+    except RecordError as e:
+        raise _Bad(str(e)) from None
+
+
+def _text_number(text: str, what: str, *, minimum: float | None = None) -> float:
+    """A number written in a text file (Charades-STA lines, CSV cells): parsed, then finite and in range."""
+    try:
+        x = float(text)
+    except (TypeError, ValueError):
+        raise _Bad(f"{what} {_short(text)} is not a number") from None
+    return _number(x, what, minimum=minimum)
+
+
+def _seconds(value, what: str, budget: MediaBudget) -> float:
+    """A positive finite duration within `budget.max_seconds`."""
+    x = _number(value, what, positive=True)
+    if x > budget.max_seconds:
+        raise _Bad(f"{what} {x} s is over the budget max_seconds={budget.max_seconds}", "media_budget")
     return x
 
 
@@ -105,9 +174,13 @@ def _load_json(path: str):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise RecordError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        raise RecordError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})", "parse") from None
     except UnicodeDecodeError as e:
-        raise RecordError(f"{path}: not UTF-8 text ({e.reason})") from None
+        raise RecordError(f"{path}: not UTF-8 text ({e.reason})", "parse") from None
+    except RecursionError:
+        raise RecordError(f"{path}: not usable JSON (nested too deeply)", "parse") from None
+    except ValueError as e:  # e.g. an integer over Python's digit limit
+        raise RecordError(f"{path}: not usable JSON ({str(e)[:100]})", "parse") from None
 
 
 def _json_entries(path: str) -> Iterator[tuple[str, Any]]:
@@ -120,9 +193,17 @@ def _json_entries(path: str) -> Iterator[tuple[str, Any]]:
                     continue
                 loc = f"{path}:{lineno}"
                 try:
-                    yield loc, json.loads(line)
+                    entry = json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield loc, RecordError(f"{loc}: not valid JSON ({e.msg}, column {e.colno})")
+                    yield loc, RecordError(f"{loc}: not valid JSON ({e.msg}, column {e.colno})", "parse")
+                    continue
+                except RecursionError:
+                    yield loc, RecordError(f"{loc}: not usable JSON (nested too deeply)", "parse")
+                    continue
+                except ValueError as e:  # e.g. an integer over Python's digit limit
+                    yield loc, RecordError(f"{loc}: not usable JSON ({str(e)[:100]})", "parse")
+                    continue
+                yield loc, entry
         return
     data = _load_json(path)
     if not isinstance(data, list):
@@ -141,11 +222,16 @@ def _run(entries: Iterator[tuple[str, Any]], parse: Callable[[str, Any], Iterato
             records = list(parse(loc, entry))
             for r in records:
                 r.validate()
-        except (_Bad, RecordError) as e:
-            yield RecordError(f"{loc}: {e}")
+        except _Bad as e:
+            yield RecordError(f"{loc}: {e}", e.kind)
             continue
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-            yield RecordError(f"{loc}: malformed entry ({type(e).__name__}: {e})")
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001  (any library error of one entry is that entry's error)
+            err = as_record_error(e, loc, kind="bad_field")
+            if not isinstance(e, RecordError):
+                err = RecordError(str(err).replace(f"{loc}: ", f"{loc}: malformed entry (", 1) + ")", err.kind)
+            yield err
             continue
         yield from records
 
@@ -153,6 +239,16 @@ def _run(entries: Iterator[tuple[str, Any]], parse: Callable[[str, Any], Iterato
 def _default_id(loc: str) -> str:
     base = os.path.basename(loc)
     return base.replace(".jsonl:", "-").replace(".json[", "-").replace(".txt:", "-").rstrip("]")
+
+
+def _entry_id(e: dict, loc: str) -> str:
+    """The entry's "id" (a string or an integer), else `<file stem>-<index>`."""
+    rid = e.get("id")
+    if rid is None:
+        return _default_id(loc)
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise _Bad(f"field 'id' must be str or int, got {type(rid).__name__} {_short(rid)}")
+    return str(rid)
 
 
 def _media_fields(entry: dict, media_root: str | None) -> dict:
@@ -183,7 +279,7 @@ def _videochat2(path, media_root, **_):
             if not q and not (k == 0 and instruction):
                 raise _Bad(f"QA[{k}] has neither a question 'q' nor an instruction 'i'")
             turns.append((q, a.strip()))
-        yield Record(id=str(e.get("id", _default_id(loc))), task="conversation", turns=turns,
+        yield Record(id=_entry_id(e, loc), task="conversation", turns=turns,
                      instruction=instruction, **_media_fields(e, media_root))
     return _run(_json_entries(path), parse)
 
@@ -209,7 +305,7 @@ def _llava(path, media_root, **_):
             for tag in _MEDIA_TAGS:
                 q = q.replace(tag, "")
             turns.append((q.strip(), _get(g, "value", str).strip()))
-        yield Record(id=str(e.get("id", _default_id(loc))), task="conversation", turns=turns,
+        yield Record(id=_entry_id(e, loc), task="conversation", turns=turns,
                      **_media_fields(e, media_root))
     return _run(_json_entries(path), parse)
 
@@ -219,15 +315,20 @@ def _mc(path, media_root, **_):
     def parse(loc, e):
         options = _get(e, "candidates", list)
         if len(options) < 2 or not all(isinstance(o, str) for o in options):
-            raise _Bad(f"'candidates' must be a list of >= 2 strings, got {options!r}")
+            raise _Bad(f"'candidates' must be a list of >= 2 strings, got {_short(options)}")
+        if len(options) > MAX_OPTIONS:
+            raise _Bad(f"{len(options)} candidates, a multiple-choice prompt takes at most {MAX_OPTIONS} "
+                       "(options (A) to (H))", "template")
         answer = _get(e, "answer", (str, int))
         if isinstance(answer, int):
+            if not 0 <= answer < len(options):
+                raise _Bad(f"answer index {answer} not in [0, {len(options)})")
             index = answer
         elif answer in options:
             index = options.index(answer)
         else:
-            raise _Bad(f"answer {answer!r} is not one of the candidates {options!r}")
-        yield Record(id=str(e.get("id", _default_id(loc))), task="mc", question=_get(e, "question", str).strip(),
+            raise _Bad(f"answer {answer!r} is not one of the candidates {_short(options)}")
+        yield Record(id=_entry_id(e, loc), task="mc", question=_get(e, "question", str).strip(),
                      options=tuple(options), mc_answer=index, **_media_fields(e, media_root))
     return _run(_json_entries(path), parse)
 
@@ -235,10 +336,20 @@ def _mc(path, media_root, **_):
 # --- temporal grounding ----------------------------------------------------------------------------------------
 
 
-def _load_durations(source) -> dict[str, float]:
-    """Video durations in seconds from a dict, a JSON {vid: seconds} or a CSV with columns id + length/duration."""
+def _duration_entry(value, where: str, budget: MediaBudget, text: bool) -> float | str:
+    """One durations-table entry: seconds, or the reason it is bad (a bad entry spoils only its video)."""
+    try:
+        return _seconds(_text_number(value, "duration") if text else value, "duration", budget)
+    except _Bad as e:
+        return f"{where}: {e}"
+
+
+def _load_durations(source, budget: MediaBudget = DEFAULT_BUDGET) -> dict[str, float | str]:
+    """Video durations in seconds from a dict, a JSON {vid: seconds} or a CSV with columns id + length/duration.
+    A bad entry (not a finite positive number, over the budget) maps its video to the reason (a string): the
+    lines of that video are bad records, the others are read."""
     if isinstance(source, dict):
-        return {str(k): float(v) for k, v in source.items()}
+        return {str(k): _duration_entry(v, f"durations[{k!r}]", budget, isinstance(v, str)) for k, v in source.items()}
     if source is None:
         raise RecordError("charades_sta needs durations=<dict | JSON | CSV with id and length columns>")
     path = os.fspath(source)
@@ -246,25 +357,29 @@ def _load_durations(source) -> dict[str, float]:
         data = _load_json(path)
         if not isinstance(data, dict):
             raise RecordError(f"{path}: expected a JSON object {{video id: seconds}}")
-        return {str(k): float(v) for k, v in data.items()}
+        return {str(k): _duration_entry(v, f"{path}[{k!r}]", budget, False) for k, v in data.items()}
     _check_file(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        col = next((c for c in ("length", "duration") if c in fields), None)
-        if "id" not in fields or col is None:
-            raise RecordError(f"{path}: durations CSV needs columns 'id' and 'length' (or 'duration'), got {fields}")
-        out = {}
-        for lineno, row in enumerate(reader, 2):
-            try:
-                out[row["id"]] = float(row[col])
-            except (TypeError, ValueError):
-                raise RecordError(f"{path}:{lineno}: {col} {row[col]!r} is not a number") from None
-        return out
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames or []
+            col = next((c for c in ("length", "duration") if c in fields), None)
+            if "id" not in fields or col is None:
+                raise RecordError(f"{path}: durations CSV needs columns 'id' and 'length' (or 'duration'), "
+                                  f"got {fields}")
+            out: dict[str, float | str] = {}
+            for lineno, row in enumerate(reader, 2):
+                if row.get("id") is not None:
+                    out[row["id"]] = _duration_entry(row.get(col), f"{path}:{lineno}", budget, True)
+            return out
+    except csv.Error as e:
+        raise RecordError(f"{path}: not a readable CSV ({e})", "parse") from None
 
 
 def _clip_span(start: float, end: float, duration: float) -> list[float]:
     """A span in seconds inside [0, duration]: the end is clipped to the duration; start must lie inside."""
+    if not (math.isfinite(start) and math.isfinite(end) and math.isfinite(duration) and duration > 0):
+        raise _Bad(f"span [{start}, {end}] of a video of duration {duration}: must be finite, duration > 0")
     if start < 0 or end < start:
         raise _Bad(f"span [{start}, {end}] must have 0 <= start <= end")
     if start >= duration:
@@ -274,7 +389,7 @@ def _clip_span(start: float, end: float, duration: float) -> list[float]:
 
 def _charades_sta(path, media_root, durations=None, video_ext=".mp4", **_):
     """Charades-STA lines `vid start end##query`; the end is clipped to the video's duration."""
-    table = _load_durations(durations)
+    table = _load_durations(durations, media_root.budget)
     _check_file(path)
 
     def entries():
@@ -289,10 +404,12 @@ def _charades_sta(path, media_root, durations=None, video_ext=".mp4", **_):
         if not sep or len(parts) != 3 or not query.strip():
             raise _Bad(f"expected 'vid start end##query', got {line[:80]!r}")
         vid = parts[0]
-        start, end = _number(parts[1], "start"), _number(parts[2], "end")
+        start, end = _text_number(parts[1], "start"), _text_number(parts[2], "end")
         if vid not in table:
             raise _Bad(f"no duration for video {vid!r}")
         duration = table[vid]
+        if isinstance(duration, str):
+            raise _Bad(f"bad duration of video {vid!r} ({duration})")
         yield Record(id=f"{vid}#{_default_id(loc)}", task="temporal", video=_media_path(media_root, vid + video_ext),
                      question=query.strip(), duration=duration,
                      spans=np.array([_clip_span(start, end, duration)], np.float64))
@@ -312,7 +429,7 @@ def _activitynet(path, media_root, video_ext=".mp4", **_):
 
     def parse(loc, item):
         vid, e = item
-        duration = _number(_get(e, "duration", (int, float)), "duration")
+        duration = _seconds(_get(e, "duration", (int, float)), "duration", media_root.budget)
         stamps, sentences = _get(e, "timestamps", list), _get(e, "sentences", list)
         if len(stamps) != len(sentences):
             raise _Bad(f"{len(stamps)} timestamps but {len(sentences)} sentences")
@@ -331,10 +448,13 @@ def _qvhighlights(path, media_root, video_ext=".mp4", clip_seconds=2.0, saliency
     assume it; `saliency_reduce="mean"` keeps 0-4, for other uses); 0 outside `relevant_clip_ids`."""
     if saliency_reduce not in ("sum", "mean"):
         raise RecordError(f"saliency_reduce must be 'sum' or 'mean', got {saliency_reduce!r}")
+    if isinstance(clip_seconds, bool) or not isinstance(clip_seconds, (int, float)) or not clip_seconds > 0 \
+            or not math.isfinite(clip_seconds):
+        raise RecordError(f"clip_seconds must be a positive number, got {clip_seconds!r}")
 
     def parse(loc, e):
         vid, query = _get(e, "vid", str), _get(e, "query", str)
-        duration = _number(_get(e, "duration", (int, float)), "duration")
+        duration = _seconds(_get(e, "duration", (int, float)), "duration", media_root.budget)
         windows = _get(e, "relevant_windows", list)
         if not windows:
             raise _Bad("'relevant_windows' is empty (a test-split line without labels?)")
@@ -348,15 +468,24 @@ def _qvhighlights(path, media_root, video_ext=".mp4", clip_seconds=2.0, saliency
         if len(clip_ids) != len(scores):
             raise _Bad(f"{len(clip_ids)} relevant_clip_ids but {len(scores)} saliency_scores")
         num_clips = int(math.ceil(duration / clip_seconds - 1e-6))
+        if num_clips > media_root.budget.max_clips:
+            raise _Bad(f"duration {duration} s is {num_clips} clips of {clip_seconds} s, over the budget "
+                       f"max_clips={media_root.budget.max_clips}", "media_budget")
         saliency = np.zeros(num_clips, np.float32)
         for cid, s in zip(clip_ids, scores):
             if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < num_clips:
                 raise _Bad(f"relevant clip id {cid!r} not in [0, {num_clips}) for duration {duration}")
             if not isinstance(s, list) or not s:
                 raise _Bad(f"saliency_scores of clip {cid} must be a list of annotator scores, got {s!r}")
+            if len(s) > 16:
+                raise _Bad(f"saliency_scores of clip {cid}: {len(s)} annotator scores (at most 16)")
             values = [_number(x, "saliency score") for x in s]
+            if any(not 0 <= v <= 4 for v in values):
+                raise _Bad(f"saliency_scores of clip {cid} must be annotator scores 0-4, got {_short(s)}")
             saliency[cid] = sum(values) / (len(values) if saliency_reduce == "mean" else 1)
         qid = e.get("qid", _default_id(loc))
+        if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+            raise _Bad(f"field 'qid' must be str or int, got {_short(qid)}")
         yield Record(id=f"{vid}#{qid}", task="temporal", video=_media_path(media_root, vid + video_ext),
                      question=query.strip(), duration=duration, spans=np.array(spans, np.float64),
                      saliency=saliency, clip_seconds=float(clip_seconds))
@@ -366,20 +495,19 @@ def _qvhighlights(path, media_root, video_ext=".mp4", clip_seconds=2.0, saliency
 # --- spatial grounding -----------------------------------------------------------------------------------------
 
 
-def _image_size(path: str) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError  # only needed when an entry lacks width/height
+def _image_size(path: str, budget: MediaBudget) -> tuple[int, int]:
+    from tpo_jax.data.video import image_size  # noqa: PLC0415  (PIL / PyAV only when an entry lacks width/height)
     try:
-        with Image.open(path) as img:
-            return img.size
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise _Bad(f"no width/height given and the image size cannot be read from {path} ({e})") from None
+        return image_size(path, budget=budget)
+    except RecordError as e:
+        raise _Bad(f"no width/height given and the image size cannot be read: {e}", e.kind) from None
 
 
 def normalise_box(box, width: float, height: float, box_format: str = "xywh", tolerance: float = 1.0) -> list[float]:
     """A pixel box → normalised xyxy in [0, 1]. Overshoot up to `tolerance` pixels is clipped; beyond that,
     or an empty box, is an error (a box outside the frame)."""
     if not (isinstance(box, (list, tuple)) and len(box) == 4):
-        raise _Bad(f"box must be 4 numbers, got {box!r}")
+        raise _Bad(f"box must be 4 numbers, got {_short(box)}")
     x0, y0, a, b = (_number(v, "box coordinate") for v in box)
     if box_format == "xywh":
         x1, y1 = x0 + a, y0 + b
@@ -387,8 +515,8 @@ def normalise_box(box, width: float, height: float, box_format: str = "xywh", to
         x1, y1 = a, b
     else:
         raise _Bad(f"box_format must be 'xywh' or 'xyxy', got {box_format!r}")
-    if not (width > 0 and height > 0):
-        raise _Bad(f"image width/height must be positive, got {width}x{height}")
+    if not (math.isfinite(width) and math.isfinite(height) and width > 0 and height > 0):
+        raise _Bad(f"image width/height must be finite and positive, got {width}x{height}")
     if x1 <= x0 or y1 <= y0:
         raise _Bad(f"empty box {box} ({box_format})")
     if x0 < -tolerance or y0 < -tolerance or x1 > width + tolerance or y1 > height + tolerance:
@@ -407,12 +535,12 @@ def _refcoco(path, media_root, box_format="xywh", **_):
         if not exprs or not all(isinstance(x, str) and x.strip() for x in exprs):
             raise _Bad(f"expressions must be non-empty strings, got {expr!r}")
         if "width" in e or "height" in e:
-            width, height = _number(_get(e, "width", (int, float)), "width"), \
-                _number(_get(e, "height", (int, float)), "height")
+            width = _number(_get(e, "width", (int, float)), "width", positive=True)
+            height = _number(_get(e, "height", (int, float)), "height", positive=True)
         else:
-            width, height = _image_size(image)
+            width, height = _image_size(image, media_root.budget)
         box = normalise_box(_get(e, "bbox", list), width, height, box_format)
-        base = str(e.get("id", _default_id(loc)))
+        base = _entry_id(e, loc)
         for k, x in enumerate(exprs):
             yield Record(id=base if len(exprs) == 1 else f"{base}_{k}", task="region", image=image,
                          question=x.strip(), boxes=np.array([box], np.float64), box_frames=np.zeros(1, np.int64))
@@ -423,7 +551,8 @@ def _refcoco(path, media_root, box_format="xywh", **_):
 
 
 def _track_record(rid: str, media: dict, masks: list | None, boxes: list | None, frames: list[int],
-                  width: float, height: float, question: str = "", fps: float | None = None) -> Record:
+                  width: float, height: float, question: str = "", fps: float | None = None,
+                  budget: MediaBudget = DEFAULT_BUDGET) -> Record:
     """A mask-task Record from per-frame RLEs (None = object absent) and/or pixel xywh boxes.
 
     Boxes come from the masks when given (tight box), else from `boxes`; `box_frames` holds the source frame
@@ -437,7 +566,14 @@ def _track_record(rid: str, media: dict, masks: list | None, boxes: list | None,
         raise _Bad("track has no annotated frames")
     if any(b > a for a, b in zip(frames[1:], frames[:-1])):
         raise _Bad("frame indices must be increasing")
+    if n > budget.max_frames:
+        raise _Bad(f"{n} annotated entries, over the budget max_frames={budget.max_frames}", "media_budget")
+    if not (width >= 1 and height >= 1):
+        raise _Bad(f"width / height must be >= 1 pixel, got {width}x{height}")
     h, w = int(height), int(width)
+    if h * w > budget.max_mask_pixels:
+        raise _Bad(f"frame of {w}x{h} = {w * h} pixels is over the budget max_mask_pixels={budget.max_mask_pixels}",
+                   "media_budget")
     track_boxes = np.zeros((n, 4), np.float64)
     visible = np.zeros(n, bool)
     rles = []
@@ -449,9 +585,9 @@ def _track_record(rid: str, media: dict, masks: list | None, boxes: list | None,
                 continue
             if not isinstance(m, dict):
                 raise _Bad(f"mask {k} must be an RLE object, got {type(m).__name__}")
-            if R.rle_size(m) != (h, w):
-                raise _Bad(f"mask {k} has size {R.rle_size(m)}, the video is {h}x{w}")
-            box = R.rle_to_box(m)
+            if R.rle_size(m, budget) != (h, w):
+                raise _Bad(f"mask {k} has size {R.rle_size(m, budget)}, the video is {h}x{w}")
+            box = R.mask_to_box(R.rle_decode(m, budget))
             rles.append(m)
             if box is None:
                 continue
@@ -480,12 +616,12 @@ def _track(path, media_root, **_):
         frames = _get(e, "frames", list, list(range(n)))
         if not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in frames):
             raise _Bad(f"'frames' must be non-negative integers, got {frames[:8]!r}")
-        width = _number(_get(e, "width", (int, float)), "width")
-        height = _number(_get(e, "height", (int, float)), "height")
+        width = _number(_get(e, "width", (int, float)), "width", positive=True)
+        height = _number(_get(e, "height", (int, float)), "height", positive=True)
         fps = e.get("fps")
-        yield _track_record(str(e.get("id", _default_id(loc))), _media_fields(e, media_root), masks, boxes, frames,
+        yield _track_record(_entry_id(e, loc), _media_fields(e, media_root), masks, boxes, frames,
                             width, height, _get(e, "expression", str, "").strip(),
-                            None if fps is None else _number(fps, "fps"))
+                            None if fps is None else _number(fps, "fps", positive=True), media_root.budget)
     return _run(_json_entries(path), parse)
 
 
@@ -506,8 +642,8 @@ def _sav(path, media_root, frame_stride=4, video_ext=".mp4", **_):
 
     def parse(loc, e):
         vid = _get(e, "video_id", str)
-        height = _number(_get(e, "video_height", (int, float)), "video_height")
-        width = _number(_get(e, "video_width", (int, float)), "video_width")
+        height = _number(_get(e, "video_height", (int, float)), "video_height", positive=True)
+        width = _number(_get(e, "video_width", (int, float)), "video_width", positive=True)
         masklet = _get(e, "masklet", list)
         if not masklet or not all(isinstance(fr, list) for fr in masklet):
             raise _Bad("'masklet' must be a non-empty list (frames) of lists (objects)")
@@ -521,7 +657,7 @@ def _sav(path, media_root, frame_stride=4, video_ext=".mp4", **_):
         video = {"video": _media_path(media_root, vid + video_ext)}
         for j, mid in enumerate(ids):
             masks = [fr[j] for fr in masklet]
-            yield _track_record(f"{vid}_{mid}", video, masks, None, frames, width, height)
+            yield _track_record(f"{vid}_{mid}", video, masks, None, frames, width, height, budget=media_root.budget)
     return _run(entries(), parse)
 
 
@@ -529,6 +665,9 @@ def _mevis(path, media_root, mask_dict=None, fps=6.0, **_):
     """MeViS `meta_expressions.json` {"videos": {vid: {"expressions": {eid: {"exp", "anno_id"}}, "frames"}}}
     with `mask_dict.json` {anno_id: [RLE or null per frame]} (default: beside the meta file); media is the
     frame folder `<media_root>/<vid>`; masks of an expression's several objects are merged."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and fps > 0):
+        raise RecordError(f"mevis fps must be a positive number, got {fps!r}")
+    fps = float(fps)
     meta = _load_json(path)
     if not isinstance(meta, dict) or not isinstance(meta.get("videos"), dict):
         raise RecordError(f"{path}: expected {{\"videos\": {{...}}}}")
@@ -560,13 +699,13 @@ def _mevis(path, media_root, mask_dict=None, fps=6.0, **_):
                 raise _Bad(f"anno_id {a}: expected {len(frames)} per-frame masks")
             per_object.append(m)
         present = [[o[k] for o in per_object if o[k] is not None] for k in range(len(frames))]
-        sizes = {tuple(R.rle_size(m)) for ms in present for m in ms}
+        sizes = {tuple(R.rle_size(m, media_root.budget)) for ms in present for m in ms}
         if len(sizes) != 1:
             raise _Bad(f"masks of sizes {sorted(sizes)} (need one size, and at least one mask)")
         h, w = sizes.pop()
         masks = [None if not ms else (ms[0] if len(ms) == 1 else R.rle_union(ms)) for ms in present]
         yield _track_record(f"{vid}_{eid}", {"video": _media_path(media_root, vid)}, masks, None,
-                            list(range(len(frames))), w, h, _get(e, "exp", str).strip(), float(fps))
+                            list(range(len(frames))), w, h, _get(e, "exp", str).strip(), fps, media_root.budget)
     return _run(entries(), parse)
 
 
@@ -577,13 +716,17 @@ FORMATS: dict[str, Callable] = {
 }
 
 
-def iter_records(path: str | os.PathLike, fmt: str, media_root: str | os.PathLike | None = None,
+def iter_records(path: str | os.PathLike, fmt: str, media_root: str | os.PathLike | None = None, *,
+                 allow_outside_media_root: bool = False, budget: MediaBudget | None = None,
                  **options) -> Iterator[Record | RecordError]:
     """Records of an annotation file: a validated `Record` per good entry, the `RecordError` of each bad one.
 
     Options: charades_sta `durations` (dict | JSON | CSV), `video_ext` (".mp4"); qvhighlights `clip_seconds`
     (2.0), `saliency_reduce` ("sum" | "mean"); refcoco `box_format` ("xywh" | "xyxy"); sav `frame_stride` (4);
     mevis `mask_dict` (path), `fps` (6.0).
+    Every format: `allow_outside_media_root` (False: a media path that resolves outside `media_root` is a bad
+    record of kind "path"), `budget` (`MediaBudget`: sizes checked before allocating; default `DEFAULT_BUDGET`,
+    whose `allow_outside_media_root` is also honoured).
     Raises RecordError when the file itself cannot be read or `fmt` is unknown.
     """
     if fmt not in FORMATS:
@@ -591,7 +734,8 @@ def iter_records(path: str | os.PathLike, fmt: str, media_root: str | os.PathLik
     path = os.fspath(path)
     if not os.path.exists(path):
         raise RecordError(f"{path}: annotation file not found")
-    root = None if media_root is None else os.fspath(media_root)
+    budget = budget or DEFAULT_BUDGET
+    root = MediaRoot(media_root, allow_outside_media_root or budget.allow_outside_media_root, budget)
     return FORMATS[fmt](os.fspath(path), root, **options)
 
 
@@ -603,4 +747,4 @@ def read_records(path, fmt: str, media_root=None, **options) -> tuple[list[Recor
     return good, bad
 
 
-__all__ = ["FORMATS", "iter_records", "read_records", "normalise_box"]
+__all__ = ["FORMATS", "MediaRoot", "iter_records", "read_records", "normalise_box"]

@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags
 
 from tpo_jax.data.conversation import ExampleSpec, build_example, collate, mc_cloze_examples
-from tpo_jax.data.records import TASKS, DataError, Record, RecordError
+from tpo_jax.data.records import TASKS, DataError, MediaBudget, Record, RecordError, as_record_error
 from tpo_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from tpo_jax.config import ConfigError, TPOConfig, check_field
 from tpo_jax.tokenizer import MultimodalTokenizer
@@ -60,6 +60,7 @@ class DataConfig:
     track_slots: int = 1
     max_options: int = 5
     eval_examples: int = 64  # per task, rounded up to whole batches
+    budget: MediaBudget = dataclasses.field(default_factory=MediaBudget)  # media decoding limits (records.MediaBudget)
 
     def validate(self, prefix: str = "data.") -> "DataConfig":
         for name in ("batch_size", "seq_len", "threads", "prefetch", "bad_check_after", "track_slots",
@@ -74,6 +75,11 @@ class DataConfig:
             check_field(all(w >= 0 for w in self.weights.values()) and sum(self.weights.values()) > 0,
                         prefix + "weights", f"must be >= 0 with a positive sum, got {dict(self.weights)}")
         self.synthetic.validate(prefix + "synthetic.")
+        check_field(isinstance(self.budget, MediaBudget), prefix + "budget", "must be a MediaBudget")
+        try:
+            self.budget.validate(prefix + "budget.")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
     def task_weights(self, stage: str) -> dict[str, float]:
@@ -132,16 +138,27 @@ class _Position(grain.transforms.MapWithIndex):
 
 @dataclasses.dataclass
 class Bad:
-    """A record that could not become an example (kept in the stream so it is counted in order)."""
+    """A record that could not become an example (kept in the stream so it is counted in order).
+    `kind`: the short reason key (`tpo_jax.data.records.SKIP_KINDS`) skips are counted by."""
     record_id: str
     message: str
+    kind: str = "internal"
+
+
+#: What a failure of each step of `Prepare.example` is, when the exception does not say (not a RecordError).
+_STEP_KINDS = {"read": "decode", "media": "decode", "build": "internal"}
 
 
 class Prepare(grain.transforms.Map):
-    """(task index, record index, position) → example dict, or `Bad`."""
+    """(task index, record index, position) → example dict, or `Bad`.
 
-    def __init__(self, sources: Mapping[str, Any], spec: ExampleSpec, seed: int):
+    Every failure of one record (reading the stored record, decoding its media, templating, tokenizing), whatever
+    the library underneath raises, becomes a `Bad` naming the record, the exception type and the reason kind;
+    only MemoryError (re-raised naming the record), KeyboardInterrupt and SystemExit end the run."""
+
+    def __init__(self, sources: Mapping[str, Any], spec: ExampleSpec, seed: int, budget: MediaBudget | None = None):
         self.sources, self.spec, self.seed = dict(sources), spec, seed
+        self.budget = budget or MediaBudget()
         self._tok = None
 
     def __getstate__(self):
@@ -157,16 +174,23 @@ class Prepare(grain.transforms.Map):
         """`build(record, media, spec, tokenizer, seed=...)` of record `index` of `task`, or `Bad`."""
         from tpo_jax.data.video import load_media  # noqa: PLC0415  (PyAV import only where media is read)
 
-        rid = f"{task}[{index}]"
+        rid, step = f"{task}[{index}]", "read"
         try:
             record = self.sources[task][index]
-            rid = record.id if isinstance(record, Record) else rid
             if isinstance(record, Bad):
                 return record
-            media = load_media(record, self.spec.num_frames, self.spec.img_size)
+            if not isinstance(record, Record):
+                raise RecordError(f"source of task {task!r} gave a {type(record).__name__}, not a Record")
+            rid = record.id if isinstance(record.id, str) else rid
+            step = "media"
+            media = load_media(record, self.spec.num_frames, self.spec.img_size, budget=self.budget)
+            step = "build"
             return build(record, media, self.spec, self.tokenizer, seed=hash_seed(self.seed, position))
-        except RecordError as e:
-            return Bad(rid, str(e))
+        except MemoryError as e:
+            raise MemoryError(f"record {rid!r} ({step}): out of memory ({e}); lower data.budget") from e
+        except Exception as e:  # noqa: BLE001  (one record's failure is a counted skip, never the run's end)
+            err = as_record_error(e, f"record {rid!r}", _STEP_KINDS[step])
+            return Bad(rid, str(err), err.kind)
 
     def map(self, element):
         task, index, position = element
@@ -198,6 +222,42 @@ def index_dataset(data_cfg: DataConfig, sizes: Mapping[str, int], weights: Mappi
     return mixed[process_index::process_count]
 
 
+class SkipCounter:
+    """Skipped records per reason kind, with the first few record ids of each kind (for error messages)."""
+
+    EXAMPLES = 3
+
+    def __init__(self):
+        self.by_kind: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, kind: str, record_id: str) -> None:
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+        ids = self.examples.setdefault(kind, [])
+        if len(ids) < self.EXAMPLES:
+            ids.append(str(record_id))
+
+    def summary(self) -> str:
+        """"by kind: media_budget 4 (e.g. 'a', 'b', 'c'), bad_field 1 (e.g. 'd')", most frequent first."""
+        parts = [f"{k} {n}" + (f" (e.g. {', '.join(repr(i) for i in self.examples.get(k, []))})"
+                               if self.examples.get(k) else "")
+                 for k, n in sorted(self.by_kind.items(), key=lambda kv: (-kv[1], kv[0]))]
+        return "by kind: " + (", ".join(parts) if parts else "none")
+
+    def state(self) -> dict:
+        return {"bad_by_kind": dict(self.by_kind), "bad_examples": {k: list(v) for k, v in self.examples.items()}}
+
+    @classmethod
+    def from_state(cls, state: Mapping, bad: int = 0) -> "SkipCounter":
+        c = cls()
+        if "bad_by_kind" in state:
+            c.by_kind = {str(k): int(v) for k, v in state["bad_by_kind"].items()}
+            c.examples = {str(k): [str(i) for i in v] for k, v in state.get("bad_examples", {}).items()}
+        elif bad:
+            c.by_kind = {"unknown": int(bad)}
+        return c
+
+
 class TrainIterator:
     """Batches of one host; skips and counts bad records; `get_state` / `set_state` for checkpoints."""
 
@@ -207,16 +267,24 @@ class TrainIterator:
         self.max_bad_fraction, self.bad_check_after = max_bad_fraction, bad_check_after
         self.seen = 0
         self.bad = 0
+        self.skips = SkipCounter()
+
+    @property
+    def bad_by_kind(self) -> dict[str, int]:
+        """Skipped records per reason kind (`tpo_jax.data.records.SKIP_KINDS`), e.g. {"media_budget": 2}."""
+        return dict(self.skips.by_kind)
 
     def __iter__(self):
         return self
 
     def _count_bad(self, bad: Bad):
         self.bad += 1
-        log.warning("skipping bad record %s: %s (%d bad of %d read)", bad.record_id, bad.message, self.bad, self.seen)
+        self.skips.add(bad.kind, bad.record_id)
+        log.warning("skipping bad record %s [%s]: %s (%d bad of %d read)", bad.record_id, bad.kind, bad.message,
+                    self.bad, self.seen)
         if self.bad > self.max_bad_fraction * max(self.seen, self.bad_check_after):
             raise DataError(f"{self.bad} of {self.seen} records were bad, more than max_bad_fraction="
-                            f"{self.max_bad_fraction}; last: {bad.record_id}: {bad.message}")
+                            f"{self.max_bad_fraction}; {self.skips.summary()}; last: {bad.record_id}: {bad.message}")
 
     def __next__(self) -> dict[str, np.ndarray]:
         examples = []
@@ -230,11 +298,14 @@ class TrainIterator:
         return collate(examples)
 
     def get_state(self) -> dict:
-        return {"grain": self._it.get_state(), "seen": self.seen, "bad": self.bad}
+        return {"grain": self._it.get_state(), "seen": self.seen, "bad": self.bad, **self.skips.state()}
 
     def set_state(self, state: Mapping) -> None:
+        """Restore `get_state()`; states written before the per-kind counters (no "bad_by_kind") still load,
+        their earlier skips counted under "unknown"."""
         self._it.set_state(state["grain"])
         self.seen, self.bad = int(state["seen"]), int(state["bad"])
+        self.skips = SkipCounter.from_state(state, self.bad)
 
     def close(self):
         close = getattr(self._it, "close", None)
@@ -253,7 +324,7 @@ def make_dataset(data_cfg: DataConfig, model_cfg: TPOConfig, stage: str, *, spli
         sources = task_sources(data_cfg, model_cfg, split, list(weights))
     ds = index_dataset(data_cfg, {t: len(s) for t, s in sources.items()}, weights,
                        process_index=process_index, process_count=process_count)
-    ds = ds.map(Prepare(sources, example_spec(data_cfg, model_cfg), data_cfg.seed))
+    ds = ds.map(Prepare(sources, example_spec(data_cfg, model_cfg), data_cfg.seed, data_cfg.budget))
     read = grain.ReadOptions(num_threads=data_cfg.threads, prefetch_buffer_size=data_cfg.prefetch)
     it = ds.to_iter_dataset(read)
     if data_cfg.workers > 0:
@@ -303,7 +374,7 @@ def eval_batches(data_cfg: DataConfig, model_cfg: TPOConfig, split: str = "valid
     n = data_cfg.eval_examples if num_examples is None else num_examples
     if sources is None:
         sources = task_sources(data_cfg, model_cfg, split, sorted({"mc" if t == MC_CLOZE else t for t in tasks}))
-    prep = Prepare(sources, example_spec(data_cfg, model_cfg), data_cfg.seed)
+    prep = Prepare(sources, example_spec(data_cfg, model_cfg), data_cfg.seed, data_cfg.budget)
     bs = data_cfg.batch_size
     out = {}
     for task in tasks:
@@ -327,16 +398,19 @@ def _good_examples(prep: Prepare, task: str, want: int, data_cfg: DataConfig, sp
     """The examples of records 0, 1, 2, … of `task` until `want` are good (bad ones skipped and counted
     as in training); with `cloze`, each good record's list of cloze rows (`_cloze_rows`)."""
     examples, bad, i, size = [], 0, 0, len(prep.sources[task])
+    skips = SkipCounter()
     while len(examples) < want and i < size:
         build = _cloze_rows(len(examples)) if cloze else build_example
         ex = prep.example(task, i, i, build=build)
         i += 1
         if isinstance(ex, Bad):
             bad += 1
-            log.warning("skipping bad %s record %s: %s", split, ex.record_id, ex.message)
+            skips.add(ex.kind, ex.record_id)
+            log.warning("skipping bad %s record %s [%s]: %s", split, ex.record_id, ex.kind, ex.message)
             if bad > data_cfg.max_bad_fraction * max(i, data_cfg.bad_check_after):
                 raise DataError(f"{bad} of {i} {split} records of task {task!r} were bad, more than "
-                                f"max_bad_fraction={data_cfg.max_bad_fraction}; last: {ex.record_id}: {ex.message}")
+                                f"max_bad_fraction={data_cfg.max_bad_fraction}; {skips.summary()}; "
+                                f"last: {ex.record_id}: {ex.message}")
         else:
             examples.append(ex)
     return examples

@@ -17,7 +17,10 @@ with their source times (`frame_times`), the source fps and duration: 7-32x chea
 source mp4 and ~20 kB per frame whatever the source (docs/benchmarks.md, "Data path"); the sampling,
 frame count and size are then fixed. Images are stored as their file bytes, whatever the option; frame
 folders (MeViS / SA-V JPEG layout) as their JPEG files, or, with "sampled_jpeg", sampled like a video.
-Media that cannot be read raise `MediaError` (a `RecordError`), so the builders skip and count the record.
+Media that cannot be read raise `MediaError` (a `RecordError`), so the builders skip and count the record;
+every medium is decoded (or, for "video" storage, opened, indexed and its sampled frames decoded) at build time
+under a `MediaBudget`, so a record whose media would fail or blow the budget at training time is a bad record
+of the build instead.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ import av
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tpo_jax.data.records import Record, RecordError
-from tpo_jax.data.video import (MediaError, decode_jpeg_frames, encode_jpeg_frames, encode_mp4, list_frame_files,
-                                read_video_frames, resize_frames, sample_indices)
+from tpo_jax.data.records import DEFAULT_BUDGET, MediaBudget, Record, RecordError, as_record_error
+from tpo_jax.data.video import (MediaError, _read_image, decode_jpeg_frames, encode_jpeg_frames, encode_mp4,
+                                list_frame_files, read_video_frames, resize_frames, sample_indices)
 
 VERSION = "1.1.0"  # 1.1.0: "sampling" (sampled_jpeg storage) and "instruction" features
 STORAGES = ("sampled_jpeg", "jpeg", "video", "raw")
@@ -70,7 +73,14 @@ def features() -> tfds.features.FeaturesDict:
 # --- media --------------------------------------------------------------------------------------------------------
 
 
-def _read_bytes(path: str, what: str, rid: str) -> bytes:
+def _read_bytes(path: str, what: str, rid: str, budget: MediaBudget = DEFAULT_BUDGET) -> bytes:
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise MediaError(f"record {rid!r}: cannot read {what} {path} ({e.strerror or e})", "media_missing") from None
+    if size > budget.max_bytes:
+        raise MediaError(f"record {rid!r}: {what} {path} of {size} bytes is over the media budget "
+                         f"max_bytes={budget.max_bytes}", "media_budget")
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -85,16 +95,29 @@ def _open(src: str | bytes):
     return av.open(io.BytesIO(src) if isinstance(src, bytes) else src)
 
 
-def _all_video_frames(src: str | bytes, rid: str) -> tuple[np.ndarray, float]:
-    """Every frame of a video, RGB uint8 (T, H, W, 3), and its fps; corrupt streams raise MediaError."""
-    read_video_frames(src, 16, name=f"record {rid!r}")  # the training-time checks (truncation, decoding)
+def _all_video_frames(src: str | bytes, rid: str, budget: MediaBudget = DEFAULT_BUDGET) -> tuple[np.ndarray, float]:
+    """Every frame of a video, RGB uint8 (T, H, W, 3), and its fps; corrupt streams raise MediaError; all the
+    frames together must fit `budget.max_decoded_bytes` (checked from the frame count and size first)."""
+    name = f"record {rid!r}"
+    frames16, _, _, duration, fps = read_video_frames(src, 16, name=name, budget=budget)  # the training-time checks
+    count = int(round(duration * fps))
+    h, w = frames16.shape[1:3]
+    if count * h * w * 3 > budget.max_decoded_bytes:
+        raise MediaError(f"{name}: storing all {count} frames of {w}x{h} decodes {count * h * w * 3} bytes, over the "
+                         f"media budget max_decoded_bytes={budget.max_decoded_bytes} (use sampled_jpeg storage)",
+                         "media_budget")
     try:
         with _open(src) as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            frames = []
+            for f in container.decode(stream):
+                if (f.height, f.width) != (h, w) or len(frames) >= count:
+                    raise MediaError(f"{name}: frame {len(frames)} of {f.width}x{f.height} (stream {w}x{h}, "
+                                     f"{count} frames)")
+                frames.append(f.to_ndarray(format="rgb24"))
     except av.FFmpegError as e:
-        raise MediaError(f"record {rid!r}: decoding failed ({e})") from e
+        raise MediaError(f"{name}: decoding failed ({e})") from e
     return np.stack(frames), fps
 
 
@@ -110,7 +133,8 @@ def _sampled(frames: np.ndarray, times: np.ndarray, duration: float, fps: float,
             "frames_shape": np.zeros(4, np.int64), "fps": float(fps), "sampling": _sampling(fps, times, duration)}
 
 
-def _store_sampled(record: Record, num_frames: int, size, quality: int) -> dict[str, Any]:
+def _store_sampled(record: Record, num_frames: int, size, quality: int,
+                   budget: MediaBudget = DEFAULT_BUDGET) -> dict[str, Any]:
     """"sampled_jpeg": what `tpo_jax.data.video.load_media` would decode ("middle" sampling), stored as JPEG."""
     tag = f"record {record.id!r}"
     src = record.video
@@ -127,11 +151,15 @@ def _store_sampled(record: Record, num_frames: int, size, quality: int) -> dict[
             raise MediaError(f"{tag}: {src}: a frame folder needs the record's fps")
         idx, times = sample_indices(len(files), num_frames, record.fps)
         unique = np.unique(idx)
-        decoded = decode_jpeg_frames([_read_bytes(files[i], "frame", record.id) for i in unique], name=f"{tag}: {src}")
+        if len(files) > budget.max_frames:
+            raise MediaError(f"{tag}: frame folder {src} holds {len(files)} frames, over the media budget "
+                             f"max_frames={budget.max_frames}", "media_budget")
+        decoded = decode_jpeg_frames([_read_bytes(files[i], "frame", record.id, budget) for i in unique],
+                                     name=f"{tag}: {src}", budget=budget)
         frames = decoded[np.searchsorted(unique, idx)]
         return _sampled(frames, times, len(files) / record.fps, record.fps, size, quality)
     name = f"{tag}: {src if isinstance(src, str) else f'<{len(src)} bytes>'}"
-    frames, _, times, duration, fps = read_video_frames(src, num_frames, name=name)
+    frames, _, times, duration, fps = read_video_frames(src, num_frames, name=name, budget=budget)
     return _sampled(frames, times, duration, fps, size, quality)
 
 
@@ -145,9 +173,10 @@ def _store_frames(frames: np.ndarray, storage: str, fps: float, quality: int) ->
 
 
 def encode_media(record: Record, storage: str, quality: int = 90, *, num_frames: int = DEFAULT_NUM_FRAMES,
-                 size: int | Sequence[int] = DEFAULT_SIZE) -> dict[str, Any]:
-    """The media fields of a stored record (MediaError when the media cannot be read). `num_frames` and
-    `size` are used by "sampled_jpeg" only."""
+                 size: int | Sequence[int] = DEFAULT_SIZE, budget: MediaBudget | None = None) -> dict[str, Any]:
+    """The media fields of a stored record (MediaError when the media cannot be read or is over `budget`).
+    `num_frames` and `size` are used by "sampled_jpeg" only. Images are decoded here (header size first)."""
+    budget = budget or DEFAULT_BUDGET
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     fps = float(record.fps or 0.0)
@@ -160,27 +189,33 @@ def encode_media(record: Record, storage: str, quality: int = 90, *, num_frames:
                 "sampling": _sampling(fps, record.frame_times, record.source_duration)}
     single = record.image is not None or (record.frames is not None and len(record.frames) == 1)
     if storage == "sampled_jpeg" and not single:
-        return _store_sampled(record, num_frames, size, quality)
+        return _store_sampled(record, num_frames, size, quality, budget)
     if storage == "sampled_jpeg":  # images (and one-frame clips) stay one frame: file bytes / one JPEG
         storage = "jpeg"
     if record.frames is not None:
         kind, media, shape = _store_frames(record.frames, storage, fps, quality)
     elif record.image is not None:
         img = record.image
-        kind, media, shape = "image", [img if isinstance(img, bytes) else _read_bytes(img, "image", record.id)], zero
+        data = img if isinstance(img, bytes) else _read_bytes(img, "image", record.id, budget)
+        _read_image(data, f"record {record.id!r}: {img if isinstance(img, str) else f'<{len(img)} bytes>'}",
+                    budget)  # decodes under the budget: a bomb / corrupt image is a bad record of the build
+        kind, media, shape = "image", [data], zero
     elif record.video is not None:
         src = record.video
         if isinstance(src, str) and os.path.isdir(src):  # frame folder: keep its image files
             files = list_frame_files(src)
             if not files:
                 raise MediaError(f"record {record.id!r}: frame folder {src} has no images")
-            kind, media, shape = "frames_jpeg", [_read_bytes(f, "frame", record.id) for f in files], zero
+            media = [_read_bytes(f, "frame", record.id, budget) for f in files]
+            decode_jpeg_frames(media, name=f"record {record.id!r}: {src}", budget=budget)
+            kind, shape = "frames_jpeg", zero
         elif storage == "video":
-            data = src if isinstance(src, bytes) else _read_bytes(src, "video", record.id)
-            read_video_frames(data, 16, name=f"record {record.id!r}")  # fail at build time on a corrupt video
+            data = src if isinstance(src, bytes) else _read_bytes(src, "video", record.id, budget)
+            read_video_frames(data if isinstance(src, bytes) else src, 16, name=f"record {record.id!r}",
+                              budget=budget)  # fail at build time on a corrupt / image / oversized video
             kind, media, shape = "video", [data], zero
         else:
-            frames, video_fps = _all_video_frames(src, record.id)
+            frames, video_fps = _all_video_frames(src, record.id, budget)
             fps = fps or video_fps
             kind, media, shape = _store_frames(frames, storage, fps, quality)
     else:
@@ -189,7 +224,8 @@ def encode_media(record: Record, storage: str, quality: int = 90, *, num_frames:
 
 
 def record_to_example(record: Record, storage: str = "jpeg", quality: int = 90, *,
-                      num_frames: int = DEFAULT_NUM_FRAMES, size: int | Sequence[int] = DEFAULT_SIZE) -> dict[str, Any]:
+                      num_frames: int = DEFAULT_NUM_FRAMES, size: int | Sequence[int] = DEFAULT_SIZE,
+                      budget: MediaBudget | None = None) -> dict[str, Any]:
     """A validated Record → the feature dict of `features()` (`num_frames`, `size`: "sampled_jpeg" only)."""
     record.validate()
 
@@ -198,7 +234,7 @@ def record_to_example(record: Record, storage: str = "jpeg", quality: int = 90, 
 
     return {
         "id": record.id, "task": record.task,
-        **encode_media(record, storage, quality, num_frames=num_frames, size=size),
+        **encode_media(record, storage, quality, num_frames=num_frames, size=size, budget=budget),
         "question": record.question, "answer": record.answer,
         "turn_questions": [q for q, _ in record.turns], "turn_answers": [a for _, a in record.turns],
         "options": list(record.options), "mc_answer": int(record.mc_answer),
@@ -213,17 +249,23 @@ def record_to_example(record: Record, storage: str = "jpeg", quality: int = 90, 
 
 
 def _text(x) -> str:
-    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+    """Stored text; invalid UTF-8 surrogates are kept ("surrogatepass") so `Record.validate` names the field."""
+    return x.decode("utf-8", errors="surrogatepass") if isinstance(x, bytes) else str(x)
 
 
 def example_to_record(ex: Mapping[str, Any]) -> Record:
     """A stored example → Record (JPEG frames decoded; videos and images stay encoded bytes).
     A stored example that cannot be decoded raises RecordError naming it."""
-    rid = _text(ex.get("id", "?"))
+    raw_id = ex.get("id", "?")
+    rid = raw_id.decode("utf-8", errors="backslashreplace") if isinstance(raw_id, bytes) else str(raw_id)
     try:
         return _example_to_record(ex, rid)
-    except (ValueError, TypeError, KeyError, IndexError) as e:
-        raise RecordError(f"stored record {rid!r}: malformed ({type(e).__name__}: {e})") from e
+    except RecordError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001  (whatever a corrupt stored record makes the decoders raise)
+        raise as_record_error(e, f"stored record {rid!r}: malformed", "decode") from e
 
 
 def _example_to_record(ex: Mapping[str, Any], rid: str) -> Record:
@@ -254,7 +296,7 @@ def _example_to_record(ex: Mapping[str, Any], rid: str) -> Record:
     if sampling:
         fps = float(sampling["fps"])
     return Record(
-        id=rid, task=task, fps=fps, **m, question=_text(ex["question"]), answer=_text(ex["answer"]),
+        id=_text(ex.get("id", "?")), task=task, fps=fps, **m, question=_text(ex["question"]), answer=_text(ex["answer"]),
         turns=[(_text(q), _text(a)) for q, a in zip(ex["turn_questions"], ex["turn_answers"])],
         options=tuple(_text(o) for o in ex["options"]), mc_answer=int(ex["mc_answer"]),
         duration=None if duration < 0 else duration, spans=opt(ex["spans"]), saliency=opt(ex["saliency"]),

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tpo_jax.data.records import RecordError
+from tpo_jax.data.records import DEFAULT_BUDGET, MediaBudget, RecordError
 
 
 def _check_mask(mask) -> np.ndarray:
@@ -51,7 +51,10 @@ def counts_to_string(counts: Sequence[int]) -> str:
 def counts_from_string(s: str | bytes) -> list[int]:
     """Run lengths of a compressed COCO string."""
     if isinstance(s, bytes):
-        s = s.decode("ascii")
+        try:
+            s = s.decode("ascii")
+        except UnicodeDecodeError:
+            raise RecordError(f"RLE string is not ASCII: {s[:40]!r}") from None
     counts: list[int] = []
     p, n = 0, len(s)
     while p < n:
@@ -64,6 +67,8 @@ def counts_from_string(s: str | bytes) -> list[int]:
                 raise RecordError(f"RLE string has an invalid character {s[p]!r}")
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
+            if k > 12:  # 65 bits: no real count is that long
+                raise RecordError(f"RLE string holds a count of more than 13 characters: {s[:40]!r}")
             p += 1
             k += 1
             if not more and (c & 0x10):
@@ -74,23 +79,46 @@ def counts_from_string(s: str | bytes) -> list[int]:
     return counts
 
 
-def rle_size(rle: dict[str, Any]) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in rle["size"])
-    except (KeyError, TypeError, ValueError):
-        raise RecordError(f"RLE needs 'size': [h, w], got {str(rle)[:80]}") from None
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def rle_size(rle: dict[str, Any], budget: MediaBudget | None = None) -> tuple[int, int]:
+    """(h, w) of an RLE: two non-negative integers (not strings, not bools) with h × w within
+    `budget.max_mask_pixels` (checked before anything is allocated)."""
+    size = rle.get("size") if isinstance(rle, dict) else None
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(v) for v in size)):
+        raise RecordError(f"RLE needs 'size': [h, w] (two integers), got {str(rle)[:80]}")
+    h, w = int(size[0]), int(size[1])
     if h < 0 or w < 0:
         raise RecordError(f"RLE size must be non-negative, got {[h, w]}")
+    limit = (budget or DEFAULT_BUDGET).max_mask_pixels
+    if h * w > limit:
+        raise RecordError(f"RLE size {h}x{w} = {h * w} pixels is over the budget max_mask_pixels={limit}",
+                          "media_budget")
     return h, w
 
 
-def rle_counts(rle: dict[str, Any]) -> list[int]:
-    """The run lengths of an RLE dict (compressed string or uncompressed list), checked against its size."""
-    h, w = rle_size(rle)
+def rle_counts(rle: dict[str, Any], budget: MediaBudget | None = None) -> list[int]:
+    """The run lengths of an RLE dict (compressed string or uncompressed list of integers), checked against
+    its size."""
+    h, w = rle_size(rle, budget)
     if "counts" not in rle:
         raise RecordError("RLE needs 'counts'")
     raw = rle["counts"]
-    counts = counts_from_string(raw) if isinstance(raw, (str, bytes)) else [int(c) for c in raw]
+    if isinstance(raw, (str, bytes)):
+        if len(raw) > 8 * (h * w + 2):  # each count needs at most ~7 characters; more cannot sum to h*w
+            raise RecordError(f"RLE string of {len(raw)} characters for a {h}x{w} mask")
+        counts = counts_from_string(raw)
+    elif isinstance(raw, (list, tuple)):
+        if len(raw) > h * w + 1 or not all(_is_int(c) for c in raw):
+            bad = next((c for c in raw if not _is_int(c)), None)
+            raise RecordError(f"RLE counts must be a list of at most h*w+1 integers, got {len(raw)} "
+                              f"(e.g. {bad!r})" if bad is not None else
+                              f"RLE counts must be a list of at most h*w+1 integers, got {len(raw)}")
+        counts = [int(c) for c in raw]
+    else:
+        raise RecordError(f"RLE counts must be a string or a list, got {type(raw).__name__}")
     if any(c < 0 for c in counts) or sum(counts) != h * w:
         raise RecordError(f"RLE counts must be non-negative and sum to h*w = {h * w}, "
                           f"got sum {sum(counts)} (min {min(counts, default=0)})")
@@ -104,10 +132,10 @@ def rle_encode(mask, compressed: bool = True) -> dict[str, Any]:
     return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": counts_to_string(counts) if compressed else counts}
 
 
-def rle_decode(rle: dict[str, Any]) -> np.ndarray:
-    """RLE dict → (h, w) uint8 mask of 0/1."""
-    h, w = rle_size(rle)
-    counts = rle_counts(rle)
+def rle_decode(rle: dict[str, Any], budget: MediaBudget | None = None) -> np.ndarray:
+    """RLE dict → (h, w) uint8 mask of 0/1 (h × w within `budget.max_mask_pixels`)."""
+    h, w = rle_size(rle, budget)
+    counts = rle_counts(rle, budget)
     values = np.arange(len(counts)) % 2
     flat = np.repeat(values.astype(np.uint8), counts)
     return flat.reshape((w, h)).T.copy()

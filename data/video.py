@@ -16,6 +16,7 @@ Also here: :func:`encode_mp4`, :func:`encode_jpeg_frames`, :func:`decode_jpeg_fr
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 from fractions import Fraction
@@ -25,16 +26,74 @@ import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tpo_jax.data.records import Record, RecordError
+from tpo_jax.data.records import DEFAULT_BUDGET, MediaBudget, Record, RecordError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".wmv", ".3gp")
 SAMPLING_MODES = ("middle", "rand")
 
 
 class MediaError(RecordError):
-    """A video / image that cannot be read: missing, truncated, corrupt, or with no usable frames."""
+    """A video / image that cannot be read: missing, truncated, corrupt, or with no usable frames.
+    `kind`: "decode" (default), "media_missing", "media_kind" (content not what the name / field says),
+    "media_budget" (over `MediaBudget`)."""
+
+    default_kind = "decode"
+
+
+def _budget_error(name: str, what: str, value, limit_name: str, limit) -> MediaError:
+    return MediaError(f"{name}: {what} {value} is over the media budget {limit_name}={limit}", "media_budget")
+
+
+def sniff(head: bytes) -> str | None:
+    """What the first bytes of a file say it is: "image:<format>", "video:<container>" or None (unknown)."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image:JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image:PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "image:GIF"
+    if head.startswith(b"BM"):
+        return "image:BMP"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image:WEBP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "image:TIFF"
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
+        return "video:MP4/MOV"
+    if head.startswith(b"\x1aE\xdf\xa3"):
+        return "video:Matroska/WebM"
+    if head[:4] == b"RIFF" and head[8:11] == b"AVI":
+        return "video:AVI"
+    if head.startswith(b"FLV"):
+        return "video:FLV"
+    if head.startswith(b"\x00\x00\x01\xba") or head.startswith(b"\x00\x00\x01\xb3"):
+        return "video:MPEG"
+    return None
+
+
+def _head(src) -> bytes:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src[:16])
+    with open(src, "rb") as f:
+        return f.read(16)
+
+
+def _check_kind(src, name: str, want: str) -> None:
+    """MediaError(kind="media_kind") when `src`'s content (magic bytes) or file name says it is not `want`
+    ("image" or "video"): an image named .mp4 must not decode as a one-frame video."""
+    what = sniff(_head(src))
+    if what is not None and not what.startswith(want + ":"):
+        raise MediaError(f"{name}: content is {what.replace(':', ' ')}, expected {'an image' if want == 'image' else 'a video'}",
+                         "media_kind")
+    if isinstance(src, (str, os.PathLike)):
+        ext = os.path.splitext(os.fspath(src))[1].lower()
+        other = VIDEO_EXTENSIONS if want == "image" else IMAGE_EXTENSIONS
+        if ext in other:
+            raise MediaError(f"{name}: file named {ext!r} read as {'an image' if want == 'image' else 'a video'}"
+                             f"{'' if what is None else ' (content: ' + what.replace(':', ' ') + ')'}", "media_kind")
 
 
 class Media(NamedTuple):
@@ -133,26 +192,58 @@ def _name(src, name: str | None) -> str:
     return os.fspath(src)
 
 
-def _handle(src, name: str, kind: str):
-    """A file path or an in-memory file for `src` (bytes or a path); MediaError if there is nothing to read."""
+def _handle(src, name: str, kind: str, budget: MediaBudget | None = None):
+    """A file path or an in-memory file for `src` (bytes or a path); MediaError if there is nothing to read,
+    the size is over `budget.max_bytes`, or the content / name says it is not a `kind` ("image" / "video")."""
+    budget = budget or DEFAULT_BUDGET
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise MediaError(f"{name}: empty {kind} bytes")
+        if len(src) > budget.max_bytes:
+            raise _budget_error(name, f"{kind} of", f"{len(src)} bytes", "max_bytes", budget.max_bytes)
+        _check_kind(src, name, kind)
         return io.BytesIO(bytes(src))
     if not os.path.isfile(src):
-        raise MediaError(f"{name}: {kind} file not found")
+        raise MediaError(f"{name}: {kind} file not found", "media_missing")
+    size = os.path.getsize(src)
+    if size == 0:
+        raise MediaError(f"{name}: {kind} file is empty")
+    if size > budget.max_bytes:
+        raise _budget_error(name, f"{kind} file of", f"{size} bytes", "max_bytes", budget.max_bytes)
+    _check_kind(src, name, kind)
     return os.fspath(src)
 
 
-def _open_video(src, name: str):
-    handle = _handle(src, name, "video")
+_IMAGE_DEMUXERS = ("image2", "jpeg_pipe", "png_pipe", "bmp_pipe", "webp_pipe", "gif", "tiff_pipe", "image2pipe")
+
+
+def _open_video(src, name: str, budget: MediaBudget | None = None):
+    """The opened container, after the header checks: a video stream, not an image demuxer, frame size
+    within `budget.max_pixels`, declared frames within `max_frames`, declared duration within `max_seconds`."""
+    budget = budget or DEFAULT_BUDGET
+    handle = _handle(src, name, "video", budget)
     try:
         container = av.open(handle, mode="r")
-    except (av.FFmpegError, OSError, ValueError) as e:
+    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
         raise MediaError(f"{name}: cannot open video ({_why(e)})") from e
-    if not container.streams.video:
+    try:
+        fmt = (container.format.name or "").split(",")
+        if any(f in _IMAGE_DEMUXERS or f.endswith("_pipe") for f in fmt):
+            raise MediaError(f"{name}: content is an image ({container.format.name}), expected a video", "media_kind")
+        if not container.streams.video:
+            raise MediaError(f"{name}: no video stream")
+        stream = container.streams.video[0]
+        w, h = int(stream.width or 0), int(stream.height or 0)
+        if w * h > budget.max_pixels:
+            raise _budget_error(name, "frame size", f"{w}x{h} = {w * h} pixels", "max_pixels", budget.max_pixels)
+        if stream.frames and stream.frames > budget.max_frames:
+            raise _budget_error(name, "frame count (header)", stream.frames, "max_frames", budget.max_frames)
+        if container.duration and container.duration / 1e6 > budget.max_seconds:
+            raise _budget_error(name, "duration (header)", f"{container.duration / 1e6:.1f} s", "max_seconds",
+                                budget.max_seconds)
+    except BaseException:
         container.close()
-        raise MediaError(f"{name}: no video stream")
+        raise
     return container
 
 
@@ -162,13 +253,16 @@ class _Index(NamedTuple):
     num_frames: int
 
 
-def _index_packets(container, stream, name: str) -> _Index:
+def _index_packets(container, stream, name: str, budget: MediaBudget | None = None) -> _Index:
     """One demux pass: the packets' pts (→ frame order) and key frames, as decord indexes a video."""
+    budget = budget or DEFAULT_BUDGET
     pts, keys, missing = [], [], False
     try:
         for packet in container.demux(stream):
             if packet.size == 0:  # the demuxer's final flush packet
                 continue
+            if len(pts) >= budget.max_frames:
+                raise _budget_error(name, "frame count", f"> {budget.max_frames}", "max_frames", budget.max_frames)
             p = packet.pts if packet.pts is not None else packet.dts
             if p is None:
                 missing = True
@@ -189,8 +283,22 @@ def _index_packets(container, stream, name: str) -> _Index:
     return _Index(None if missing else order, key_pts, len(pts))
 
 
-def _decode_targets(container, stream, index: _Index, targets: np.ndarray, name: str) -> dict[int, np.ndarray]:
+def _rgb(frame, name: str, budget: MediaBudget) -> np.ndarray:
+    """A decoded frame as RGB uint8, after checking its own size (a stream may change size mid-way)."""
+    w, h = int(frame.width), int(frame.height)
+    if w * h > budget.max_pixels:
+        raise _budget_error(name, "decoded frame size", f"{w}x{h}", "max_pixels", budget.max_pixels)
+    return frame.to_ndarray(format="rgb24")
+
+
+def _decode_targets(container, stream, index: _Index, targets: np.ndarray, name: str,
+                    budget: MediaBudget | None = None) -> dict[int, np.ndarray]:
     """RGB uint8 frames at the sorted unique frame indices `targets`, seeking forward to key frames."""
+    budget = budget or DEFAULT_BUDGET
+    w, h = int(stream.width or 0), int(stream.height or 0)
+    if len(targets) * w * h * 3 > budget.max_decoded_bytes:
+        raise _budget_error(name, f"{len(targets)} frames of {w}x{h}:", f"{len(targets) * w * h * 3} bytes",
+                            "max_decoded_bytes", budget.max_decoded_bytes)
     got: dict[int, np.ndarray] = {}
     try:
         if index.pts is None:  # no timestamps: decode from the start and count frames
@@ -198,7 +306,7 @@ def _decode_targets(container, stream, index: _Index, targets: np.ndarray, name:
             wanted = set(targets.tolist())
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    got[i] = frame.to_ndarray(format="rgb24")
+                    got[i] = _rgb(frame, name, budget)
                     if len(got) == len(wanted):
                         break
         else:
@@ -214,14 +322,14 @@ def _decode_targets(container, stream, index: _Index, targets: np.ndarray, name:
                     if fpts is None:
                         continue
                     while j < len(targets) and fpts >= target_pts[j]:
-                        got[int(targets[j])] = frame.to_ndarray(format="rgb24")
+                        got[int(targets[j])] = _rgb(frame, name, budget)
                         j += 1
                     if j == len(targets) or (key_of[j] > sought and key_of[j] > fpts):
                         exhausted = False  # done, or the next target is past a later key frame: seek there
                         break
                 if exhausted:
                     break
-    except av.FFmpegError as e:
+    except (av.FFmpegError, ValueError) as e:
         raise MediaError(f"{name}: decoding failed ({_why(e)})") from e
     if len(got) < len(targets):
         missing = sorted(set(targets.tolist()) - set(got))
@@ -231,51 +339,88 @@ def _decode_targets(container, stream, index: _Index, targets: np.ndarray, name:
 
 
 def read_video_frames(src: str | os.PathLike | bytes, num_frames: int = 16, *, mode: str = "middle",
-                      rng: np.random.Generator | None = None, threads: int = 1, name: str | None = None):
-    """Sampled uint8 RGB frames of a video: (frames (T, h, w, 3) uint8, indices, timestamps, duration, fps)."""
+                      rng: np.random.Generator | None = None, threads: int = 1, name: str | None = None,
+                      budget: MediaBudget | None = None):
+    """Sampled uint8 RGB frames of a video: (frames (T, h, w, 3) uint8, indices, timestamps, duration, fps).
+    Header sizes, frame count, duration and decoded bytes are checked against `budget` before decoding."""
+    budget = budget or DEFAULT_BUDGET
     name = _name(src, name)
-    container = _open_video(src, name)
+    container = _open_video(src, name, budget)
     try:
         stream = container.streams.video[0]
         stream.thread_count = threads
         rate = stream.average_rate or stream.guessed_rate
-        if not rate or float(rate) <= 0:
+        if not rate or not math.isfinite(float(rate)) or float(rate) <= 0:
             raise MediaError(f"{name}: video has no frame rate")
         fps = float(rate)
-        index = _index_packets(container, stream, name)
+        index = _index_packets(container, stream, name, budget)
+        if index.num_frames / fps > budget.max_seconds:
+            raise _budget_error(name, "duration", f"{index.num_frames / fps:.1f} s", "max_seconds", budget.max_seconds)
         indices, timestamps = sample_indices(index.num_frames, num_frames, fps, mode=mode, rng=rng)
         targets = np.unique(indices)
-        got = _decode_targets(container, stream, index, targets, name)
+        got = _decode_targets(container, stream, index, targets, name, budget)
     finally:
         container.close()
+    shapes = {f.shape for f in got.values()}
+    if len(shapes) != 1:
+        raise MediaError(f"{name}: frames of different sizes {sorted(shapes)}")
     frames = np.stack([got[int(i)] for i in indices])
     return frames, indices, timestamps, index.num_frames / fps, fps
 
 
 def decode_video(src: str | os.PathLike | bytes, num_frames: int = 16, size: int | Sequence[int] = 224, *,
                  mode: str = "middle", rng: np.random.Generator | None = None, threads: int = 1,
-                 name: str | None = None) -> Media:
+                 name: str | None = None, budget: MediaBudget | None = None) -> Media:
     """Decode, sample (§8.2), resize and normalise a video file or its encoded bytes."""
     frames, indices, timestamps, duration, fps = read_video_frames(src, num_frames, mode=mode, rng=rng,
-                                                                   threads=threads, name=name)
+                                                                   threads=threads, name=name, budget=budget)
     return Media(normalize(resize_frames(frames, size)), timestamps, duration, fps, indices,
                  tuple(frames.shape[1:3]))
 
 
-def _read_image(src, name: str) -> np.ndarray:
-    handle = _handle(src, name, "image")
+def _pil_why(e: Exception) -> str:
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format PIL knows (UnidentifiedImageError)"
+    return f"{type(e).__name__}: {str(e)[:160]}"
+
+
+def image_size(src, name: str | None = None, budget: MediaBudget | None = None) -> tuple[int, int]:
+    """(width, height) of an image from its header only (nothing decoded); MediaError as `decode_image`."""
+    name = _name(src, name)
+    handle = _handle(src, name, "image", budget)
     try:
         with Image.open(handle) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise MediaError(f"{name}: cannot decode image ({e})") from e
+            return img.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise MediaError(f"{name}: cannot decode image ({_pil_why(e)})") from e
+
+
+def _read_image(src, name: str, budget: MediaBudget | None = None) -> np.ndarray:
+    """RGB uint8 (h, w, 3); the header's size is checked against `budget.max_pixels` before decoding."""
+    budget = budget or DEFAULT_BUDGET
+    handle = _handle(src, name, "image", budget)
+    try:
+        with Image.open(handle) as img:
+            w, h = img.size
+            if w * h > budget.max_pixels:
+                raise _budget_error(name, "image size", f"{w}x{h} = {w * h} pixels", "max_pixels", budget.max_pixels)
+            if w * h == 0:
+                raise MediaError(f"{name}: image of size {w}x{h}")
+            rgb = np.asarray(img.convert("RGB"))
+    except MediaError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise MediaError(f"{name}: cannot decode image ({_pil_why(e)})") from e
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[:2] != (h, w):
+        raise MediaError(f"{name}: decoded image of shape {rgb.shape}, header says {w}x{h}")
+    return rgb
 
 
 def decode_image(src: str | os.PathLike | bytes, size: int | Sequence[int] = 224, *,
-                 name: str | None = None) -> Media:
+                 name: str | None = None, budget: MediaBudget | None = None) -> Media:
     """One image as a single frame (T = 1): resized and normalised like video frames."""
     name = _name(src, name)
-    rgb = _read_image(src, name)
+    rgb = _read_image(src, name, budget)
     return Media(normalize(resize_frames(rgb[None], size)), np.zeros(1), 0.0, 0.0, np.zeros(1, np.int64),
                  tuple(rgb.shape[:2]))
 
@@ -288,16 +433,23 @@ def list_frame_files(directory: str | os.PathLike) -> list[str]:
 
 def decode_frame_dir(directory: str | os.PathLike, fps: float, num_frames: int = 16,
                      size: int | Sequence[int] = 224, *, mode: str = "middle",
-                     rng: np.random.Generator | None = None, name: str | None = None) -> Media:
+                     rng: np.random.Generator | None = None, name: str | None = None,
+                     budget: MediaBudget | None = None) -> Media:
     """A folder of frame images at `fps`, sampled like a video of that many frames."""
+    budget = budget or DEFAULT_BUDGET
     name = _name(directory, name)
     if not os.path.isdir(directory):
-        raise MediaError(f"{name}: frame folder not found")
+        raise MediaError(f"{name}: frame folder not found", "media_missing")
+    if not (math.isfinite(fps) and fps > 0):
+        raise MediaError(f"{name}: frame folder fps must be a finite positive number, got {fps}", "bad_field")
     files = list_frame_files(directory)
     if not files:
-        raise MediaError(f"{name}: frame folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise MediaError(f"{name}: frame folder has no images ({', '.join(IMAGE_EXTENSIONS)})", "media_missing")
+    if len(files) > budget.max_frames:
+        raise _budget_error(name, "frame files", len(files), "max_frames", budget.max_frames)
     indices, timestamps = sample_indices(len(files), num_frames, fps, mode=mode, rng=rng)
-    decoded = {int(i): _read_image(files[i], f"{name}/{os.path.basename(files[i])}") for i in np.unique(indices)}
+    decoded = {int(i): _read_image(files[i], f"{name}/{os.path.basename(files[i])}", budget)
+               for i in np.unique(indices)}
     shapes = {d.shape for d in decoded.values()}
     if len(shapes) != 1:
         raise MediaError(f"{name}: frames of different sizes {sorted(shapes)}")
@@ -307,7 +459,7 @@ def decode_frame_dir(directory: str | os.PathLike, fps: float, num_frames: int =
 
 
 def load_media(record: Record, num_frames: int = 16, size: int | Sequence[int] = 224, *, mode: str = "middle",
-               rng: np.random.Generator | None = None, threads: int = 1) -> Media:
+               rng: np.random.Generator | None = None, threads: int = 1, budget: MediaBudget | None = None) -> Media:
     """The media of a `Record`, decoded: video file / bytes / frame folder, image, or given frames.
 
     Given `frames` (uint8 (T, H, W, 3)) are only resized and normalised when T is 1 or `num_frames`;
@@ -315,8 +467,10 @@ def load_media(record: Record, num_frames: int = 16, size: int | Sequence[int] =
     Frames sampled at build time (`record.frame_times` set) are used as stored: timestamps = `frame_times`,
     indices = round(time × fps), duration = `record.source_duration`; they must be `num_frames` frames of
     `size` (the sampling is fixed when the dataset is built), else MediaError.
-    A frame folder needs `record.fps`. Errors name the record and the file.
+    A frame folder needs `record.fps`. Errors name the record and the file. Sizes are checked against
+    `budget` (`MediaBudget`, default `DEFAULT_BUDGET`) before decoding.
     """
+    budget = budget or DEFAULT_BUDGET
     tag = f"record {record.id!r}"
     if record.frames is not None:
         frames = np.asarray(record.frames)
@@ -325,6 +479,8 @@ def load_media(record: Record, num_frames: int = 16, size: int | Sequence[int] =
         if record.frame_times is not None:
             return _presampled(record, frames, num_frames, _hw(size), tag)
         fps = float(record.fps or 1.0)
+        if not (math.isfinite(fps) and fps > 0):
+            raise MediaError(f"{tag}: fps must be a finite positive number, got {record.fps}", "bad_field")
         if len(frames) in (1, num_frames):
             indices = np.arange(len(frames))
             timestamps = indices / fps
@@ -334,15 +490,15 @@ def load_media(record: Record, num_frames: int = 16, size: int | Sequence[int] =
                      indices, tuple(frames.shape[1:3]))
     if record.image is not None:
         src = record.image
-        return decode_image(src, size, name=f"{tag}: {_name(src, None)}")
+        return decode_image(src, size, name=f"{tag}: {_name(src, None)}", budget=budget)
     if record.video is not None:
         src = record.video
         name = f"{tag}: {_name(src, None)}"
         if isinstance(src, (str, os.PathLike)) and os.path.isdir(src):
             if not record.fps:
                 raise MediaError(f"{name}: a frame folder needs the record's fps")
-            return decode_frame_dir(src, record.fps, num_frames, size, mode=mode, rng=rng, name=name)
-        return decode_video(src, num_frames, size, mode=mode, rng=rng, threads=threads, name=name)
+            return decode_frame_dir(src, record.fps, num_frames, size, mode=mode, rng=rng, name=name, budget=budget)
+        return decode_video(src, num_frames, size, mode=mode, rng=rng, threads=threads, name=name, budget=budget)
     raise MediaError(f"{tag}: no media (video, image or frames)")
 
 
@@ -421,18 +577,31 @@ def encode_jpeg_frames(frames: np.ndarray, quality: int = 90) -> list[bytes]:
     return out
 
 
-def decode_jpeg_frames(jpegs: Sequence[bytes], *, name: str | None = None) -> np.ndarray:
+def decode_jpeg_frames(jpegs: Sequence[bytes], *, name: str | None = None,
+                       budget: MediaBudget | None = None) -> np.ndarray:
     """JPEG bytes per frame → (T, H, W, 3) uint8 RGB; all frames must share one size."""
+    budget = budget or DEFAULT_BUDGET
     name = name or f"<{len(jpegs)} JPEG frames>"
     if len(jpegs) == 0:
         raise MediaError(f"{name}: no frames")
-    frames = [_read_image(b, f"{name} frame {i}") for i, b in enumerate(jpegs)]
+    if len(jpegs) > budget.max_frames:
+        raise _budget_error(name, "frames", len(jpegs), "max_frames", budget.max_frames)
+    total = 0
+    for i, b in enumerate(jpegs):  # headers first: the whole set must fit max_decoded_bytes before decoding
+        w, h = image_size(b, f"{name} frame {i}", budget)
+        total += w * h * 3
+        if w * h > budget.max_pixels:
+            raise _budget_error(f"{name} frame {i}", "image size", f"{w}x{h}", "max_pixels", budget.max_pixels)
+        if total > budget.max_decoded_bytes:
+            raise _budget_error(name, f"{i + 1} frames:", f"{total} bytes", "max_decoded_bytes",
+                                budget.max_decoded_bytes)
+    frames = [_read_image(b, f"{name} frame {i}", budget) for i, b in enumerate(jpegs)]
     shapes = {f.shape for f in frames}
     if len(shapes) != 1:
         raise MediaError(f"{name}: frames of different sizes {sorted(shapes)}")
     return np.stack(frames)
 
 
-__all__ = ["MediaError", "Media", "IMAGENET_MEAN", "IMAGENET_STD", "sample_indices", "resize_frames", "normalize",
+__all__ = ["MediaError", "Media", "MediaBudget", "sniff", "image_size", "VIDEO_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "sample_indices", "resize_frames", "normalize",
            "read_video_frames", "decode_video", "decode_image", "decode_frame_dir", "list_frame_files", "load_media",
            "encode_mp4", "encode_jpeg_frames", "decode_jpeg_frames"]

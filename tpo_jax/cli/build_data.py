@@ -17,6 +17,7 @@ from tpo_jax.cli.common import add_debug_flag, guarded
 from tpo_jax.config import get_config
 from tpo_jax.data.builders import TpoRecords, TpoSynthetic, build
 from tpo_jax.data.record_codec import STORAGES
+from tpo_jax.data.records import MediaBudget
 from tpo_jax.data.synthetic import get_synthetic_config
 
 
@@ -40,6 +41,10 @@ def main(argv=None) -> int:
                      "sampled frames take (default: 16 frames of 224x224)")
     rec.add_argument("--frames", type=int, help="sampled_jpeg: frames per clip (overrides --model-config)")
     rec.add_argument("--frame-size", type=int, help="sampled_jpeg: frame side in pixels (overrides --model-config)")
+    rec.add_argument("--allow-outside-media-root", action="store_true",
+                     help="let media paths leave their input's media_root (absolute paths, '..', symlinks)")
+    rec.add_argument("--max-pixels", type=int, help="media budget: pixels per frame / image (default 40,000,000)")
+    rec.add_argument("--max-seconds", type=float, help="media budget: seconds per video (default 21,600)")
     for q in (syn, rec):
         q.add_argument("--data-dir", required=True)
         q.add_argument("--storage", choices=STORAGES, help="media storage (synthetic: jpeg, records: sampled_jpeg)")
@@ -86,6 +91,8 @@ def _build(args) -> int:
                                sizes={"train": args.train, "validation": args.validation}, seed=args.seed, **common)
     else:
         model_cfg = get_config(args.model_config) if args.model_config else None
+        limits = {k: v for k, v in (("max_pixels", args.max_pixels), ("max_seconds", args.max_seconds)) if v is not None}
+        common["budget"] = MediaBudget(allow_outside_media_root=args.allow_outside_media_root, **limits)
         with open(args.inputs, encoding="utf-8") as fh:
             builder = TpoRecords(json.load(fh), num_frames=args.frames, size=args.frame_size, model_config=model_cfg,
                                  **common)
