@@ -30,6 +30,7 @@ from tpo_jax.checkpoints.manager import CheckpointConfig
 from tpo_jax import config as C
 from tpo_jax.config import ConfigError, check_field, check_positive
 from tpo_jax.sharding import MeshConfig, get_rules
+from tpo_jax.train.nonfinite import MAX_UPDATE_RATIO
 from tpo_jax.train.optim import OptimConfig
 from tpo_jax.train.stages import RECIPES, get_recipe
 from tpo_jax.train.step import DEFAULT_LOSS_WEIGHTS, TrainConfig
@@ -132,7 +133,8 @@ class RunConfig:
     loss_weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
     lm_rows: int = 0  # LM logits only at the first N label positions per sample (0: every position); tpo_jax.train.step
     log_every: int = 1  # TensorBoard / history every N steps
-    max_nonfinite: int = 10  # stop the run when more steps than this had a non-finite loss or gradient
+    max_nonfinite: int = 10  # stop the run when more steps than this were rejected (tpo_jax.train.nonfinite)
+    max_update_ratio: float = MAX_UPDATE_RATIO  # a step whose ‖update‖ exceeds this × ‖params‖ is rejected
     # peak FLOP/s of one device in TFLOP/s, the denominator of the logged MFU; 0: the chip's (tpo_jax.train.chips),
     # and no MFU where the device has no entry (a CPU)
     peak_tflops: float = 0.0
@@ -161,13 +163,21 @@ class RunConfig:
         self.optim.validate()
         for name in STAGES:
             self.stage(name).validate(f"{name}.")
-            self.train_config(name).validate()
+            train_cfg = self.train_config(name)
+            train_cfg.validate()
+            peaks = {g: train_cfg.optim.peak_lr(g, lr) for g, lr in get_recipe(train_cfg.stage).learning_rates.items()}
+            check_field(all(math.isfinite(v) for v in peaks.values()), f"{name}.lr_scale",
+                        f"the peak learning rates of {name} are not finite numbers: {peaks} (optim.lr, optim.lr_scale, "
+                        f"{name}.lr_scale and {name}.group_lr_scale multiply)")
         self.checkpoint.validate()
         self.eval.validate()
         get_rules(self.sharding)
         check_field(isinstance(self.init_from, tuple) and all(isinstance(p, str) and p for p in self.init_from),
                     "init_from", f"must be a list of directory paths, got {self.init_from!r}")
         check_positive(self, "", "micro_batches", "log_every")
+        check_field(isinstance(self.max_update_ratio, (int, float)) and not isinstance(self.max_update_ratio, bool)
+                    and math.isfinite(self.max_update_ratio) and self.max_update_ratio > 0, "max_update_ratio",
+                    f"must be a finite number > 0, got {self.max_update_ratio!r}")
         check_field(isinstance(self.peak_tflops, (int, float)) and not isinstance(self.peak_tflops, bool)
                     and self.peak_tflops >= 0, "peak_tflops", f"must be a number >= 0, got {self.peak_tflops!r}")
         p = self.profile_steps

@@ -30,7 +30,7 @@ from tpo_jax.config import ConfigError, TPOConfig, check_field, check_positive
 from tpo_jax.losses import loss_counts, total_loss
 from tpo_jax.model import HEADS, TPOModel, abstract_model
 from tpo_jax.sharding import activation_sharding, batch_sharding, replicated, tree_shardings
-from tpo_jax.train.nonfinite import skip_nonfinite
+from tpo_jax.train.nonfinite import MAX_UPDATE_RATIO, skip_nonfinite
 from tpo_jax.train.optim import OptimConfig, learning_rates, make_optimizer
 from tpo_jax.train.stages import StageRecipe, get_recipe, param_group
 
@@ -140,15 +140,17 @@ def make_grad_fn(graphdef, model_cfg: TPOConfig, train_cfg: TrainConfig):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: TPOConfig, train_cfg: TrainConfig,
-                    *, shardings: "TrainShardings | None" = None, guard_nonfinite: bool = False, jit: bool = True,
-                    donate: bool = True, keep_unused: bool = False):
+                    *, shardings: "TrainShardings | None" = None, guard_nonfinite: bool = False,
+                    max_update_ratio: float = MAX_UPDATE_RATIO, jit: bool = True, donate: bool = True,
+                    keep_unused: bool = False):
     """Build `train_step(state, frozen, batch, rng) -> (state, metrics)` — the one place the step is assembled.
 
     * `shardings` (from `train_shardings` / `init_sharded`): jit with explicit in/out shardings on its mesh and
       the activation constraints of its rules active; `batch` then holds global arrays
       (`tpo_jax.sharding.shard_batch`) and the metrics come back replicated. None: plain `jax.jit`.
-    * `guard_nonfinite`: a step whose loss or gradient is not finite keeps the old params and optimizer
-      state (`tpo_jax.train.nonfinite.skip_nonfinite`); `metrics["nonfinite"]` counts it.
+    * `guard_nonfinite`: a step whose loss, gradient, LR or update is not finite, or whose update exceeds
+      `max_update_ratio` × the params' norm, keeps the old params and optimizer state
+      (`tpo_jax.train.nonfinite.skip_nonfinite`); `metrics["nonfinite"]` counts it.
     * `jit=False` returns the pure function (no jit, no shardings); `donate` donates the state's buffers;
       `keep_unused` keeps arguments the step does not read (frozen heads in stage 1) as compiled parameters,
       so `memory_analysis()` counts everything a device holds.
@@ -160,11 +162,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: TPOCo
         metrics, grads = grad_fn(state.params, frozen, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                       **learning_rates(recipe, train_cfg.optim, state.step))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
+                       param_norm=optax.tree.norm(state.params), **learning_rates(recipe, train_cfg.optim, state.step))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    step = skip_nonfinite(train_step) if guard_nonfinite else train_step
+    step = skip_nonfinite(train_step, max_update_ratio) if guard_nonfinite else train_step
     if not jit:
         return step
     donate_argnums = (0,) if donate else ()

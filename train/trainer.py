@@ -26,8 +26,10 @@ here starts from those weights), and trains its recipe. A checkpoint holds the p
 trained up to this stage, the optimizer state and step, the data-iterator state and the config: `resume=True` continues
 a stage exactly where it stopped (same batches, same dropout keys, bit-identical losses on CPU).
 SIGTERM or Ctrl-C finishes the current step, saves, and returns (a second Ctrl-C aborts at once); `resume=True`
-skips stages that are finished and evaluated, and returns at once when all are. A step with a non-finite loss or gradient keeps
-the old parameters (`tpo_jax.train.nonfinite`), and more than `cfg.max_nonfinite` of them stop the run.
+skips stages that are finished and evaluated, and returns at once when all are. A step with a non-finite loss, gradient,
+LR or update, or an update above `cfg.max_update_ratio` × the params' norm, keeps the old parameters
+(`tpo_jax.train.nonfinite`); more than `cfg.max_nonfinite` of them stop the run, and a run that finishes with some
+reports them (`summary["skipped_steps"]`; `tpo-train` exits with status 3).
 Only process 0 writes files and logs.
 """
 
@@ -83,6 +85,7 @@ class TrainingError(RuntimeError):
 # predict function are kept per (kind, model config, train config, mesh, rules), so each is traced and compiled
 # once. Configs hold dicts (not hashable), so their repr is the key.
 _COMPILED: dict[tuple, Any] = {}
+_REJECTED = "a non-finite loss, gradient, LR or update, or an update above max_update_ratio × the params' norm"
 
 
 def _cached(key: tuple, build):
@@ -169,9 +172,10 @@ class Trainer:
     def compiled_train_step(self, graphdef, tx, stage: str, shardings: TrainShardings):
         """The jitted, sharded, non-finite-guarded train step of `stage` (compiled once per process and config)."""
         train_cfg = self.cfg.train_config(stage)
-        key = ("train", repr(self.cfg.model), repr(train_cfg), _mesh_key(shardings.mesh), tuple(shardings.rules))
+        key = ("train", repr(self.cfg.model), repr(train_cfg), _mesh_key(shardings.mesh), tuple(shardings.rules),
+               self.cfg.max_update_ratio)
         return _cached(key, lambda: make_train_step(graphdef, tx, self.cfg.model, train_cfg, shardings=shardings,
-                                                    guard_nonfinite=True))
+                                                    guard_nonfinite=True, max_update_ratio=self.cfg.max_update_ratio))
 
     def model_flops(self, stage: str, step_fn, args) -> float:
         """Model FLOPs of one global step of `stage` (`tpo_jax.train.flops`: the matmuls, attention included,
@@ -320,8 +324,8 @@ class Trainer:
                 if nonfinite > cfg.max_nonfinite:
                     mngr.wait()
                     raise NonFiniteError(
-                        f"{stage}: {nonfinite} steps had a non-finite loss or gradient (more than max_nonfinite="
-                        f"{cfg.max_nonfinite}), the last at step {step + 1}; their updates were skipped. Last "
+                        f"{stage}: {nonfinite} steps had {_REJECTED} (more than max_nonfinite={cfg.max_nonfinite}), "
+                        f"the last at step {step + 1}; their updates were skipped and no checkpoint holds them. Last "
                         f"checkpoint: {_step_text(mngr.latest_step())}. Lower the learning rate ({stage}.lr_scale, "
                         f"optim.lr) or check the data.")
                 last = step + 1 == run.steps
@@ -348,7 +352,11 @@ class Trainer:
             if hasattr(it, "close"):
                 it.close()
             mngr.close()  # waits for the last save
-        result.update(state=state, frozen=frozen, graphdef=graphdef, compile_s=compile_s, trained=trained)
+        result.update(state=state, frozen=frozen, graphdef=graphdef, compile_s=compile_s, trained=trained,
+                      skipped_steps=nonfinite)
+        if nonfinite:
+            self._log(f"{stage}: warning: {nonfinite} step(s) were skipped ({_REJECTED}); their batches trained "
+                      f"nothing (history.jsonl: nonfinite_total)")
         return result
 
     # the job
@@ -415,7 +423,8 @@ class Trainer:
                     continue
                 res = self.train_stage(stage, stop_after=left)
                 trained += res.get("trained", 0)
-                summary["stages"][stage] = {k: res.get(k) for k in ("start", "step", "steps", "compile_s", "stopped")}
+                summary["stages"][stage] = {k: res.get(k) for k in ("start", "step", "steps", "compile_s", "stopped",
+                                                                        "skipped_steps")}
                 summary["stages"][stage]["losses"] = res["losses"]
                 if res["evals"]:
                     during = [e for e in metrics.get("during", []) if e["stage"] != stage or e["step"] <= res["start"]]
@@ -450,6 +459,7 @@ class Trainer:
                 self.writer = None
         summary["wall_s"] = time.perf_counter() - t0
         summary["metrics"] = metrics
+        summary["skipped_steps"] = sum(v.get("skipped_steps") or 0 for v in summary["stages"].values())
         if self.main and not summary.get("stopped") and ("after" in metrics or not self.cfg.eval.enabled):
             compile_s = {s: v.get("compile_s") for s, v in summary["stages"].items()}
             self._log(report.write_reports(self.workdir, metrics, {s: self.global_offset(s) for s in STAGES},

@@ -130,6 +130,11 @@ def train_main(argv=None) -> int:
         if summary.get("stopped"):
             print(f"tpo-train: stopped ({summary['stopped']}); {hint}")
             return 130 if summary["stopped"] == "SIGINT" else 0
+        if summary.get("skipped_steps"):
+            print(f"tpo-train: finished, but {summary['skipped_steps']} step(s) were skipped (a non-finite or exploding "
+                  f"update; their batches trained nothing, no checkpoint holds their state): see history.jsonl "
+                  f"(nonfinite_total); exit status 3", file=sys.stderr)
+            return 3
         return 0
 
     return guarded("tpo-train", body, args.debug, interrupted=f"nothing saved since the last checkpoint; {hint}")
