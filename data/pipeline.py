@@ -189,6 +189,7 @@ class Prepare(grain.transforms.Map):
         except MemoryError as e:
             raise MemoryError(f"record {rid!r} ({step}): out of memory ({e}); lower data.budget") from e
         except Exception as e:  # noqa: BLE001  (one record's failure is a counted skip, never the run's end)
+            rid = getattr(e, "record_id", None) or rid  # a stored record that cannot be read names itself
             err = as_record_error(e, f"record {rid!r}", _STEP_KINDS[step])
             return Bad(rid, str(err), err.kind)
 

@@ -197,8 +197,8 @@ def encode_media(record: Record, storage: str, quality: int = 90, *, num_frames:
     elif record.image is not None:
         img = record.image
         data = img if isinstance(img, bytes) else _read_bytes(img, "image", record.id, budget)
-        _read_image(data, f"record {record.id!r}: {img if isinstance(img, str) else f'<{len(img)} bytes>'}",
-                    budget)  # decodes under the budget: a bomb / corrupt image is a bad record of the build
+        _read_image(img, f"record {record.id!r}: {img if isinstance(img, str) else f'<{len(img)} bytes>'}",
+                    budget)  # decodes under the budget (and checks the name): a bomb / corrupt image is a bad record
         kind, media, shape = "image", [data], zero
     elif record.video is not None:
         src = record.video
@@ -260,12 +260,15 @@ def example_to_record(ex: Mapping[str, Any]) -> Record:
     rid = raw_id.decode("utf-8", errors="backslashreplace") if isinstance(raw_id, bytes) else str(raw_id)
     try:
         return _example_to_record(ex, rid)
-    except RecordError:
+    except RecordError as e:
+        e.record_id = rid
         raise
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001  (whatever a corrupt stored record makes the decoders raise)
-        raise as_record_error(e, f"stored record {rid!r}: malformed", "decode") from e
+        err = as_record_error(e, f"stored record {rid!r}: malformed", "decode")
+        err.record_id = rid
+        raise err from e
 
 
 def _example_to_record(ex: Mapping[str, Any], rid: str) -> Record:

@@ -224,6 +224,16 @@ class Record:
                 fail(f"saliency must be per-clip values on the 0..{SALIENCY_SCALE:g} scale, got {sal.tolist()[:8]}")
             if not (math.isfinite(self.clip_seconds) and self.clip_seconds > 0):
                 fail(f"clip_seconds must be positive, got {self.clip_seconds}")
+        if self.track_masks is not None:
+            from tpo_jax.data.rle import rle_size  # noqa: PLC0415  (rle imports this module)
+
+            if not isinstance(self.track_masks, list):
+                fail(f"track_masks must be a list of RLEs, got {type(self.track_masks).__name__}")
+            for k, m in enumerate(self.track_masks):
+                try:
+                    rle_size(m)  # the size only: nothing decoded; over DEFAULT_BUDGET.max_mask_pixels fails
+                except RecordError as e:
+                    fail(f"track_masks[{k}]: {e}", e.kind)
         if self.task == "region" and (self.boxes is None or len(self.boxes) == 0):
             fail("region record without boxes")
         if self.task == "temporal":

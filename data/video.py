@@ -378,6 +378,11 @@ def decode_video(src: str | os.PathLike | bytes, num_frames: int = 16, size: int
                  tuple(frames.shape[1:3]))
 
 
+def _bomb(name: str, e: Exception) -> MediaError:
+    """PIL refuses the header itself (over 2 × Image.MAX_IMAGE_PIXELS, 179 Mpx): over any sane budget too."""
+    return MediaError(f"{name}: image size over the media budget max_pixels (PIL: {str(e)[:120]})", "media_budget")
+
+
 def _pil_why(e: Exception) -> str:
     if isinstance(e, UnidentifiedImageError):
         return "not an image format PIL knows (UnidentifiedImageError)"
@@ -391,7 +396,9 @@ def image_size(src, name: str | None = None, budget: MediaBudget | None = None) 
     try:
         with Image.open(handle) as img:
             return img.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise _bomb(name, e) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise MediaError(f"{name}: cannot decode image ({_pil_why(e)})") from e
 
 
@@ -409,7 +416,9 @@ def _read_image(src, name: str, budget: MediaBudget | None = None) -> np.ndarray
             rgb = np.asarray(img.convert("RGB"))
     except MediaError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise _bomb(name, e) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise MediaError(f"{name}: cannot decode image ({_pil_why(e)})") from e
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[:2] != (h, w):
         raise MediaError(f"{name}: decoded image of shape {rgb.shape}, header says {w}x{h}")

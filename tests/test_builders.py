@@ -164,3 +164,58 @@ def test_videochat2_instruction_is_a_field_placed_before_the_first_inst(tmp_path
     # stored and read back with the record
     stored = example_to_record(record_to_example(instr, "raw"))
     assert stored.instruction == "Watch carefully."
+
+
+# --- hostile input at build time (issue 26) ------------------------------------------------------------------------
+
+
+def _refcoco_inputs(tmp_path, good: int, bad_lines: list[str], extra: list[dict] = ()):
+    import os
+
+    root = tmp_path / "media"
+    root.mkdir()
+    Image.fromarray(smooth_clip(1, 30, 40)[0]).save(root / "img.png")
+    entry = {"image": "img.png", "expression": "it", "bbox": [4, 3, 20, 10], "width": 40, "height": 30}
+    lines = bad_lines + [json.dumps(dict(entry, id=f"r{k}")) for k in range(good)]
+    lines += [json.dumps(dict(entry, **e)) for e in extra]
+    ann = tmp_path / "ref.jsonl"
+    ann.write_text("\n".join(lines) + "\n")
+    (tmp_path / "outside.png").write_bytes((root / "img.png").read_bytes())
+    os.symlink(tmp_path / "outside.png", root / "escape.png")
+    return [{"path": str(ann), "format": "refcoco", "media_root": str(root)}], ann
+
+
+def test_bad_records_first_do_not_stop_a_healthy_build(tmp_path):
+    # 6 malformed lines before 200 good ones: 6 / 206 = 2.9 % < 5 %; judged against all records of the file
+    bad = ["{not json", "[" * 5000 + "]" * 5000, '{"id": ' + "9" * 5000 + "}", '{"image": 5}',
+           json.dumps({"image": "img.png", "expression": "x", "bbox": ["1", 2, 3, 4], "width": 40, "height": 30}),
+           json.dumps({"image": "../outside.png", "expression": "x", "bbox": [1, 2, 3, 4], "width": 40, "height": 30})]
+    inputs, ann = _refcoco_inputs(tmp_path, 200, bad)
+    builder = TpoRecords(inputs, data_dir=str(tmp_path / "out"))
+    path = build(builder)
+    meta = builder.info.metadata
+    assert meta["bad_records"] == 6 and meta["records_seen"] == 206
+    assert meta["bad_by_kind"] == {"parse": 3, "bad_field": 2, "path": 1}
+    assert len(open_task_sources([path], "train", ["region"])["region"]) == 200
+
+
+def test_build_decodes_media_and_names_the_worst_offenders(tmp_path):
+    from tpo_jax.data.poisoned import bomb_png
+    from tpo_jax.data.records import DataError
+
+    extra = [{"id": "escape", "image": "escape.png"}, {"id": "bomb", "image": "bomb.png"},
+             {"id": "video", "image": "clip.mp4"}, {"id": "gone", "image": "missing.png"}]
+    inputs, ann = _refcoco_inputs(tmp_path, 3, [], extra)
+    root = tmp_path / "media"
+    (root / "bomb.png").write_bytes(bomb_png(9000, 9000))  # passed the build before: stored without decoding
+    (root / "clip.mp4").write_bytes((root / "img.png").read_bytes())
+    builder = TpoRecords(inputs, data_dir=str(tmp_path / "out"), max_bad_fraction=0.6)
+    path = build(builder)
+    assert builder.info.metadata["bad_by_kind"] == {"path": 1, "media_budget": 1, "media_kind": 1, "media_missing": 1}
+    assert len(open_task_sources([path], "train", ["region"])["region"]) == 3
+    with pytest.raises(DataError) as e:
+        build(TpoRecords(inputs, data_dir=str(tmp_path / "out2"), max_bad_fraction=0.2))
+    msg = str(e.value)
+    assert msg.startswith("2 of 7 records were bad, more than max_bad_fraction=0.2; by kind: ") or \
+        msg.startswith("4 of 7") or msg.startswith("3 of 7"), msg
+    assert "path 1 (e.g. " in msg and "\n" not in msg

@@ -253,3 +253,121 @@ def test_sav_and_mevis(tmp_path):
 def test_unknown_format(tmp_path):
     with pytest.raises(RecordError, match="unknown annotation format 'nope'"):
         iter_records(tmp_path, "nope")
+
+
+# --- hostile input (issue 26): every bad entry is one named, counted RecordError with a kind ---------------------
+
+
+def kinds_and_messages(items):
+    return [(x.kind, str(x)) for x in items if isinstance(x, RecordError)]
+
+
+def test_numbers_must_be_real_numbers_in_range(tmp_path):
+    entries = [
+        dict(MC, candidates=[f"c{k}" for k in range(9)], answer="c1"),  # 9 options: the prompt letters (A)-(H)
+        dict(MC, answer=7),  # answer index outside the 3 candidates
+        dict(MC, answer=True),  # bool is not an index
+        dict(REFCOCO, bbox=["103", 300, 134, 177]),  # strings for numbers
+        dict(REFCOCO, width="640"),
+        dict(REFCOCO, width=True),
+        dict(REFCOCO, width=float("inf")),
+    ]
+    mc = write_jsonl(tmp_path / "mc.jsonl", entries[:3])
+    ref = write_jsonl(tmp_path / "ref.jsonl", entries[3:])
+    out = kinds_and_messages(iter_records(mc, "mc", "/v")) + kinds_and_messages(iter_records(ref, "refcoco", "/i"))
+    assert [k for k, _ in out] == ["template", "bad_field", "bad_field", "bad_field", "bad_field", "bad_field",
+                                   "bad_field"]
+    assert out[0][1] == f"{mc}:1: 9 candidates, a multiple-choice prompt takes at most 8 (options (A) to (H))"
+    assert out[1][1] == f"{mc}:2: answer index 7 not in [0, 3)"
+    assert out[2][1].startswith(f"{mc}:3: field 'answer' must be str or int, got bool")
+    assert out[3][1] == f"{ref}:1: box coordinate must be a number, got str '103'"
+    assert out[4][1].startswith(f"{ref}:2: field 'width' must be int or float, got str")
+    assert out[6][1] == f"{ref}:4: width must be finite, got inf"
+
+
+def test_saliency_fps_durations_and_sizes_checked_before_allocating(tmp_path):
+    import tracemalloc
+
+    qvh = write_jsonl(tmp_path / "qvh.jsonl", [
+        dict(QVH, saliency_scores=[[5, 3, 2], [1, 1, 0]]),  # a 0-4 annotator score of 5
+        dict(QVH, duration=1e10),  # 5e9 clips = 18.6 GiB of saliency before the check
+        dict(QVH, duration=10, relevant_windows=[[2, "6"]]),
+        QVH])
+    trk = write_jsonl(tmp_path / "trk.jsonl", [
+        dict(TRACK, fps=-24),
+        dict(TRACK, width=100000, height=100000, masks=[None, None, RLE_B]),  # 9 GiB of empty masks
+        dict(TRACK, masks=[{"size": [50000, 50000], "counts": [2500000000]}, None, None]),  # RLE 50000²: 2.3 GiB
+        dict(TRACK, masks=[{"size": [6, 8], "counts": ["13", 2, 4, 2, 4, 2, 21]}, None, None]),  # string count
+        dict(TRACK, masks=[{"size": ["6", 8], "counts": [48]}, None, None])])
+    tracemalloc.start()
+    out = kinds_and_messages(iter_records(qvh, "qvhighlights", "/q")) + kinds_and_messages(iter_records(trk, "track", "/t"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20 << 20, peak
+    assert [k for k, _ in out] == ["bad_field", "media_budget", "bad_field", "bad_field", "media_budget",
+                                   "media_budget", "bad_field", "bad_field"]
+    assert out[0][1] == f"{qvh}:1: saliency_scores of clip 1 must be annotator scores 0-4, got [5, 3, 2]"
+    assert out[1][1] == f"{qvh}:2: duration 10000000000.0 s is over the budget max_seconds=21600.0"
+    assert out[3][1] == f"{trk}:1: fps must be positive, got -24.0"
+    assert out[4][1].startswith(f"{trk}:2: frame of 100000x100000 = 10000000000 pixels is over the budget")
+    assert out[5][1] == f"{trk}:3: RLE size 50000x50000 = 2500000000 pixels is over the budget max_mask_pixels=40000000"
+    assert "RLE counts must be a list of at most h*w+1 integers" in out[6][1] and "'13'" in out[6][1]
+    # a bigger budget lets the long QVHighlights video through, without changing the others
+    from tpo_jax.data.records import MediaBudget
+    long = write_jsonl(tmp_path / "long.jsonl", [dict(QVH, duration=30000)])  # 8.3 h: over the default 6 h
+    assert next(iter_records(long, "qvhighlights", "/q")).kind == "media_budget"
+    (rec,) = iter_records(long, "qvhighlights", "/q", budget=MediaBudget(max_seconds=1e5))
+    assert isinstance(rec, Record) and len(rec.saliency) == 15000
+
+
+def test_one_bad_jsonl_line_is_one_bad_entry(tmp_path):
+    deep = "[" * 100000 + "]" * 100000
+    huge = '{"id": ' + "1" * 5000 + "}"
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join([deep, huge, json.dumps(MC), '{"video": "x.mp4", "question": "\\ud800?", '
+                               '"candidates": ["a", "b"], "answer": 0}']) + "\n")
+    out = list(iter_records(path, "mc", "/v"))
+    assert [type(x).__name__ for x in out] == ["RecordError", "RecordError", "Record", "RecordError"]
+    assert (out[0].kind, str(out[0])) == ("parse", f"{path}:1: not usable JSON (nested too deeply)")
+    assert out[1].kind == "parse" and str(out[1]).startswith(f"{path}:2: not usable JSON (Exceeds the limit")
+    assert out[3].kind == "bad_field" and str(out[3]).startswith(f"{path}:4: record 'mc-4' (mc): question holds")
+    assert "lone surrogate" in str(out[3])
+
+
+def test_a_bad_durations_entry_spoils_only_its_video(tmp_path):
+    ann = tmp_path / "sta.txt"
+    ann.write_text("A 0 1##good\nB 0 1##inf duration\nC 0 1##negative\nD 0 1##text\nE 0 Infinity##end inf\n")
+    csv_path = tmp_path / "durations.csv"
+    csv_path.write_text("id,length\nA,5\nB,Infinity\nC,-3\nD,abc\nE,5\n")
+    out = list(iter_records(ann, "charades_sta", "/c", durations=str(csv_path)))
+    assert isinstance(out[0], Record) and out[0].duration == 5
+    msgs = [str(x) for x in out[1:]]
+    assert msgs == [f"{ann}:2: bad duration of video 'B' ({csv_path}:3: duration must be finite, got inf)",
+                    f"{ann}:3: bad duration of video 'C' ({csv_path}:4: duration must be positive, got -3.0)",
+                    f"{ann}:4: bad duration of video 'D' ({csv_path}:5: duration 'abc' is not a number)",
+                    f"{ann}:5: end must be finite, got inf"]
+    same = list(iter_records(ann, "charades_sta", "/c", durations={"A": 5, "B": float("inf"), "C": "7", "D": 1,
+                                                                      "E": 5}))
+    assert isinstance(same[0], Record) and isinstance(same[2], Record) and same[2].duration == 7.0
+    assert "duration must be finite" in str(same[1])
+
+
+def test_media_paths_stay_inside_the_media_root(tmp_path):
+    import os
+
+    root, outside = tmp_path / "media", tmp_path / "secret"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "x.mp4").write_bytes(b"x")
+    (root / "ok.mp4").write_bytes(b"x")
+    os.symlink(outside / "x.mp4", root / "link.mp4")  # a symlink inside the root that leads out of it
+    os.symlink(root / "ok.mp4", root / "inner.mp4")  # one that stays inside
+    entries = [dict(MC, video=v) for v in ("../secret/x.mp4", str(outside / "x.mp4"), "link.mp4", "inner.mp4",
+                                           "sub/../ok.mp4", str(root / "ok.mp4"))]
+    path = write_jsonl(tmp_path / "mc.jsonl", entries)
+    out = list(iter_records(path, "mc", root))
+    assert [x.kind if isinstance(x, RecordError) else "ok" for x in out] == ["path", "path", "path", "ok", "ok", "ok"]
+    assert str(out[0]) == (f"{path}:1: media path '../secret/x.mp4' resolves to {outside / 'x.mp4'}, outside the "
+                           f"media root {root} (allow_outside_media_root=True to allow)")
+    allowed = list(iter_records(path, "mc", root, allow_outside_media_root=True))
+    assert all(isinstance(x, Record) for x in allowed) and allowed[1].video == str(outside / "x.mp4")

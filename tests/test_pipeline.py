@@ -2,8 +2,10 @@
 records, evaluation batches, and stored records that read back as the records that were written."""
 
 import collections
+import dataclasses
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -214,3 +216,116 @@ def test_records_builder_stores_video_bytes_and_counts_bad_entries(tmp_path, cap
     batch = next(P.make_train_iterator(P.DataConfig(source=path, batch_size=2, weights={"temporal": 1}), CFG,
                                        "stage2_temporal"))
     np.testing.assert_allclose(batch["spans"][:, 0], [[0.5, 0.5]] * 2)  # center 1.0 / 2 s, width 1.0 / 2 s
+
+
+# --- hostile records (issue 26): every per-record failure is a counted, named skip of a kind ---------------------
+
+
+class ListSource:
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def hostile_records():
+    """(record or exception raised by the source, expected skip kind) per audit finding."""
+    from tpo_jax.data.poisoned import bomb_png, small_jpeg
+
+    mc = make_record(SyntheticConfig(size=32, num_frames=4), "mc", 0)
+    tmp = make_record(SyntheticConfig(size=32, num_frames=4), "temporal", 0)
+    mask = make_record(SyntheticConfig(size=32, num_frames=4), "mask", 0)
+    video = dict(frames=None, video=None, image=None)
+    return [
+        (Record(id="bomb", task="region", image=bomb_png(), question="x", boxes=np.array([[0, 0, 1, 1.0]])),
+         "media_budget"),
+        (dataclasses.replace(mc, id="nine", options=tuple(f"o{k}" for k in range(9)), mc_answer=0), "template"),
+        (dataclasses.replace(mc, id="surrogate", question="what \ud800?"), "bad_field"),
+        (dataclasses.replace(tmp, id="inf", duration=float("inf")), "bad_field"),
+        (dataclasses.replace(tmp, id="neg-fps", fps=-3.0), "bad_field"),
+        (dataclasses.replace(mask, id="rle", track_masks=[{"size": [50000, 50000], "counts": [2500000000]}]),
+         "media_budget"),
+        (dataclasses.replace(mc, id="jpeg-as-video", **dict(video, video=small_jpeg())), "media_kind"),
+        (dataclasses.replace(mc, id="garbage", **dict(video, video=b"\x00\x01" * 500)), "decode"),
+        (ZeroDivisionError("a library bug"), "decode"),  # the source itself fails: the read step
+        (mc, None),  # a good record in between
+    ]
+
+
+def test_prepare_turns_every_per_record_failure_into_a_named_skip_of_its_kind():
+    cases = hostile_records()
+    prep = P.Prepare({"mc": ListSource([r for r, _ in cases])}, P.example_spec(P.DataConfig(), CFG), 0)
+    for i, (record, kind) in enumerate(cases):
+        out = prep.example("mc", i, i)
+        if kind is None:
+            assert isinstance(out, dict)
+            continue
+        assert isinstance(out, P.Bad) and out.kind == kind, (i, out)
+        name = record.id if isinstance(record, Record) else f"mc[{i}]"
+        assert out.record_id == name and f"record {name!r}" in out.message, out.message
+        assert "\n" not in out.message
+    assert "ZeroDivisionError: a library bug" in prep.example("mc", 8, 8).message
+
+
+def test_bad_by_kind_is_counted_named_in_the_error_and_kept_by_the_state():
+    items = [r for r, _ in hostile_records()]
+    src = ListSource(items)
+    cfg = P.DataConfig(batch_size=2, weights={"mc": 1.0}, max_bad_fraction=0.95, bad_check_after=100)
+    it = P.make_train_iterator(cfg, CFG, "stage3", sources={"mc": src})
+    take(it, 1)
+    state = it.get_state()
+    assert it.bad_by_kind == state["bad_by_kind"] and sum(it.bad_by_kind.values()) == it.bad > 0
+    assert set(state["bad_examples"]) == set(it.bad_by_kind)
+    json.dumps(state)
+    more = take(it, 2)
+    it2 = P.make_train_iterator(cfg, CFG, "stage3", sources={"mc": src})
+    it2.set_state(state)
+    assert_batches_equal(take(it2, 2), more)
+    assert it2.bad_by_kind == it.bad_by_kind
+    old = {k: v for k, v in state.items() if k not in ("bad_by_kind", "bad_examples")}  # a state from before
+    it3 = P.make_train_iterator(cfg, CFG, "stage3", sources={"mc": src})
+    it3.set_state(old)
+    assert it3.bad_by_kind == {"unknown": state["bad"]}
+    strict = P.make_train_iterator(dataclasses.replace(cfg, max_bad_fraction=0.5, bad_check_after=2), CFG, "stage3",
+                                   sources={"mc": src})
+    with pytest.raises(P.DataError) as e:
+        take(strict, 3)
+    msg = str(e.value)
+    assert re.search(r"; by kind: [a-z_]+ \d \(e\.g\. '[a-z-]+'\), [a-z_]+ \d \(e\.g\. '[a-z-]+'\)", msg), msg
+    assert "\n" not in msg
+
+
+def test_poisoned_dataset_every_poison_skipped_under_its_kind_with_0_and_2_workers(tmp_path):
+    from tpo_jax.data.poisoned import POISON_KINDS, write_poisoned_dataset
+
+    syn = SyntheticConfig(size=CFG.vit.img_size, num_frames=CFG.vit.num_frames)
+    ds = write_poisoned_dataset(str(tmp_path), syn, sizes={"train": 16, "validation": 2}, fraction=0.25)
+    assert set(ds.poisoned) == set(POISON_KINDS)
+    sources = open_task_sources([ds.path], "train", TASKS)
+    prep = P.Prepare(sources, P.example_spec(P.DataConfig(), CFG), 0)
+    for task in TASKS:
+        plan = ds.poisoned_index.get(("train", task), {})
+        for i in range(len(sources[task])):
+            out = prep.example(task, i, i)
+            if i in plan:
+                assert isinstance(out, P.Bad) and out.kind == POISON_KINDS[plan[i]], (task, i, plan[i], out)
+                assert out.record_id.startswith(f"poisoned-{plan[i]}-"), out.record_id
+            else:
+                assert isinstance(out, dict), (task, i, out)
+    counts = []
+    for workers in (0, 2):
+        cfg = P.DataConfig(source=ds.path, batch_size=4, workers=workers, max_bad_fraction=0.5)
+        it = P.make_train_iterator(cfg, CFG, "stage3")
+        batches = take(it, 10)
+        counts.append((it.seen, it.bad_by_kind, batches))
+        it.close()
+    assert counts[0][:2] == counts[1][:2] and counts[0][0] == 40 + sum(counts[0][1].values())
+    assert_batches_equal(counts[0][2], counts[1][2])
+    assert set(counts[0][1]) <= set(POISON_KINDS.values()) and len(counts[0][1]) >= 3

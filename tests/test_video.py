@@ -226,3 +226,67 @@ def test_given_frames_are_resized_and_sampled():
 def test_encode_mp4_rejects_odd_sizes():
     with pytest.raises(ValueError, match="even"):
         encode_mp4(np.zeros((2, 15, 16, 3), np.uint8), 10.0)
+
+
+# --- hostile media (issue 26): budgets checked before decoding, content must match the name ----------------------
+
+
+def test_bomb_images_are_rejected_from_the_header_before_decoding(tmp_path):
+    import tracemalloc
+
+    from tpo_jax.data.poisoned import bomb_jpeg, bomb_png
+    from tpo_jax.data.records import MediaBudget
+
+    jpeg = bomb_jpeg(9000, 9000)  # decoding it would take 9000 * 9000 * 3 bytes = 232 MB, PIL's RGB even 324 MB
+    assert len(jpeg) < 1000
+    (tmp_path / "bomb.jpg").write_bytes(jpeg)
+    tracemalloc.start()
+    with pytest.raises(MediaError) as e:
+        decode_image(tmp_path / "bomb.jpg", budget=MediaBudget(max_pixels=50_000_000))
+    with pytest.raises(MediaError) as e2:
+        decode_image(bomb_png(20000, 20000))  # over PIL's own 179 Mpx limit: refused at Image.open
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5 << 20
+    assert e.value.kind == "media_budget" and str(e.value) == (
+        f"{tmp_path / 'bomb.jpg'}: image size 9000x9000 = 81000000 pixels is over the media budget "
+        "max_pixels=50000000")
+    assert e2.value.kind == "media_budget" and str(e2.value).startswith("<") and "max_pixels" in str(e2.value)
+
+
+def test_image_named_mp4_is_not_a_one_frame_video(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, format="JPEG")
+    (tmp_path / "clip.mp4").write_bytes(buf.getvalue())
+    rec = Record(id="v", task="conversation", video=str(tmp_path / "clip.mp4"), turns=[("q", "a")])
+    with pytest.raises(MediaError) as e:
+        load_media(rec, 4, 16)
+    assert e.value.kind == "media_kind"
+    assert str(e.value) == f"record 'v': {tmp_path / 'clip.mp4'}: content is image JPEG, expected a video"
+    with pytest.raises(MediaError, match="content is image JPEG, expected a video"):
+        decode_video(buf.getvalue(), 4, 16)  # bytes: the content alone decides
+    mp4 = encode_mp4(np.zeros((2, 16, 16, 3), np.uint8), 2.0)
+    (tmp_path / "still.jpg").write_bytes(mp4)
+    with pytest.raises(MediaError, match=r"still.jpg: content is video MP4/MOV, expected an image") as e:
+        decode_image(tmp_path / "still.jpg")
+    assert e.value.kind == "media_kind"
+    (tmp_path / "frame.mp4").write_bytes(b"\x00" * 64)  # unknown content, but named like a video
+    with pytest.raises(MediaError, match=r"frame.mp4: file named '.mp4' read as an image"):
+        decode_image(tmp_path / "frame.mp4")
+
+
+def test_video_budgets_checked_before_decoding(tmp_path):
+    from tpo_jax.data.records import MediaBudget
+
+    mp4 = encode_mp4(np.zeros((10, 32, 48, 3), np.uint8), 5.0)
+    cases = [(MediaBudget(max_pixels=1000), "frame size 48x32 = 1536 pixels is over the media budget max_pixels=1000"),
+             (MediaBudget(max_frames=4), "over the media budget max_frames=4"),
+             (MediaBudget(max_seconds=1.5), "over the media budget max_seconds=1.5"),
+             (MediaBudget(max_bytes=100), f"video of {len(mp4)} bytes is over the media budget max_bytes=100"),
+             (MediaBudget(max_decoded_bytes=10000), "over the media budget max_decoded_bytes=10000")]
+    for budget, msg in cases:
+        with pytest.raises(MediaError) as e:
+            read_video_frames(mp4, 4, name="clip-7", budget=budget)
+        assert e.value.kind == "media_budget" and str(e.value).startswith("clip-7: ") and msg in str(e.value), budget
+    frames, *_ = read_video_frames(mp4, 4, budget=MediaBudget(max_pixels=1536, max_frames=10))
+    assert frames.shape == (4, 32, 48, 3)
