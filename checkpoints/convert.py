@@ -25,6 +25,7 @@ destinations `llm.layers.self_attn.q_proj.kernel[3]`; `summary.arrays_written` c
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -35,11 +36,11 @@ import numpy as np
 from flax import nnx
 
 from tpo_jax.checkpoints import tables
-from tpo_jax.checkpoints.configs import REPORT_FILE, adapter_info, llm_config_from_hf, read_json, to_dict
+from tpo_jax.checkpoints.configs import REPORT_FILE, AdapterInfo, adapter_info, llm_config_from_hf, to_dict
 from tpo_jax.checkpoints.errors import ConversionError
 from tpo_jax.checkpoints.mapping import Job, Plan, build_plan
 from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES, LazyArray, _flat_state, nest, write_streaming
-from tpo_jax.checkpoints.sources import TensorSource, open_source
+from tpo_jax.checkpoints.sources import TensorSource, checkpoint_root, open_source, read_json_file
 from tpo_jax.checkpoints.stacking import locate, present_layouts, slice_name
 from tpo_jax.checkpoints.staging import staged_output
 from tpo_jax.checkpoints.tables.llm import PEFT_PREFIX
@@ -249,6 +250,38 @@ def format_report(report: dict, out_dir=None) -> str:
     return "\n".join(lines)
 
 
+def hf_llm_config(path, root: str | None = None) -> LLMConfig:
+    """A Hugging Face config.json -> LLMConfig; the file is read like a checkpoint file (`sources.confined`:
+    inside `root`, a regular file) and any bad field is one ConversionError naming it."""
+    data = read_json_file(path, root)
+    if not isinstance(data, dict):
+        raise ConversionError("expected a JSON object", file=str(path))
+    try:
+        return llm_config_from_hf(data, file=str(path))
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:
+        raise ConversionError(f"unusable config: {type(e).__name__}: {' '.join(str(e).split())[:200]}",
+                              file=str(path)) from None
+
+
+def _adapter_info(path, root: str | None) -> AdapterInfo:
+    data = read_json_file(path, root)  # confined and a regular file before `adapter_info` reads it again
+    if not isinstance(data, dict):
+        raise ConversionError("expected a JSON object", file=str(path))
+    try:
+        return adapter_info(path)
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:
+        raise ConversionError(f"unusable adapter config: {type(e).__name__}: {' '.join(str(e).split())[:200]}",
+                              file=str(path)) from None
+
+
+def _check_output(source, out_dir) -> None:
+    """Refuse an output directory that is, or holds, the source (with --overwrite it would be deleted)."""
+    src, out = os.path.realpath(source), os.path.realpath(out_dir)
+    if os.path.commonpath([src, out]) == out:
+        raise ConversionError(f"the output directory is or contains the source {src}; choose another output",
+                              file=str(out_dir))
+
+
 # ------------------------------------------------------------------------------------------------ public API
 
 def convert_videochat(source, out_dir, cfg: TPOConfig | None = None, *, lora: str = "keep", dtype: str = "keep",
@@ -269,6 +302,7 @@ def convert_videochat(source, out_dir, cfg: TPOConfig | None = None, *, lora: st
         raise ConversionError(f"lora must be 'keep' or 'merge', got {lora!r}")
     model_cfg = replace(cfg, **{"lora.enabled": False}) if lora == "merge" else cfg
     out_dtype = _out_dtype(dtype)
+    _check_output(source, out_dir)
     src = open_source(source)
     abstract = abstract_params(lambda: TPOModel(model_cfg, rngs=None))
     rule_table = tables.videochat(lora, cfg.lora.scaling, cfg.lora.rank)
@@ -300,14 +334,15 @@ def convert_hf(source, out_dir, *, adapter=None, lora: str = "merge", llm_cfg: L
     if lora not in ("keep", "merge"):
         raise ConversionError(f"lora must be 'keep' or 'merge', got {lora!r}")
     out_dtype = _out_dtype(dtype)
+    _check_output(source, out_dir)
     src = open_source(source)
     if llm_cfg is None:
         base = Path(source)
         cfg_file = (base if base.is_dir() else base.parent) / "config.json"
-        if not cfg_file.exists():
+        if not os.path.lexists(cfg_file):
             raise ConversionError("no config.json next to the checkpoint (pass llm_cfg= or --config)",
                                   file=str(cfg_file))
-        llm_cfg = llm_config_from_hf(read_json(cfg_file), file=str(cfg_file))
+        llm_cfg = hf_llm_config(cfg_file, checkpoint_root(base))
     if scan_layers is not None:
         llm_cfg = replace(llm_cfg, **{"stack.scan_layers": bool(scan_layers)})
     info_lora = None
@@ -315,7 +350,9 @@ def convert_hf(source, out_dir, *, adapter=None, lora: str = "merge", llm_cfg: L
     overrides: dict[str, str] = {}
     if adapter is not None:
         ad = Path(adapter)
-        ainfo = adapter_info(ad / "adapter_config.json" if ad.is_dir() else ad)
+        ad_config = ad / "adapter_config.json" if ad.is_dir() else ad
+        ainfo = _adapter_info(ad_config, checkpoint_root(ad))
+        _check_output(ad, out_dir)
         adapter_src = open_source(ad if ad.is_dir() else ad.parent)
         src = src.merged_with(adapter_src)
         targets = ainfo.targets

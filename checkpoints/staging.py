@@ -1,7 +1,9 @@
 """Stage an output directory: write into a temporary directory next to it, move it into place at the end.
 
-A failed write (an exception, Ctrl-C) leaves nothing at the output path. Used by conversion (`convert.py`)
-and export (`export.py`).
+A failed write (an exception, Ctrl-C) leaves nothing at the output path: the temporary directory is removed,
+and so are the parent directories this call created for it (only if still empty). With `overwrite`, an existing
+output is moved aside, replaced, then deleted (restored if the replacement fails). Used by conversion
+(`convert.py`) and export (`export.py`).
 """
 
 from __future__ import annotations
@@ -15,20 +17,61 @@ from pathlib import Path
 from tpo_jax.checkpoints.errors import ConversionError
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: str | os.PathLike, overwrite: bool):
     """Yield a temporary directory next to `out_dir`; rename it to `out_dir` on success, delete it on failure."""
     out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:
         raise ConversionError("output already exists (pass overwrite=True or --overwrite)", file=str(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    created = []  # parents made here, deepest last
+    parent = out.parent
+    while not os.path.lexists(parent):
+        created.append(parent)
+        parent = parent.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"cannot create the output's parent directory: {e.strerror or e}",
+                              file=str(out)) from None
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        _remove_created(created)
+        raise ConversionError(f"cannot create a directory next to the output: {e.strerror or e}",
+                              file=str(out)) from None
     try:
         yield tmp
+        old = None
+        if os.path.lexists(out):
+            old = out.parent / f".{out.name}.old-{tag}"
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if old is not None:
+        _remove(old)
+
+
+def _remove_created(created: list[Path]) -> None:
+    for d in created:  # deepest first
+        try:
+            os.rmdir(d)
+        except OSError:
+            break

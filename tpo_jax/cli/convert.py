@@ -11,8 +11,7 @@ import argparse
 import os
 import sys
 
-from tpo_jax.checkpoints.configs import llm_config_from_hf, read_json
-from tpo_jax.checkpoints.convert import OUTPUT_DTYPES, convert_hf, convert_videochat, format_report
+from tpo_jax.checkpoints.convert import OUTPUT_DTYPES, convert_hf, convert_videochat, format_report, hf_llm_config
 from tpo_jax.checkpoints.export import export_hf, export_videochat
 from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES
 from tpo_jax.cli.common import add_debug_flag, guarded
@@ -98,7 +97,7 @@ def _run(args) -> int:
             report = convert_videochat(args.source, args.out, _cli_config(args), extras=not args.no_extras,
                                        **common)
         else:
-            llm_cfg = (llm_config_from_hf(read_json(args.config), file=args.config) if args.config else None)
+            llm_cfg = hf_llm_config(args.config) if args.config else None
             report = convert_hf(args.source, args.out, adapter=args.adapter, llm_cfg=llm_cfg,
                                 scan_layers=args.scan_layers or None, **common)
         if args.dry_run:
