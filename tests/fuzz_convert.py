@@ -563,7 +563,7 @@ def run_all(case_iter, out_root: str | os.PathLike, *, limit_s: float = 60.0, pa
     is deleted after its run unless `keep`."""
     out_root = Path(out_root)
     counts = {"cases": 0, "accepted": 0, "rejected": 0, "uncaught": 0, "hangs": 0, "unnamed": 0,
-              "parity_checked": 0, "parity_mismatch": 0, "max_s": 0.0, "max_case": None, "failures": [],
+              "parity_checked": 0, "parity_both_accept": 0, "parity_mismatch": 0, "max_s": 0.0, "max_case": None, "failures": [],
               "by_family": {}}
 
     def on_alarm(signum, frame):
@@ -603,6 +603,7 @@ def run_all(case_iter, out_root: str | os.PathLike, *, limit_s: float = 60.0, pa
                 pair = library_parity(path)
                 if pair is not None:
                     counts["parity_checked"] += 1
+                    counts["parity_both_accept"] += pair[0] and pair[1]
                     if pair[0] != pair[1]:
                         counts["parity_mismatch"] += 1
                         counts["failures"].append((name, f"parity ours={pair[0]} library={pair[1]}", message))
