@@ -671,9 +671,10 @@ def _mevis(path, media_root, mask_dict=None, fps=6.0, **_):
     meta = _load_json(path)
     if not isinstance(meta, dict) or not isinstance(meta.get("videos"), dict):
         raise RecordError(f"{path}: expected {{\"videos\": {{...}}}}")
-    masks_all = _load_json(mask_dict or os.path.join(os.path.dirname(path), "mask_dict.json"))
+    mask_path = os.fspath(mask_dict or os.path.join(os.path.dirname(path), "mask_dict.json"))
+    masks_all = _load_json(mask_path)
     if not isinstance(masks_all, dict):
-        raise RecordError(f"{mask_dict}: expected an object {{anno_id: [RLE per frame]}}")
+        raise RecordError(f"{mask_path}: expected an object {{anno_id: [RLE per frame]}}")
 
     def entries():
         for vid, v in meta["videos"].items():

@@ -19,6 +19,7 @@ import io
 import math
 import os
 import tempfile
+import warnings
 from fractions import Fraction
 from typing import NamedTuple, Sequence
 
@@ -214,6 +215,15 @@ def _handle(src, name: str, kind: str, budget: MediaBudget | None = None):
     return os.fspath(src)
 
 
+def _stream_size(stream) -> tuple[int, int]:
+    """(width, height) the stream's header declares; (0, 0) when it declares none (a stream PyAV cannot
+    give a codec context)."""
+    try:
+        return int(stream.width or 0), int(stream.height or 0)
+    except (AttributeError, TypeError, ValueError):
+        return 0, 0
+
+
 _IMAGE_DEMUXERS = ("image2", "jpeg_pipe", "png_pipe", "bmp_pipe", "webp_pipe", "gif", "tiff_pipe", "image2pipe")
 
 
@@ -233,7 +243,7 @@ def _open_video(src, name: str, budget: MediaBudget | None = None):
         if not container.streams.video:
             raise MediaError(f"{name}: no video stream")
         stream = container.streams.video[0]
-        w, h = int(stream.width or 0), int(stream.height or 0)
+        w, h = _stream_size(stream)
         if w * h > budget.max_pixels:
             raise _budget_error(name, "frame size", f"{w}x{h} = {w * h} pixels", "max_pixels", budget.max_pixels)
         if stream.frames and stream.frames > budget.max_frames:
@@ -295,7 +305,7 @@ def _decode_targets(container, stream, index: _Index, targets: np.ndarray, name:
                     budget: MediaBudget | None = None) -> dict[int, np.ndarray]:
     """RGB uint8 frames at the sorted unique frame indices `targets`, seeking forward to key frames."""
     budget = budget or DEFAULT_BUDGET
-    w, h = int(stream.width or 0), int(stream.height or 0)
+    w, h = _stream_size(stream)
     if len(targets) * w * h * 3 > budget.max_decoded_bytes:
         raise _budget_error(name, f"{len(targets)} frames of {w}x{h}:", f"{len(targets) * w * h * 3} bytes",
                             "max_decoded_bytes", budget.max_decoded_bytes)
@@ -345,6 +355,16 @@ def read_video_frames(src: str | os.PathLike | bytes, num_frames: int = 16, *, m
     Header sizes, frame count, duration and decoded bytes are checked against `budget` before decoding."""
     budget = budget or DEFAULT_BUDGET
     name = _name(src, name)
+    sample_indices(1, num_frames, 1.0, mode=mode, rng=rng)  # the caller's arguments: ValueError, not MediaError
+    try:
+        return _read_video_frames(src, num_frames, mode, rng, threads, name, budget)
+    except (MediaError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001  (whatever PyAV / FFmpeg raise on a hostile file is this file's error)
+        raise MediaError(f"{name}: cannot read video ({type(e).__name__}: {str(e)[:160]})") from e
+
+
+def _read_video_frames(src, num_frames, mode, rng, threads, name, budget):
     container = _open_video(src, name, budget)
     try:
         stream = container.streams.video[0]
@@ -394,11 +414,15 @@ def image_size(src, name: str | None = None, budget: MediaBudget | None = None) 
     name = _name(src, name)
     handle = _handle(src, name, "image", budget)
     try:
-        with Image.open(handle) as img:
-            return img.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget decides
+            with Image.open(handle) as img:
+                return img.size
     except Image.DecompressionBombError as e:
         raise _bomb(name, e) from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001  (whatever PIL raises on a hostile header is this file's error)
         raise MediaError(f"{name}: cannot decode image ({_pil_why(e)})") from e
 
 
@@ -407,7 +431,10 @@ def _read_image(src, name: str, budget: MediaBudget | None = None) -> np.ndarray
     budget = budget or DEFAULT_BUDGET
     handle = _handle(src, name, "image", budget)
     try:
-        with Image.open(handle) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget decides, below
+            img = Image.open(handle)
+        with img:
             w, h = img.size
             if w * h > budget.max_pixels:
                 raise _budget_error(name, "image size", f"{w}x{h} = {w * h} pixels", "max_pixels", budget.max_pixels)
@@ -418,7 +445,9 @@ def _read_image(src, name: str, budget: MediaBudget | None = None) -> np.ndarray
         raise
     except Image.DecompressionBombError as e:
         raise _bomb(name, e) from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001  (whatever PIL raises on a hostile file is this file's error)
         raise MediaError(f"{name}: cannot decode image ({_pil_why(e)})") from e
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[:2] != (h, w):
         raise MediaError(f"{name}: decoded image of shape {rgb.shape}, header says {w}x{h}")

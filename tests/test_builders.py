@@ -16,7 +16,7 @@ from tpo_jax.data.record_codec import (DEFAULT_NUM_FRAMES, DEFAULT_SIZE, encode_
                                        record_to_example)
 from tpo_jax.data.records import Record
 from tpo_jax.data.stored_source import open_task_sources
-from tpo_jax.data.video import (IMAGENET_STD, MediaError, decode_frame_dir, decode_jpeg_frames, decode_video, encode_mp4, load_media,
+from tpo_jax.data.video import (IMAGENET_STD, MediaError, decode_frame_dir, decode_video, encode_mp4, load_media,
                         read_video_frames)
 from tpo_jax import config as C
 from tpo_jax.tokenizer import MultimodalTokenizer
