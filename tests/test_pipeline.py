@@ -306,7 +306,8 @@ def test_poisoned_dataset_every_poison_skipped_under_its_kind_with_0_and_2_worke
     from tpo_jax.data.poisoned import POISON_KINDS, write_poisoned_dataset
 
     syn = SyntheticConfig(size=CFG.vit.img_size, num_frames=CFG.vit.num_frames)
-    ds = write_poisoned_dataset(str(tmp_path), syn, sizes={"train": 16, "validation": 2}, fraction=0.25)
+    ds = write_poisoned_dataset(str(tmp_path), syn, sizes={"train": 16, "validation": 2}, fraction=0.25,
+                                clean_copy=True)
     assert set(ds.poisoned) == set(POISON_KINDS)
     sources = open_task_sources([ds.path], "train", TASKS)
     prep = P.Prepare(sources, P.example_spec(P.DataConfig(), CFG), 0)
@@ -329,3 +330,19 @@ def test_poisoned_dataset_every_poison_skipped_under_its_kind_with_0_and_2_worke
     assert counts[0][:2] == counts[1][:2] and counts[0][0] == 40 + sum(counts[0][1].values())
     assert_batches_equal(counts[0][2], counts[1][2])
     assert set(counts[0][1]) <= set(POISON_KINDS.values()) and len(counts[0][1]) >= 3
+
+    # the same stream as the clean copy with the poisoned records skipped: equal batches
+    class Skipping:
+        def __init__(self, src, plan):
+            self.src, self.plan = src, plan
+
+        def __len__(self):
+            return len(self.src)
+
+        def __getitem__(self, i):
+            return P.Bad(f"clean-{i}", "poisoned in the other copy", "test") if i in self.plan else self.src[i]
+
+    clean = open_task_sources([ds.clean_path], "train", TASKS)
+    skipping = {t: Skipping(clean[t], ds.poisoned_index.get(("train", t), {})) for t in TASKS}
+    cfg = P.DataConfig(batch_size=4, max_bad_fraction=0.5)
+    assert_batches_equal(take(P.make_train_iterator(cfg, CFG, "stage3", sources=skipping), 10), counts[0][2])
