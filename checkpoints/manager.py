@@ -16,19 +16,27 @@ device layout is restored onto any other (8 devices → 1, 1 → 8, another mesh
 
 Saves are atomic: Orbax writes into a temporary directory and renames it when complete, so a process
 killed during a save leaves the previous checkpoints intact; the unfinished one is ignored (and
-cleaned up by the next manager on that directory).
+cleaned up by the next manager on that directory). A save that fails (disk full, read-only or vanished
+directory) — in the background or not — surfaces at the next `save`, `check`, `wait` or `close` as one
+`CheckpointWriteError` naming the step, the directory, the reason and the free space; its temporary
+directory is removed and the committed checkpoints are left as they were.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import glob
+import logging
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tpo_jax.disk import free_space
 from tpo_jax.tree_paths import leaf_paths
 
 ITEMS = ("params", "state", "meta", "config")
@@ -36,6 +44,26 @@ ITEMS = ("params", "state", "meta", "config")
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be used as asked."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only directory, ...); earlier ones are intact."""
+
+
+_REASONS = ("No space left on device", "Read-only file system", "Disk quota exceeded", "Permission denied",
+            "No such file or directory")
+
+
+def write_failure_reason(e: BaseException) -> str:
+    """The OS reason inside a (possibly wrapped, multi-line) write error, else its first line."""
+    text = str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return e.strerror or text
+    for reason in _REASONS:
+        if reason in text:
+            return reason
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first[:300]
 
 
 # --- pytrees ↔ nested dicts keyed by path --------------------------------------------------------------------------
@@ -103,7 +131,10 @@ class CheckpointManager:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, create=not read_only,
             enable_async_checkpointing=cfg.async_save, read_only=read_only, cleanup_tmp_directories=not read_only)
+        _quiet_orbax_thread_errors()
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._pending: int | None = None  # the step of the last save started and not yet known to be on disk
+        self._failed: CheckpointWriteError | None = None
 
     # queries
     def all_steps(self) -> list[int]:
@@ -124,7 +155,56 @@ class CheckpointManager:
             state=ocp.args.StandardSave(tree_to_dict(state)),
             meta=ocp.args.JsonSave(dict(meta)),
             config=ocp.args.JsonSave(dict(config)))
-        return self._mngr.save(step, args=args, force=True)
+        self.wait()  # Orbax waits for the previous save anyway; its failure is reported as itself
+        self._check_space(step, params, state)
+        with self._writing(step):
+            started = self._mngr.save(step, args=args, force=True)
+        self._pending = step
+        return started
+
+    def check(self) -> None:
+        """Raise `CheckpointWriteError` if a background save has failed (cheap; the training loop calls it
+        every step, so a run stops at its first failed save)."""
+        if self._failed is not None:
+            raise self._failed
+        if self._pending is not None:
+            with self._writing(self._pending):
+                self._mngr.check_for_errors()
+
+    def _check_space(self, step: int, params, state) -> None:
+        """Fail before writing anything when the filesystem cannot hold this checkpoint (its arrays' bytes plus 1 %
+        and 1 MiB: OCDBT stores them uncompressed), instead of failing halfway through the write."""
+        needed = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves((params, state)))
+        needed = int(needed * 1.01) + 2**20
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return  # not a local directory: Orbax reports what goes wrong
+        if free < needed:
+            raise self._fail(step, OSError(errno.ENOSPC, f"No space left on device: it needs "
+                                                         f"{needed / 2**20:.1f} MiB"))
+
+    def _writing(self, step: int):
+        return _WriteGuard(self, step)
+
+    def _fail(self, step: int, e: BaseException) -> CheckpointWriteError:
+        """The one error of a failed save: the temporary directories removed, the reason and free space named."""
+        for tmp in glob.glob(os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")):
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = ", ".join(map(str, self.all_steps_on_disk())) or "none"
+        self._failed = CheckpointWriteError(
+            f"cannot write checkpoint step {step} to {self.directory}: {write_failure_reason(e)} "
+            f"({free_space(self.directory)}); the committed checkpoints (steps: {kept}) are intact")
+        self._pending = None
+        return self._failed
+
+    def all_steps_on_disk(self) -> list[int]:
+        """Committed checkpoint steps, read from the directory listing (not Orbax's cached view)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
 
     def should_save(self, step: int) -> bool:
         """True for the multiples of `every_steps`."""
@@ -159,18 +239,67 @@ class CheckpointManager:
         return self.restore(step)
 
     def wait(self) -> None:
-        """Block until every started save is on disk."""
-        self._mngr.wait_until_finished()
+        """Block until every started save is on disk (`CheckpointWriteError` if one failed)."""
+        if self._failed is not None:
+            raise self._failed
+        if self._pending is not None:
+            with self._writing(self._pending):
+                self._mngr.wait_until_finished()
+            self._pending = None
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        """Wait for the started saves and release Orbax's threads. A failed save raises `CheckpointWriteError`
+        once: a manager that already raised it closes quietly (so a `finally: close()` never hides the error)."""
+        try:
+            if self._failed is None:
+                self.wait()
+        finally:
+            try:
+                self._mngr.close()
+            except Exception:  # noqa: BLE001  (the save's error was raised by wait(); this is its echo)
+                if self._failed is None:
+                    raise
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _orbax_thread_error(record: logging.LogRecord) -> bool:
+    """False for the tracebacks Orbax's background threads (and their asyncio tasks) log when a save fails to
+    write: `CheckpointManager` raises that error as one `CheckpointWriteError` instead."""
+    if record.levelno < logging.ERROR:
+        return True
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        text += " " + str(record.exc_info[1])
+    from_orbax = "orbax" in record.pathname or "orbax-checkpoint-tmp" in text or "orbax" in str(record.args)
+    return not (from_orbax and (any(r in text for r in _REASONS) or "RESOURCE_EXHAUSTED" in text
+                                or "background save thread" in text or "Save Finalize thread" in text))
+
+
+def _quiet_orbax_thread_errors() -> None:
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if _orbax_thread_error not in logger.filters:
+            logger.addFilter(_orbax_thread_error)
+
+
+class _WriteGuard:
+    """Turns any error of a checkpoint write into the manager's one `CheckpointWriteError`."""
+
+    def __init__(self, manager: CheckpointManager, step: int):
+        self.manager, self.step = manager, step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or not isinstance(e, Exception) or isinstance(e, (CheckpointWriteError, CheckpointError)):
+            return False
+        raise self.manager._fail(self.step, e) from e
 
 
 def _restore_target(target):

@@ -183,7 +183,7 @@ def test_too_many_nonfinite_steps_stop_the_run(full_run, tmp_path, monkeypatch):
             return self.it.get_state()
 
     monkeypatch.setattr(T, "make_train_iterator", Poisoned)
-    with pytest.raises(NonFiniteError, match=r"stage1: 3 steps had a non-finite loss .*max_nonfinite=2.*at step 5"):
+    with pytest.raises(NonFiniteError, match=r"stage1: 3 steps had a non-finite loss.*max_nonfinite=2.*at step 5"):
         T.run(_cfg("max_nonfinite=2", "eval.enabled=false"), str(tmp_path), stages=["stage1"], progress=False)
 
 

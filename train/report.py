@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from tpo_jax.data.records import DataError
 from tpo_jax.train.metrics import HIGHER_IS_BETTER
 
 CURVES = ("loss/total", "loss/lm", "loss/region", "loss/temporal", "loss/mask", "grad_norm")
@@ -88,14 +89,37 @@ class StepLog:
             self.file.close()
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The records of an append-only JSONL log. A torn last line (a process killed or a disk filled mid-write)
+    is dropped; a bad line before it is a `DataError` naming the file and line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    out = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        except ValueError as e:
+            if k == len(lines) - 1:
+                log.warning("%s:%d: dropping a torn last line (%s)", path, i, e)
+                break
+            raise DataError(f"{path}:{i}: not a JSON record ({e}); only the last line of an append-only log may be "
+                            f"torn") from None
+        out.append(record)
+    return out
+
+
 def truncate_history(path: str, step: int) -> None:
-    """Drop history lines after `step` (a resumed stage re-logs the steps after its checkpoint)."""
+    """Drop history lines after `step` (a resumed stage re-logs the steps after its checkpoint) and a torn
+    last line; the file is replaced atomically."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
 
 
 def short(m: Mapping[str, float]) -> str:
@@ -126,8 +150,7 @@ def read_history(workdir: str, stages: Sequence[str]) -> list[dict]:
     for stage in stages:
         path = os.path.join(workdir, stage, "history.jsonl")
         if os.path.exists(path):
-            with open(path) as f:
-                out += [json.loads(line) for line in f if line.strip()]
+            out += read_jsonl(path)
     return out
 
 

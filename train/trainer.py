@@ -330,6 +330,7 @@ class Trainer:
                         f"optim.lr) or check the data.")
                 last = step + 1 == run.steps
                 stop = self.stop_requested or (stop_after is not None and trained >= stop_after and not last)
+                mngr.check()  # a background save that failed stops the run here, at its first step after
                 if last or stop or mngr.should_save(step + 1):
                     save(step + 1, data_state_now, force=True)
                 if cfg.eval.enabled and cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and not last:

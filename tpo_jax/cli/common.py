@@ -1,7 +1,7 @@
 """What every command does with an error: one line on stderr and an exit status, a traceback only with --debug.
 
     exit 2    bad input: a config field, a file or directory, a dataset, a checkpoint (the message names it)
-    exit 1    the work failed (a training run stopped by non-finite losses)
+    exit 1    the work failed (a training run stopped by non-finite losses or a checkpoint it could not write)
     exit 130  interrupted (Ctrl-C)
 
 Anything else is a bug and keeps its traceback.
@@ -10,14 +10,18 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable
+
+from tpo_jax.disk import free_space
 
 # (module, class): an exception can only be an instance of a class whose module is imported, so the check
 # imports nothing (a command that never loaded Orbax does not load it to print an error)
 BAD_INPUT = (("tpo_jax.config", "ConfigError"), ("tpo_jax.checkpoints.manager", "CheckpointError"),
              ("tpo_jax.checkpoints.errors", "ConversionError"), ("tpo_jax.data.records", "DataError"))
-FAILURE = (("tpo_jax.train.nonfinite", "NonFiniteError"), ("tpo_jax.train.trainer", "TrainingError"))
+FAILURE = (("tpo_jax.train.nonfinite", "NonFiniteError"), ("tpo_jax.train.trainer", "TrainingError"),
+           ("tpo_jax.checkpoints.manager", "CheckpointWriteError"))
 
 
 def _classes(names) -> tuple[type, ...]:
@@ -31,6 +35,8 @@ def add_debug_flag(p: argparse.ArgumentParser) -> None:
 def one_line(e: BaseException) -> str:
     """The error as one line (an OSError as 'PATH: reason')."""
     if isinstance(e, OSError) and e.filename is not None:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # disk full: say how full
+            return f"{e.filename}: {e.strerror or e} ({free_space(str(e.filename))})"
         return f"{e.filename}: {e.strerror or e}"
     return " ".join(str(e).split()) or type(e).__name__
 
