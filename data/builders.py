@@ -185,14 +185,17 @@ class TpoRecords(_RecordBuilder, skip_registration=True):
             split = spec.get("split", "train")
             options = dict(spec.get("options", {}))
             options.setdefault("budget", self.budget)
-            for r in iter_records(spec["path"], spec["format"], spec.get("media_root"), **options):
-                if isinstance(r, RecordError):
-                    self._bad.seen += 1  # judged once all files are parsed (_split_generators)
-                    self._bad.bad += 1
-                    self._bad.skips.add(r.kind, str(r).split(": ", 1)[0])
-                    log.warning("skipping bad record [%s]: %s", r.kind, r)
-                else:
-                    groups.setdefault((split, r.task), []).append(r)
+            try:
+                for r in iter_records(spec["path"], spec["format"], spec.get("media_root"), **options):
+                    if isinstance(r, RecordError):
+                        self._bad.seen += 1  # judged once all files are parsed (_split_generators)
+                        self._bad.bad += 1
+                        self._bad.skips.add(r.kind, str(r).split(": ", 1)[0])
+                        log.warning("skipping bad record [%s]: %s", r.kind, r)
+                    else:
+                        groups.setdefault((split, r.task), []).append(r)
+            except RecordError as e:  # raised, not yielded: the file as a whole (missing, not JSON, unknown format)
+                raise DataError(f"input {spec['path']} ({spec['format']}): {e}") from e
         return groups
 
 

@@ -67,12 +67,17 @@ def as_record_error(e: BaseException, where: str, kind: str = "internal") -> Rec
     RecordError keeps its message and kind, prefixed by `where` unless already named). MemoryError,
     KeyboardInterrupt and SystemExit are not records' faults: the caller must not convert them."""
     if isinstance(e, RecordError):
-        msg = str(e)
+        msg = _printable(str(e))
         return RecordError(msg if where in msg else f"{where}: {msg}", e.kind)
     if isinstance(e, RecursionError):
         return RecordError(f"{where}: nesting too deep (RecursionError)", "parse")
-    text = str(e).splitlines()[0][:200] if str(e) else ""
+    text = _printable(str(e).splitlines()[0][:200]) if str(e).strip() else ""
     return RecordError(f"{where}: {type(e).__name__}: {text}" if text else f"{where}: {type(e).__name__}", kind)
+
+
+def _printable(text: str) -> str:
+    """One line, encodable as UTF-8 (lone surrogates escaped), so any log handler can write it."""
+    return " ".join(text.encode("utf-8", "backslashreplace").decode("utf-8").splitlines())
 
 
 def text_problem(value: Any) -> str | None:

@@ -219,3 +219,21 @@ def test_build_decodes_media_and_names_the_worst_offenders(tmp_path):
     assert msg.startswith("2 of 7 records were bad, more than max_bad_fraction=0.2; by kind: ") or \
         msg.startswith("4 of 7") or msg.startswith("3 of 7"), msg
     assert "path 1 (e.g. " in msg and "\n" not in msg
+
+
+def test_tpo_build_data_builds_a_healthy_file_and_names_offenders_of_a_bad_one(tmp_path, capfd):
+    from tpo_jax.cli import build_data
+
+    bad = ["{not json"] * 6
+    inputs, ann = _refcoco_inputs(tmp_path, 200, bad)
+    (tmp_path / "inputs.json").write_text(json.dumps(inputs))
+    rc = build_data.main(["records", "--data-dir", str(tmp_path / "out"), "--inputs", str(tmp_path / "inputs.json")])
+    out, err = capfd.readouterr()
+    assert rc == 0 and out.strip().endswith("1.1.0"), err[-2000:]
+    strict = build_data.main(["records", "--data-dir", str(tmp_path / "out2"), "--inputs", str(tmp_path / "inputs.json"),
+                              "--max-bad-fraction", "0.01"])
+    out, err = capfd.readouterr()
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert strict == 2 and len(errors) == 1, err[-2000:]
+    assert errors[0].startswith("tpo-build-data: error: 6 of 206 records were bad, more than max_bad_fraction=0.01; "
+                                f"by kind: parse 6 (e.g. '{ann}:1', '{ann}:2', '{ann}:3')"), errors[0]
