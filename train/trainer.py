@@ -350,11 +350,16 @@ class Trainer:
             profile.stop()
             gc_schedule.stop()
             steplog.close()
+            skipped_records = dict(getattr(it, "bad_by_kind", {}))
             if hasattr(it, "close"):
                 it.close()
             mngr.close()  # waits for the last save
         result.update(state=state, frozen=frozen, graphdef=graphdef, compile_s=compile_s, trained=trained,
-                      skipped_steps=nonfinite)
+                      skipped_steps=nonfinite, skipped_records=skipped_records)
+        if skipped_records:
+            kinds = ", ".join(f"{k} {n}" for k, n in sorted(skipped_records.items()))
+            self._log(f"{stage}: skipped {sum(skipped_records.values())} bad record(s) of "
+                      f"{getattr(it, 'seen', '?')} read, by kind: {kinds} (each logged with its id and reason)")
         if nonfinite:
             self._log(f"{stage}: warning: {nonfinite} step(s) were skipped ({_REJECTED}); their batches trained "
                       f"nothing (history.jsonl: nonfinite_total)")
@@ -425,7 +430,7 @@ class Trainer:
                 res = self.train_stage(stage, stop_after=left)
                 trained += res.get("trained", 0)
                 summary["stages"][stage] = {k: res.get(k) for k in ("start", "step", "steps", "compile_s", "stopped",
-                                                                        "skipped_steps")}
+                                                                        "skipped_steps", "skipped_records")}
                 summary["stages"][stage]["losses"] = res["losses"]
                 if res["evals"]:
                     during = [e for e in metrics.get("during", []) if e["stage"] != stage or e["step"] <= res["start"]]
