@@ -15,6 +15,7 @@ array (`orbax_io.ArrayReader`: one storage chunk per layer), so export memory st
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -24,12 +25,13 @@ import numpy as np
 
 from tpo_jax.checkpoints import tables
 from tpo_jax.checkpoints.configs import hf_config_from_llm, peft_adapter_config
-from tpo_jax.checkpoints.configs import model_config, read_report
+from tpo_jax.checkpoints.configs import REPORT_FILE, model_config, read_report
 from tpo_jax.checkpoints.convert import OUTPUT_DTYPES, contiguous
 from tpo_jax.checkpoints.errors import ConversionError
 from tpo_jax.checkpoints.mapping import Plan, Rule, build_export_plan
 from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES, ArrayReader, _flat_state, read_arrays, saved_arrays
 from tpo_jax.checkpoints.safetensors_writer import ShardedWriter
+from tpo_jax.checkpoints.sources import confined
 from tpo_jax.checkpoints.stacking import locate, possible_layouts, present_layouts, unstacked_meta
 from tpo_jax.checkpoints.staging import staged_output
 from tpo_jax.checkpoints.tables.llm import PEFT_PREFIX, hf_llm_export
@@ -72,6 +74,11 @@ class _Reader:
         else:
             self.dir = Path(checkpoint)
             self.where = str(self.dir)
+            report_file = self.dir / REPORT_FILE
+            if not os.path.lexists(report_file):
+                raise ConversionError("not a tpo-convert output (no conversion.json) nor a tpo-train work "
+                                      "directory", file=str(self.dir))
+            confined(report_file, os.path.realpath(self.dir))  # a regular file inside: a FIFO fails, not hangs
             report = read_report(self.dir)
             self.config = model_config(report)
             stored = saved_arrays(self.dir / "params")

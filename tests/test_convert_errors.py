@@ -663,3 +663,16 @@ def test_fuzz_cases_fail_cleanly(tmp_path):
     assert counts["parity_mismatch"] == 0, counts["failures"]
     assert counts["accepted"] > 5 and counts["rejected"] > 50 and counts["parity_checked"] > 30, counts
     assert counts["max_s"] < 60
+
+
+def test_export_of_a_directory_whose_conversion_json_is_a_fifo(tmp_path):
+    src = _write(tmp_path / "src", _state_dict())
+    convert_hf(src, tmp_path / "conv")
+    (tmp_path / "conv" / "conversion.json").unlink()
+    os.mkfifo(tmp_path / "conv" / "conversion.json")
+    box = _finishes(lambda: export_hf(tmp_path / "conv", tmp_path / "hf"), tmp_path)
+    assert isinstance(box.get("error"), ConversionError), box
+    assert "not a regular file (a FIFO)" in str(box["error"]) and not (tmp_path / "hf").exists()
+    (tmp_path / "conv" / "conversion.json").unlink()
+    with pytest.raises(ConversionError, match="no conversion.json"):
+        export_hf(tmp_path / "conv", tmp_path / "hf")
