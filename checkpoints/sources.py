@@ -154,7 +154,7 @@ def read_json_file(path: str | os.PathLike, root: str | None = None, *, limit: i
         if st.st_size > limit:
             raise ConversionError(f"{st.st_size} bytes is too large for a JSON index / config file (limit "
                                   f"{limit})", file=label)
-        raw = f.read(limit + 1)
+        raw = f.read(min(st.st_size, limit) + 1)  # read(n) allocates n bytes up front: ask only for the file's size
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError as e:

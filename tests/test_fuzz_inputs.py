@@ -1,6 +1,7 @@
 """Seeded fuzzing of everything that reads outside input (issue 26): the annotation parsers of
-`tpo_jax.data.formats`, the media decoders (images, videos), COCO RLE and the pipeline's per-record
-`Prepare` step. Valid synthetic inputs are mutated (fields deleted, types swapped, huge / negative /
+`tpo_jax.data.formats`, the media decoders (images, videos), COCO RLE, the pipeline's per-record
+`Prepare` step and `tpo-convert` (mutated safetensors headers, raw bytes, indexes, FIFOs, symlinks,
+`.bin` files: tests/fuzz_convert.py). Valid synthetic inputs are mutated (fields deleted, types swapped, huge / negative /
 NaN / inf numbers, numbers as strings, deep nesting, 5,000-digit integers, lone surrogates, path
 traversal, symlinks out of the media root, truncated / garbage / bomb media, wrong extensions).
 
@@ -35,7 +36,7 @@ import pytest
 
 from tpo_jax.data.records import DataError, MediaBudget, Record, RecordError
 
-CASES_PER_FAMILY = 24  # × 17 families ≈ 400 cases; benchmarks/bench_fuzz.py --cases for more
+CASES_PER_FAMILY = 24  # × 15 families = 360 cases; benchmarks/bench_fuzz.py --cases for more
 TIME_LIMIT_S = 5.0  # per case
 PEAK_LIMIT = 64 << 20  # bytes, tracemalloc peak per case
 
@@ -528,6 +529,35 @@ def _run_prepare(case: Case, workdir: str) -> Outcome:
     return out
 
 
+# --- tpo-convert: mutated tiny checkpoints (tests/fuzz_convert.py) ----------------------------------------------
+
+def _convert_cases(rng, n):
+    for k in range(n):  # each case is built in its own work folder when it runs, from its own seed
+        yield Case(f"convert-{k}", int(rng.integers(2**31)))
+
+
+def _run_convert(case: Case, workdir: str) -> Outcome:
+    """Convert one mutated checkpoint (`tpo-convert hf`'s function). A rejection is a ConversionError naming the
+    checkpoint and leaving no output; the header verdict matches the safetensors library's."""
+    import random  # noqa: PLC0415
+
+    import fuzz_convert  # noqa: PLC0415  (tests/ is on sys.path under pytest and in benchmarks/bench_fuzz.py)
+
+    out = Outcome()
+    ((name, case_dir),) = fuzz_convert.cases(random.Random(case.payload), 1, workdir)
+    case.label = f"{case.label} ({name})"
+    parity = fuzz_convert.library_parity(case_dir)
+    if parity is not None and parity[0] != parity[1]:
+        out.problems.append(f"header verdict differs from the safetensors library: ours {parity[0]}, "
+                            f"library {parity[1]}")
+    verdict, message = fuzz_convert.run_detailed(case_dir, os.path.join(workdir, "out"))
+    if verdict == "accepted":
+        out.accepted += 1
+    else:
+        out.reject(RuntimeError(message), str(case_dir), os.path.realpath(case_dir))
+    return out
+
+
 # --- the registry ------------------------------------------------------------------------------------------------
 
 FORMAT_NAMES = ("videochat2", "llava", "mc", "charades_sta", "activitynet", "qvhighlights", "refcoco", "track",
@@ -537,7 +567,8 @@ FAMILIES: list[Family] = (
     + [Family("rle", _rle_cases, _run_rle),
        Family("media:image", _media_cases("image"), _run_media("image")),
        Family("media:video", _media_cases("video"), _run_media("video"), time_limit=10.0),
-       Family("prepare", _prepare_cases, _run_prepare)]
+       Family("prepare", _prepare_cases, _run_prepare),
+       Family("convert", _convert_cases, _run_convert, time_limit=30.0)]  # its first `.bin` case imports torch
 )
 
 
