@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import glob
-import logging
 import os
 import shutil
 from typing import Any, Mapping
@@ -36,7 +35,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tpo_jax.disk import free_space
+from tpo_jax.disk import free_space, quiet_write_failure_logs, write_failure
 from tpo_jax.tree_paths import leaf_paths
 
 ITEMS = ("params", "state", "meta", "config")
@@ -50,20 +49,15 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, read-only directory, ...); earlier ones are intact."""
 
 
-_REASONS = ("No space left on device", "Read-only file system", "Disk quota exceeded", "Permission denied",
-            "No such file or directory")
-
-
 def write_failure_reason(e: BaseException) -> str:
     """The OS reason inside a (possibly wrapped, multi-line) write error, else its first line."""
-    text = str(e)
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return e.strerror or text
-    for reason in _REASONS:
-        if reason in text:
-            return reason
-    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-    return first[:300]
+    reason = write_failure(e)
+    if reason is None and "No such file or directory" in str(e):  # the directory vanished
+        reason = "No such file or directory"
+    if reason is not None:
+        return reason
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 # --- pytrees ↔ nested dicts keyed by path --------------------------------------------------------------------------
@@ -131,7 +125,7 @@ class CheckpointManager:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, create=not read_only,
             enable_async_checkpointing=cfg.async_save, read_only=read_only, cleanup_tmp_directories=not read_only)
-        _quiet_orbax_thread_errors()
+        quiet_write_failure_logs()
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._pending: int | None = None  # the step of the last save started and not yet known to be on disk
         self._failed: CheckpointWriteError | None = None
@@ -265,26 +259,6 @@ class CheckpointManager:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _orbax_thread_error(record: logging.LogRecord) -> bool:
-    """False for the tracebacks Orbax's background threads (and their asyncio tasks) log when a save fails to
-    write: `CheckpointManager` raises that error as one `CheckpointWriteError` instead."""
-    if record.levelno < logging.ERROR:
-        return True
-    text = record.getMessage()
-    if record.exc_info and record.exc_info[1] is not None:
-        text += " " + str(record.exc_info[1])
-    from_orbax = "orbax" in record.pathname or "orbax-checkpoint-tmp" in text or "orbax" in str(record.args)
-    return not (from_orbax and (any(r in text for r in _REASONS) or "RESOURCE_EXHAUSTED" in text
-                                or "background save thread" in text or "Save Finalize thread" in text))
-
-
-def _quiet_orbax_thread_errors() -> None:
-    for name in ("absl", "asyncio"):
-        logger = logging.getLogger(name)
-        if _orbax_thread_error not in logger.filters:
-            logger.addFilter(_orbax_thread_error)
 
 
 class _WriteGuard:

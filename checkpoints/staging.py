@@ -1,7 +1,8 @@
 """Stage an output directory: write into a temporary directory next to it, move it into place at the end.
 
 A failed write (an exception, Ctrl-C) leaves nothing at the output path: the temporary directory is removed,
-and so are the parent directories this call created for it (only if still empty). With `overwrite`, an existing
+and so are the parent directories this call created for it (only if still empty). A disk that is full or
+read-only is one `ConversionError` naming the output and the free space. With `overwrite`, an existing
 output is moved aside, replaced, then deleted (restored if the replacement fails). Used by conversion
 (`convert.py`) and export (`export.py`).
 """
@@ -15,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from tpo_jax.checkpoints.errors import ConversionError
+from tpo_jax.disk import free_space, quiet_write_failure_logs, write_failure
 
 
 def _remove(path: Path) -> None:
@@ -41,6 +43,7 @@ def staged_output(out_dir: str | os.PathLike, overwrite: bool):
     except OSError as e:
         raise ConversionError(f"cannot create the output's parent directory: {e.strerror or e}",
                               file=str(out)) from None
+    quiet_write_failure_logs()
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     try:
@@ -61,9 +64,13 @@ def staged_output(out_dir: str | os.PathLike, overwrite: bool):
             if old is not None:
                 os.replace(old, out)
             raise
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_created(created)
+        reason = write_failure(e) if isinstance(e, Exception) and not isinstance(e, ConversionError) else None
+        if reason is not None:  # disk full / read-only: one error naming the output and the free space
+            raise ConversionError(f"cannot write the output: {reason} ({free_space(str(out.parent))}); nothing was "
+                                  f"left there", file=str(out)) from e
         raise
     if old is not None:
         _remove(old)

@@ -1,5 +1,7 @@
 """A full disk or a read-only work directory: one clear error naming the path and the free space, training stops
-at the first failed save, no temporary directory is left, and the committed checkpoints still restore."""
+at the first failed save, no temporary directory is left, and the committed checkpoints still restore; the same
+for tpo-convert's output. Real full / read-only filesystems are small tmpfs mounts (skipped where mounting is not
+allowed); the others patch the writer."""
 
 import json
 import os
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from tpo_jax.checkpoints import manager as M
+from tpo_jax.cli.convert import main as convert_main
 from tpo_jax.cli.train import train_main
 from tpo_jax.data.records import DataError
 from tpo_jax.train import report
@@ -113,20 +116,69 @@ def test_a_torn_last_history_line_does_not_block_resume(tmp_path, capsys):
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 200 MiB tmpfs mounted in tmp_path (root in a container that allows mounts; skipped elsewhere)."""
-    where = tmp_path / "fs"
-    where.mkdir()
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200M", "tmpfs", str(where)], check=True,
-                       capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        pytest.skip("cannot mount a tmpfs here (needs root in a container that allows mounts)")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+def tmpfs(tmp_path):
+    """`tmpfs(size)`: a tmpfs of `size` ("200M") mounted in tmp_path (root in a container that allows mounts;
+    the test is skipped elsewhere), unmounted afterwards."""
+    mounted = []
+
+    def mount(size: str):
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        try:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True,
+                           capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            pytest.skip("cannot mount a tmpfs here (needs root in a container that allows mounts)")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
 
 
-def test_a_read_only_work_directory_is_one_clear_error(small_tmpfs, capsys):
+def _tiny_hf_checkpoint(directory):
+    """A tiny Mistral checkpoint (config.json + model.safetensors) for tpo-convert hf."""
+    import fuzz_convert  # noqa: PLC0415  (tests/ is on sys.path under pytest)
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    os.makedirs(directory)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(fuzz_convert.HF_CONFIG, f)
+    save_file(fuzz_convert.state_dict(0), os.path.join(directory, "model.safetensors"))
+    return str(directory)
+
+
+def test_tpo_convert_to_a_full_disk_is_one_error_and_leaves_nothing(tmp_path, tmpfs, capsys):
+    src = _tiny_hf_checkpoint(tmp_path / "src")
+    full = tmpfs("20k")  # the tiny converted checkpoint needs 44 KiB
+    out = str(full / "out")
+    assert convert_main(["hf", src, out]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"tpo-convert: error: {out}: cannot write the output: No space left on device (") \
+        and " MiB free of 0.0 MiB); nothing was left there" in line, line
+    assert os.listdir(full) == []
+    assert convert_main(["hf", src, str(tmp_path / "ok")]) == 0  # the same conversion with room succeeds
+
+
+def test_tpo_convert_failing_in_orbax_threads_is_one_error(tmp_path, capsys, monkeypatch):
+    """The same without a mount: the array writes fail the way TensorStore reports a full disk."""
+    from tpo_jax.checkpoints import convert  # noqa: PLC0415
+
+    def failing(*args, **kwargs):
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "llm.embed_tokens.embedding/c/0/0" in OCDBT database: '
+                         'Failed to write 2211840 bytes to file 27: No space left on device [os_error_code=\'28\']')
+
+    monkeypatch.setattr(convert, "write_streaming", failing)
+    out = str(tmp_path / "deep" / "out")
+    assert convert_main(["hf", _tiny_hf_checkpoint(tmp_path / "src"), out]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"tpo-convert: error: {out}: cannot write the output: No space left on device ("), line
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # no output, no temporary directory, no created parent
+
+
+def test_a_read_only_work_directory_is_one_clear_error(tmpfs, capsys):
+    small_tmpfs = tmpfs("200M")
     workdir = str(small_tmpfs / "run")
     assert train_main(["--workdir", workdir, "--stop-after", "4"] + ARGS) == 0
     capsys.readouterr()
