@@ -20,6 +20,7 @@ thousands of cases).
 from __future__ import annotations
 
 import copy
+import importlib
 import dataclasses
 import io
 import json
@@ -562,7 +563,7 @@ def _run_convert(case: Case, workdir: str) -> Outcome:
 def _warm_convert(workdir: str) -> None:
     """Import what a conversion imports lazily (Orbax, TensorStore, PyTorch for `.bin`), so that the first case's
     peak allocation and time measure the case, not the imports."""
-    import torch  # noqa: F401, PLC0415
+    importlib.import_module("torch")
 
     _run_convert(Case("warmup", 0), workdir)
 
