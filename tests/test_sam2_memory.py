@@ -26,19 +26,27 @@ from torch import nn
 from tpo_jax.checkpoints.convert import abstract_params, param_shapes
 from tpo_jax.checkpoints.mapping import Meta, build_export_plan, build_plan
 from tpo_jax.checkpoints.tables.sam2_memory import is_memory_key, memory_path
+from tpo_jax.checkpoints.tables.sam2_memory import memory_attention as memory_attention_rules
+from tpo_jax.checkpoints.tables.sam2_memory import memory_encoder as memory_encoder_rules
 from tpo_jax.sam2.memory_attention import MemoryAttention
-from tpo_jax.sam2.memory_config import Sam2MemoryConfig
+from tpo_jax.sam2.memory_config import (MemoryAttentionConfig, MemoryEncoderConfig, MemoryTokensConfig,
+                                        Sam2MemoryConfig)
 from tpo_jax.sam2.memory_encoder import MemoryEncoder, encode_new_memory
 from tpo_jax.sam2.pointers import MemoryTokens
 from tpo_jax.sam2.rope import axial_positions
 
-sam2 = pytest.importorskip("sam2", reason="upstream SAM2 (pip sam2, SAM2_BUILD_CUDA=0) is the reference")
-from sam2.modeling import position_encoding as up_pe  # noqa: E402
-from sam2.modeling.memory_attention import MemoryAttention as UpMemoryAttention, MemoryAttentionLayer  # noqa: E402
-from sam2.modeling.memory_encoder import CXBlock, Fuser, MaskDownSampler, MemoryEncoder as UpMemoryEncoder  # noqa: E402
-from sam2.modeling.position_encoding import PositionEmbeddingSine  # noqa: E402
-from sam2.modeling.sam.transformer import RoPEAttention as UpRoPEAttention  # noqa: E402
-from sam2.modeling.sam2_utils import MLP as UpMLP  # noqa: E402
+try:  # upstream SAM2: `pip download sam2==1.1.0 --no-deps`, install with SAM2_BUILD_CUDA=0 (+ hydra-core, iopath)
+    from sam2.modeling import position_encoding as up_pe
+    from sam2.modeling.memory_attention import MemoryAttention as UpMemoryAttention, MemoryAttentionLayer
+    from sam2.modeling.memory_encoder import CXBlock, Fuser, MaskDownSampler, MemoryEncoder as UpMemoryEncoder
+    from sam2.modeling.position_encoding import PositionEmbeddingSine
+    from sam2.modeling.sam.transformer import RoPEAttention as UpRoPEAttention
+    from sam2.modeling.sam2_utils import MLP as UpMLP
+    HAVE_UPSTREAM = True
+except ImportError:
+    HAVE_UPSTREAM = False
+needs_upstream = pytest.mark.skipif(not HAVE_UPSTREAM, reason="upstream SAM2 (pip sam2) not installed; the "
+                                    "transformers Sam2Video cross-checks below still run")
 
 TOL = 1e-4
 INDEX = Path(__file__).resolve().parents[2] / "shared/reference/videochat-tpo/model.safetensors.index.json"
@@ -151,6 +159,7 @@ def tiny():
 
 # ------------------------------------------------------------------------------------------ memory encoder
 
+@needs_upstream
 def test_memory_encoder_matches_upstream(tiny):
     cfg, ref, ours = tiny
     rng = np.random.default_rng(1)
@@ -210,6 +219,7 @@ def _reference_attention(ref, cfg, curr, curr_pos, feats, pos, t_pos, ptrs):
     return out.reshape(h, w, c).numpy()
 
 
+@needs_upstream
 def test_memory_attention_matches_upstream_unpadded(tiny):
     """A full bank (every slot valid, no mask) against upstream on the same tokens."""
     cfg, ref, ours = tiny
@@ -231,6 +241,7 @@ def test_memory_attention_matches_upstream_unpadded(tiny):
     assert _max_diff(got_masked, got) < 1e-6
 
 
+@needs_upstream
 def test_padded_bank_equals_upstream_on_valid_slots(tiny):
     """Fixed-size bank (3 frame slots, 4 pointer slots) with garbage in the invalid slots, per example a
     different subset valid: equals upstream run on only the valid frames/pointers."""
@@ -257,6 +268,7 @@ def test_padded_bank_equals_upstream_on_valid_slots(tiny):
         assert _max_diff(got[i], want) < TOL, (i, _max_diff(got[i], want))
 
 
+@needs_upstream
 def test_memory_attention_rejects_bank_not_whole_frames(tiny):
     cfg, _, ours = tiny
     x = jnp.zeros((1, 4, 6, cfg.attention.d_model))
@@ -267,6 +279,7 @@ def test_memory_attention_rejects_bank_not_whole_frames(tiny):
 
 # --------------------------------------------------------------------------------- object pointers, tokens
 
+@needs_upstream
 def test_object_pointer_and_tokens_match_upstream_formulas(tiny):
     cfg, ref, ours = tiny
     rng = np.random.default_rng(4)
@@ -315,6 +328,7 @@ def test_bf16_rope_grid_reproduces_the_release_cells():
     assert np.array_equal(xb, np.mod(n.astype(ml_dtypes.bfloat16).astype(np.float32), 32))
 
 
+@needs_upstream
 def test_bf16_rope_option_matches_patched_upstream(monkeypatch):
     """Memory attention with rope_grid_dtype='bfloat16' on a 32×32 grid equals upstream with `init_t_xy`
     building its flat index in bf16 (the release's copy); the default f32 grid differs from it."""
@@ -359,36 +373,135 @@ def _release_memory_keys() -> list[str]:
     return sorted(k[len("sam."):] for k in names if k.startswith("sam.") and is_memory_key(k[len("sam."):]))
 
 
+# MODEL-SPEC §9.2 shapes of the release (PyTorch layout)
+SPEC_SHAPES = {"maskmem_tpos_enc": (7, 1, 1, 64), "no_mem_embed": (1, 1, 256), "no_mem_pos_enc": (1, 1, 256),
+               "no_obj_ptr": (1, 256), "mask_downsample.weight": (1, 1, 4, 4), "mask_downsample.bias": (1,),
+               "memory_encoder.fuser.layers.0.dwconv.weight": (256, 1, 7, 7),
+               "memory_attention.layers.0.cross_attn_image.k_proj.weight": (256, 64),
+               "memory_attention.layers.3.linear1.weight": (2048, 256),
+               "memory_encoder.mask_downsampler.encoder.9.weight": (256, 64, 3, 3),
+               "memory_encoder.mask_downsampler.encoder.12.weight": (256, 256, 1, 1),
+               "memory_encoder.out_proj.weight": (64, 256, 1, 1), "obj_ptr_proj.layers.2.weight": (256, 256)}
+
+
 def test_release_keys_map_with_hiera_l_shapes_and_round_trip_bit_exact():
+    """Every memory-path key of the release <-> our release-size modules (built shape-only): the export plan of
+    our parameters names exactly the release's 158 keys; the plan from those keys fits every parameter; a
+    random state dict goes torch -> ours -> torch bit-exactly."""
     cfg = Sam2MemoryConfig.release()
     keys = _release_memory_keys()
     assert len(keys) == 158
-    torch.manual_seed(0)
-    ref = TorchMemoryPath(cfg, grid_wh=(64, 64))  # upstream modules with the sam2_hiera_l.yaml values
-    sd = _state_dict(ref)
-    assert sorted(sd) == keys  # upstream names == the release's names, one for one
-    shapes = {"maskmem_tpos_enc": (7, 1, 1, 64), "no_mem_embed": (1, 1, 256), "no_mem_pos_enc": (1, 1, 256),
-              "no_obj_ptr": (1, 256), "mask_downsample.weight": (1, 1, 4, 4), "mask_downsample.bias": (1,),
-              "memory_encoder.fuser.layers.0.dwconv.weight": (256, 1, 7, 7)}  # MODEL-SPEC §9.2
-    for k, s in shapes.items():
-        assert sd[k].shape == s, k
-    # every key maps onto our release-size modules, shapes checked (built shape-only)
     target = param_shapes(abstract_params(lambda: MemoryPath(cfg, None)))
-    rules = memory_path(cfg.encoder.mask_layers, src="sam.", dst="sam2.")
-    plan = build_plan({f"sam.{k}": Meta(v.shape, v.dtype, "index") for k, v in sd.items()}, rules,
+    rules = memory_path(cfg.encoder.mask_layers)
+    exported = build_export_plan(target, {}, rules, where="ours")
+    shapes = {k: s for job in exported.params for k, s in zip(job.src, job.src_shapes)}
+    assert sorted(shapes) == keys  # our parameters name the release's keys, one for one
+    for k, s in SPEC_SHAPES.items():
+        assert shapes[k] == s, k
+    if HAVE_UPSTREAM:  # and upstream's modules built with the sam2_hiera_l.yaml values have the same shapes
+        up = {k: tuple(v.shape) for k, v in TorchMemoryPath(cfg, grid_wh=(64, 64)).state_dict().items()}
+        assert up == shapes
+    plan = build_plan({f"sam.{k}": Meta(s, np.dtype(np.float32), "index") for k, s in shapes.items()},
+                      memory_path(cfg.encoder.mask_layers, src="sam.", dst="sam2."),
                       {f"sam2.{p}": s for p, s in target.items()}, where="release")
     assert plan.summary()["mapped_keys"] == 158 and not plan.extras and not plan.dropped
-    # round trip torch -> ours -> torch is bit-exact (random values, also in the zero-initialised params)
     g = np.random.default_rng(7)
-    sd = {k: g.normal(size=v.shape).astype(np.float32) for k, v in sd.items()}
-    unprefixed = memory_path(cfg.encoder.mask_layers)
+    sd = {k: g.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    plan = build_plan({k: Meta(v.shape, v.dtype, "torch") for k, v in sd.items()}, rules, target, where="torch")
     ours = {}
-    plan = build_plan({k: Meta(v.shape, v.dtype, "torch") for k, v in sd.items()}, unprefixed, target, where="t")
     for job in plan.params:
         for p, arr in zip(job.dst, job.rule.op.forward([sd[k] for k in job.src])):
             assert tuple(arr.shape) == target[p]
             ours[p] = np.ascontiguousarray(arr)
-    back = export(ours, unprefixed)
+    assert set(ours) == set(target)
+    back = export(ours, rules)
     assert sorted(back) == keys
     for k in keys:
-        assert back[k].shape == sd[k].shape and back[k].tobytes() == sd[k].tobytes(), k
+        assert back[k].shape == sd[k].shape and back[k].dtype == sd[k].dtype, k
+        assert back[k].tobytes() == np.ascontiguousarray(sd[k]).tobytes(), k
+
+
+# ------------------------------------------------------------------- transformers Sam2Video cross-check
+
+# transformers 5.x Sam2Video names -> upstream SAM2 names (the release's), for its memory modules
+_HF_RENAMES = [
+    (r"memory_encoder\.mask_downsampler\.layers\.(\d+)\.conv\.", lambda m: f"memory_encoder.mask_downsampler.encoder.{3 * int(m[1])}."),
+    (r"memory_encoder\.mask_downsampler\.layers\.(\d+)\.layer_norm\.",
+     lambda m: f"memory_encoder.mask_downsampler.encoder.{3 * int(m[1]) + 1}."),
+    (r"memory_encoder\.feature_projection\.", lambda m: "memory_encoder.pix_feat_proj."),
+    (r"memory_encoder\.projection\.", lambda m: "memory_encoder.out_proj."),
+    (r"memory_encoder\.memory_fuser\.layers\.(\d+)\.depthwise_conv\.", lambda m: f"memory_encoder.fuser.layers.{m[1]}.dwconv."),
+    (r"memory_encoder\.memory_fuser\.layers\.(\d+)\.layer_norm\.", lambda m: f"memory_encoder.fuser.layers.{m[1]}.norm."),
+    (r"memory_encoder\.memory_fuser\.layers\.(\d+)\.pointwise_conv(\d)\.", lambda m: f"memory_encoder.fuser.layers.{m[1]}.pwconv{m[2]}."),
+    (r"memory_encoder\.memory_fuser\.layers\.(\d+)\.scale$", lambda m: f"memory_encoder.fuser.layers.{m[1]}.gamma"),
+    (r"\.o_proj\.", lambda m: ".out_proj."),
+    (r"\.layers\.(\d+)\.layer_norm(\d)\.", lambda m: f".layers.{m[1]}.norm{m[2]}."),
+    (r"memory_attention\.layer_norm\.", lambda m: "memory_attention.norm."),
+]
+
+
+def _hf_to_upstream(sd: dict[str, np.ndarray], n_mask_layers: int) -> dict[str, np.ndarray]:
+    import re
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("memory_encoder.mask_downsampler.final_conv.",
+                      f"memory_encoder.mask_downsampler.encoder.{3 * n_mask_layers}.")
+        for pat, fn in _HF_RENAMES:
+            k = re.sub(pat, fn, k)
+        out[k] = v
+    return out
+
+
+def test_memory_modules_match_transformers_sam2video():
+    """transformers' Sam2VideoMemoryEncoder / Sam2VideoMemoryAttention (its cross-attention kv dim is fixed at
+    64, so d 128, memory 64 here), weights renamed to upstream names and converted by our table."""
+    from transformers import Sam2VideoConfig
+    from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoMemoryAttention, Sam2VideoMemoryEncoder
+
+    d, m, h, w = 128, 64, 4, 4
+    enc_cfg = MemoryEncoderConfig(in_dim=d, out_dim=m, mask_total_stride=4)
+    att_cfg = MemoryAttentionConfig(d_model=d, num_layers=2, num_heads=2, ffn_dim=96, kv_dim=m, dropout=0.0,
+                                    rope_feat_sizes=(w, h))
+    cfg = Sam2MemoryConfig(enc_cfg, att_cfg, MemoryTokensConfig(hidden_dim=d, mem_dim=m, num_maskmem=3)).validate()
+    hf_cfg = Sam2VideoConfig(
+        memory_attention_hidden_size=d, memory_attention_num_layers=2, memory_attention_num_attention_heads=2,
+        memory_attention_feed_forward_hidden_size=96, memory_attention_rope_feat_sizes=[w, h],
+        memory_encoder_hidden_size=d, memory_encoder_output_channels=m, mask_downsampler_embed_dim=d,
+        mask_downsampler_total_stride=4, memory_fuser_embed_dim=d, memory_fuser_intermediate_dim=4 * d)
+    hf = nn.Module()
+    hf.memory_encoder = Sam2VideoMemoryEncoder(hf_cfg)
+    hf.memory_attention = Sam2VideoMemoryAttention(hf_cfg)
+    _randomize(hf, 11)
+    sd = _hf_to_upstream(_state_dict(hf), cfg.encoder.mask_layers)
+    ours = MemoryPath(cfg, nnx.Rngs(0))
+    rules = memory_encoder_rules(cfg.encoder.mask_layers) + memory_attention_rules()
+    target = param_shapes(nnx.state(ours, nnx.Param))
+    plan = build_plan({k: Meta(v.shape, v.dtype, "hf") for k, v in sd.items()}, rules,
+                      {p: s for p, s in target.items() if not p.startswith("memory_tokens.")}, where="hf")
+    values = {p: arr for job in plan.params for p, arr in zip(job.dst, job.rule.op.forward([sd[k] for k in job.src]))}
+    flat = [(p, v.replace(jnp.asarray(values.get(".".join(map(str, p)), v.get_value()))))
+            for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))]
+    nnx.update(ours, nnx.from_flat_state(flat))
+
+    rng = np.random.default_rng(12)
+    pix = rng.normal(size=(2, h, w, d)).astype(np.float32)
+    mask = rng.normal(size=(2, 4 * h, 4 * w, 1)).astype(np.float32)
+    with torch.no_grad():
+        want_f, want_p = hf.memory_encoder(_nchw(pix), _nchw(mask))  # no sigmoid inside (the caller applies it)
+    got_f, got_p = ours.memory_encoder(jnp.asarray(pix), jnp.asarray(mask), skip_mask_sigmoid=True)
+    assert _max_diff(got_f, want_f.permute(0, 2, 3, 1).numpy()) < TOL
+    assert _max_diff(got_p, want_p.permute(0, 2, 3, 1).numpy()) < 1e-5
+
+    curr = rng.normal(size=(1, h, w, d)).astype(np.float32)
+    curr_pos = rng.normal(size=(1, h, w, d)).astype(np.float32)
+    n_ptr_tokens = 2 * (d // m)
+    mem = rng.normal(size=(1, 2 * h * w + n_ptr_tokens, m)).astype(np.float32)
+    mem_pos = rng.normal(size=mem.shape).astype(np.float32)
+    with torch.no_grad():
+        want = hf.memory_attention(_t(curr).reshape(1, h * w, d).transpose(0, 1),
+                                   _t(mem).transpose(0, 1), _t(curr_pos).reshape(1, h * w, d).transpose(0, 1),
+                                   _t(mem_pos).transpose(0, 1), num_object_pointer_tokens=n_ptr_tokens)
+    got = ours.memory_attention(jnp.asarray(curr), jnp.asarray(curr_pos), jnp.asarray(mem), jnp.asarray(mem_pos),
+                                num_k_exclude_rope=n_ptr_tokens)
+    want = want.reshape(h * w, d).numpy().reshape(h, w, d)
+    assert _max_diff(got[0], want) < TOL, _max_diff(got[0], want)
