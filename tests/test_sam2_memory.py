@@ -255,17 +255,42 @@ def test_padded_bank_equals_upstream_on_valid_slots(tiny):
     t_pos = np.array([[0, 1, 2], [0, 2, 1]])
     frame_valid = np.array([[True, False, True], [True, True, True]])
     ptr_valid = np.array([[True, False, True, False], [False, False, False, True]])
-    attend = jax.jit(lambda model, *a: model(*a[:4], memory_valid=a[4], num_k_exclude_rope=4 * cfg.tokens.tokens_per_ptr))
+    graphdef, state = nnx.split(ours.memory_attention)  # used functionally: a pure jitted function of the state
+    attend = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a[:4], memory_valid=a[4],
+                                                            num_k_exclude_rope=4 * cfg.tokens.tokens_per_ptr))
     mem, mem_pos, valid, n_excl = ours.memory_tokens.memory_bank(
         jnp.asarray(feats), jnp.asarray(pos), jnp.asarray(t_pos), jnp.asarray(frame_valid), jnp.asarray(ptrs),
         jnp.asarray(ptr_valid))
     assert n_excl == 4 * cfg.tokens.tokens_per_ptr
-    got = np.asarray(attend(ours.memory_attention, jnp.asarray(curr), jnp.asarray(curr_pos), mem, mem_pos, valid))
+    got = np.asarray(attend(state, jnp.asarray(curr), jnp.asarray(curr_pos), mem, mem_pos, valid))
     for i in range(b):
         fv, pv = frame_valid[i], ptr_valid[i]
         want = _reference_attention(ref, cfg, curr[i], curr_pos[i], feats[i][fv], pos[i][fv], t_pos[i][fv],
                                     ptrs[i][pv])
         assert _max_diff(got[i], want) < TOL, (i, _max_diff(got[i], want))
+
+
+@needs_upstream
+def test_invalid_slots_do_not_matter_even_nan(tiny):
+    """Whatever the invalid slots hold (NaN, inf, huge), the output is bit-identical to zeros there."""
+    cfg, _, ours = tiny
+    rng = np.random.default_rng(8)
+    h, w, c = 4, 6, cfg.attention.d_model
+    curr = jnp.asarray(rng.normal(size=(1, h, w, c)).astype(np.float32))
+    feats, pos, ptrs = _bank(cfg, rng, 1, h, w, 2, 2)
+    frame_valid, ptr_valid = np.array([[True, False]]), np.array([[False, True]])
+    outs = []
+    for fill in (0.0, np.nan, np.inf, 1e30):
+        f, p, q = feats.copy(), pos.copy(), ptrs.copy()
+        f[0, 1], p[0, 1], q[0, 0] = fill, fill, fill
+        mem, mem_pos, valid, n = ours.memory_tokens.memory_bank(
+            jnp.asarray(f), jnp.asarray(p), jnp.zeros((1, 2), jnp.int32), jnp.asarray(frame_valid), jnp.asarray(q),
+            jnp.asarray(ptr_valid))
+        outs.append(np.asarray(ours.memory_attention(curr, curr, mem, mem_pos, memory_valid=valid,
+                                                     num_k_exclude_rope=n)))
+    assert np.isfinite(outs[0]).all()
+    for o in outs[1:]:
+        assert o.tobytes() == outs[0].tobytes()
 
 
 @needs_upstream

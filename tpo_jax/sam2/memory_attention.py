@@ -14,7 +14,7 @@ Conditions the current frame's stride-16 features on the memory bank:
     out = norm(x)
 
 Static shapes: the bank is a fixed number of slots with a validity mask `memory_valid` (B, S); a masked slot
-gets zero attention weight, so the output equals the reference run on the bank without those slots (as long
+is zeroed and gets zero attention weight, so the output equals the reference run on the bank without those slots (as long
 as each example has at least one valid slot). The bank layout is [F frames × H·W spatial tokens][pointer
 tokens]: all F·H·W spatial slots take RoPE (positions repeat per frame), the last `num_k_exclude_rope` do not.
 Features are channel-last (B, H, W, C); tokens are in row-major order (upstream's `flatten(2)` of NCHW).
@@ -114,6 +114,10 @@ class MemoryAttention(nnx.Module):
         if n_spatial < 0 or n_spatial % (h * w):
             raise ValueError(f"memory attention: {memory.shape[1]} bank slots minus {num_k_exclude_rope} "
                              f"pointer tokens is not a whole number of {h}×{w} memory frames")
+        if memory_valid is not None:  # invalid slots may hold anything (even NaN): zero them, then mask them
+            keep = memory_valid.astype(bool)[..., None]
+            memory = jnp.where(keep, memory, jnp.zeros((), memory.dtype))
+            memory_pos = jnp.where(keep, memory_pos, jnp.zeros((), memory_pos.dtype))
         x = curr.reshape(b, h * w, c)
         if self.cfg.pos_enc_at_input:
             x = x + 0.1 * curr_pos.reshape(b, h * w, c).astype(x.dtype)
