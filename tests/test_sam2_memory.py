@@ -530,3 +530,24 @@ def test_memory_modules_match_transformers_sam2video():
                                 num_k_exclude_rope=n_ptr_tokens)
     want = want.reshape(h * w, d).numpy().reshape(h, w, d)
     assert _max_diff(got[0], want) < TOL, _max_diff(got[0], want)
+
+
+def test_dropout_rng_and_bf16_compute_run():
+    """Training mode (an rng: residual, FFN and attention-probability dropout) changes the output and stays
+    finite; bf16 compute stays near the f32 result. No reference: smoke test of the two non-parity modes."""
+    cfg = Sam2MemoryConfig.tiny(dropout=0.1)
+    rng = np.random.default_rng(9)
+    h, w, c, m = 4, 4, cfg.attention.d_model, cfg.attention.kv_dim
+    curr = jnp.asarray(rng.normal(size=(2, h, w, c)).astype(np.float32))
+    mem = jnp.asarray(rng.normal(size=(2, h * w + 8, m)).astype(np.float32))
+    f32 = MemoryAttention(cfg.attention, rngs=nnx.Rngs(0))
+    base = f32(curr, curr, mem, mem, num_k_exclude_rope=8)
+    drop = f32(curr, curr, mem, mem, num_k_exclude_rope=8, rng=jax.random.key(1))
+    assert np.isfinite(np.asarray(drop)).all() and float(jnp.abs(drop - base).max()) > 1e-3
+    bf16 = MemoryAttention(cfg.attention, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    low = bf16(curr.astype(jnp.bfloat16), curr.astype(jnp.bfloat16), mem.astype(jnp.bfloat16),
+               mem.astype(jnp.bfloat16), num_k_exclude_rope=8)
+    assert low.dtype == jnp.bfloat16 and _max_diff(low.astype(jnp.float32), base) < 0.1
+    enc = MemoryEncoder(cfg.encoder, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    feats, pos = encode_new_memory(enc, curr.astype(jnp.bfloat16), jnp.zeros((2, 4 * h, 4 * w, 1), jnp.bfloat16))
+    assert feats.dtype == pos.dtype == jnp.bfloat16 and feats.shape == (2, h, w, cfg.encoder.out_dim)
