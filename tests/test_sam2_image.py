@@ -300,3 +300,108 @@ def test_image_path_matches_upstream(tiny_pair, images, features, prompt, multim
     _close(pred.iou, r_iou.numpy(), "iou")
     _close(pred.sam_tokens, r_tok.numpy(), "sam tokens")
     _close(pred.object_score_logits, r_obj.numpy(), "object score logits")
+
+
+# ------------------------------------------------------------------------------------------------- conversion
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tpo_jax.checkpoints.errors import ConversionError  # noqa: E402
+from tpo_jax.checkpoints.mapping import Meta, build_export_plan, build_plan  # noqa: E402
+
+_INDEX = Path(__file__).resolve().parents[2] / "shared" / "reference" / "videochat-tpo" / "model.safetensors.index.json"
+
+
+def test_release_image_keys_and_shapes_map_to_hiera_l():
+    """Every image-path key of the release (names from the index) is exactly what the Hiera-L v1 model exports,
+    with the shapes of MODEL-SPEC §9.2, and converts back onto the model built shape-only."""
+    if not _INDEX.exists():
+        pytest.skip(f"no release index at {_INDEX}")
+    release = {k[len("sam."):] for k in json.loads(_INDEX.read_text())["weight_map"] if k.startswith("sam.")}
+    image_keys = {k for k in release if sam2_table.is_image_key(k)}
+    assert len(image_keys) == 742
+    cfg = sam2_config.sam2_hiera_l_v1()
+    abstract = nnx.state(nnx.eval_shape(lambda: Sam2Image(cfg, rngs=None)), nnx.Param)
+    ours = {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(abstract)}
+    plan = build_export_plan(ours, {}, sam2_table.image_path(), where="hiera-l")
+    shapes = {k: s for j in plan.params for k, s in zip(j.src, j.src_shapes)}
+    assert set(shapes) == image_keys
+    spec = {"image_encoder.trunk.patch_embed.proj.weight": (144, 3, 7, 7),
+            "image_encoder.trunk.pos_embed": (1, 144, 7, 7),
+            "image_encoder.trunk.pos_embed_window": (1, 144, 8, 8),
+            "image_encoder.trunk.blocks.2.proj.weight": (288, 144),
+            "image_encoder.trunk.blocks.47.attn.qkv.weight": (3456, 1152),
+            "image_encoder.neck.convs.0.conv.weight": (256, 1152, 1, 1),
+            "image_encoder.neck.convs.3.conv.weight": (256, 144, 1, 1),
+            "sam_prompt_encoder.point_embeddings.3.weight": (1, 256),
+            "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": (2, 128),
+            "sam_prompt_encoder.mask_downscaling.0.weight": (4, 1, 2, 2),
+            "sam_prompt_encoder.mask_downscaling.6.weight": (256, 16, 1, 1),
+            "sam_mask_decoder.mask_tokens.weight": (4, 256),
+            "sam_mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight": (128, 256),
+            "sam_mask_decoder.output_upscaling.0.weight": (256, 64, 2, 2),
+            "sam_mask_decoder.output_upscaling.3.weight": (64, 32, 2, 2),
+            "sam_mask_decoder.conv_s0.weight": (32, 256, 1, 1),
+            "sam_mask_decoder.conv_s1.weight": (64, 256, 1, 1),
+            "sam_mask_decoder.pred_obj_score_head.layers.2.weight": (1, 256)}
+    for k, s in spec.items():
+        assert shapes[k] == s, k
+    n_params = sum(int(np.prod(s)) for s in shapes.values())
+    # the whole release's SAM2 is 224,430,386 values; the memory path and SAM2Base parameters are the rest
+    assert 200_000_000 < n_params < 224_430_386
+    # and the release's names (with `sam.`) go back onto the model through the same rules
+    source = {f"sam.{k}": Meta(s, np.float32, "index") for k, s in shapes.items()}
+    build_plan(source, sam2_table.image_path(src="sam."), ours, where="index")
+
+
+def test_round_trip_is_bit_exact_and_errors_name_the_key(tiny_pair):
+    cfg, ref, ours = tiny_pair
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    image_sd = {k: v for k, v in sd.items() if sam2_table.is_image_key(k)}
+    assert len(image_sd) == len(sd) - 1  # everything but no_mem_embed
+    back = sam2_table.export_state_dict(nnx.state(ours, nnx.Param))
+    assert set(back) == set(image_sd)
+    for k, v in image_sd.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v), k
+    # the release layout: `sam.` prefix, extra keys of the memory path ignored
+    prefixed = {f"sam.{k}": v for k, v in sd.items()} | {"sam.memory_encoder.out_proj.weight": np.zeros(1)}
+    state = sam2_table.load_state_dict(nnx.state(ours, nnx.Param), prefixed, src="sam.")
+    again = sam2_table.export_state_dict(state)
+    assert all(np.array_equal(again[k], v) for k, v in image_sd.items())
+    bad = dict(image_sd)
+    del bad["sam_mask_decoder.conv_s0.bias"]
+    with pytest.raises(ConversionError, match="conv_s0"):
+        sam2_table.load_state_dict(nnx.state(ours, nnx.Param), bad)
+    bad = dict(image_sd) | {"sam_mask_decoder.iou_token.weight": np.zeros((2, cfg.hidden_dim), np.float32)}
+    with pytest.raises(ConversionError, match="iou_token"):
+        sam2_table.load_state_dict(nnx.state(ours, nnx.Param), bad)
+
+
+def test_config_validation_and_presets():
+    cfg = sam2_config.sam2_hiera_l_v1()
+    assert cfg.trunk.channel_list == (1152, 576, 288, 144) and cfg.trunk.q_pool_blocks == (2, 8, 44)
+    assert [b for b, s in enumerate(cfg.trunk.block_specs()) if s[3] == 0] == [23, 33, 43]
+    assert cfg.image_embedding_size == 64 and cfg.hidden_dim == 256
+    from tpo_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="sam2.neck.backbone_channel_list"):
+        sam2_config.Sam2Config(neck=sam2_config.NeckConfig(backbone_channel_list=(1, 2, 3, 4))).validate()
+    with pytest.raises(ConfigError, match="sam2.trunk.window_spec"):
+        sam2_config.Sam2Config(trunk=sam2_config.HieraConfig(window_spec=(8, 4, 16))).validate()
+    with pytest.raises(ConfigError, match="sam2.dtype"):
+        sam2_config.Sam2Config(dtype="int8").validate()
+
+
+def test_bfloat16_compute_runs_close_to_float32(tiny_pair, images):
+    """The compute-dtype option: same parameters, bf16 activations; mask logits agree with f32 to bf16 precision."""
+    cfg, ref, ours = tiny_pair
+    import dataclasses
+    m16 = Sam2Image(dataclasses.replace(cfg, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    nnx.update(m16, nnx.state(ours, nnx.Param))
+    x = _nhwc(images)
+    box = jnp.asarray([[4.0, 6.0, 40.0, 50.0], [10.0, 3.0, 60.0, 33.0]])
+    run = nnx.jit(lambda m, x, b: m(x[:1], boxes=b[:1]))
+    p32, p16 = run(ours, x, box), run(m16, x, box)
+    assert p16.masks.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(p16.masks)))
+    scale = float(jnp.abs(p32.masks).max())
+    assert float(jnp.abs(p16.masks - p32.masks).max()) < 0.1 * scale

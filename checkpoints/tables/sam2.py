@@ -1,6 +1,6 @@
 """SAM2 image path (MODEL-SPEC §7, §9.2): upstream SAM2 state-dict names (the release's `sam.*` keys without
-`sam.`) -> `tpo_jax.sam2.image.Sam2Image`. 740 keys in the release: 671 image encoder (trunk + neck), 58 mask
-decoder, 11 prompt encoder. `src` / `dst` prefix both sides (e.g. src="sam.", dst="sam2.").
+`sam.`) -> `tpo_jax.sam2.image.Sam2Image`. 742 keys in the release: 594 image encoder (586 trunk + 8 neck), 131 mask
+decoder, 17 prompt encoder. `src` / `dst` prefix both sides (e.g. src="sam.", dst="sam2.").
 
     image_encoder.trunk.patch_embed.proj              -> <same>.{kernel (7,7,3,C), bias}       (Conv2d)
     image_encoder.trunk.pos_embed (1, C, 7, 7)        -> image_encoder.trunk.pos_embed (1, 7, 7, C)
