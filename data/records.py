@@ -161,6 +161,29 @@ class DataError(RuntimeError):
     """Too many bad records, or a data source that cannot be used at all."""
 
 
+# --- COCO RLE sizes (checked here, before `tpo_jax.data.rle` decodes anything) ---
+
+def is_int(v) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def rle_size(rle: dict[str, Any], budget: MediaBudget | None = None) -> tuple[int, int]:
+    """(h, w) of an RLE: two non-negative integers (not strings, not bools) with h × w within
+    `budget.max_mask_pixels` (checked before anything is allocated)."""
+    size = rle.get("size") if isinstance(rle, dict) else None
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(is_int(v) for v in size)):
+        raise RecordError(f"RLE needs 'size': [h, w] (two integers), got {str(rle)[:80]}")
+    h, w = int(size[0]), int(size[1])
+    if h < 0 or w < 0:
+        raise RecordError(f"RLE size must be non-negative, got {[h, w]}")
+    limit = (budget or DEFAULT_BUDGET).max_mask_pixels
+    if h * w > limit:
+        raise RecordError(f"RLE size {h}x{w} = {h * w} pixels is over the budget max_mask_pixels={limit}",
+                          "media_budget")
+    return h, w
+
+
 @dataclasses.dataclass
 class Record:
     id: str
@@ -230,8 +253,6 @@ class Record:
             if not (math.isfinite(self.clip_seconds) and self.clip_seconds > 0):
                 fail(f"clip_seconds must be positive, got {self.clip_seconds}")
         if self.track_masks is not None:
-            from tpo_jax.data.rle import rle_size  # noqa: PLC0415  (rle imports this module)
-
             if not isinstance(self.track_masks, list):
                 fail(f"track_masks must be a list of RLEs, got {type(self.track_masks).__name__}")
             for k, m in enumerate(self.track_masks):

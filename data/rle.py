@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tpo_jax.data.records import DEFAULT_BUDGET, MediaBudget, RecordError
+from tpo_jax.data.records import MediaBudget, RecordError, is_int as _is_int, rle_size
 
 
 def _check_mask(mask) -> np.ndarray:
@@ -77,26 +77,6 @@ def counts_from_string(s: str | bytes) -> list[int]:
             x += counts[-2]
         counts.append(x)
     return counts
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def rle_size(rle: dict[str, Any], budget: MediaBudget | None = None) -> tuple[int, int]:
-    """(h, w) of an RLE: two non-negative integers (not strings, not bools) with h × w within
-    `budget.max_mask_pixels` (checked before anything is allocated)."""
-    size = rle.get("size") if isinstance(rle, dict) else None
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(v) for v in size)):
-        raise RecordError(f"RLE needs 'size': [h, w] (two integers), got {str(rle)[:80]}")
-    h, w = int(size[0]), int(size[1])
-    if h < 0 or w < 0:
-        raise RecordError(f"RLE size must be non-negative, got {[h, w]}")
-    limit = (budget or DEFAULT_BUDGET).max_mask_pixels
-    if h * w > limit:
-        raise RecordError(f"RLE size {h}x{w} = {h * w} pixels is over the budget max_mask_pixels={limit}",
-                          "media_budget")
-    return h, w
 
 
 def rle_counts(rle: dict[str, Any], budget: MediaBudget | None = None) -> list[int]:
