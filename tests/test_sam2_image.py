@@ -1,7 +1,10 @@
 """SAM2 image path (tpo_jax.sam2) against upstream SAM 2 (`sam2` package 1.1.0, v1 settings), f32.
 
 The upstream package is optional: tests that need it are skipped when `import sam2` fails. Install it without
-its CUDA extension: `SAM2_BUILD_CUDA=0 pip install --no-deps sam2==1.1.0 hydra-core iopath omegaconf`.
+its CUDA extension and WITHOUT its dependencies (they would replace the CPU torch by a CUDA build):
+`SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation sam2==1.1.0 hydra-core omegaconf
+antlr4-python3-runtime==4.9.3 iopath portalocker` (torchvision is not needed: the predictor's transforms are
+replaced by already-normalised inputs).
 """
 
 import numpy as np
