@@ -19,24 +19,28 @@ from tpo_jax.layers import Linear, param
 
 
 class Conv2d(nnx.Module):
-    """NHWC convolution with a (kh, kw, I, O) kernel, symmetric zero padding, stride, and a bias."""
+    """NHWC convolution with a (kh, kw, I / groups, O) kernel, symmetric zero padding, stride, groups (depthwise
+    with groups = I = O) and a bias; `in_axis` / `out_axis` are the kernel's logical channel axes."""
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
+                 groups: int = 1, in_axis: str | None = "embed", out_axis: str | None = "mlp",
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None):
-        self.stride, self.padding, self.dtype = stride, padding, dtype
+        self.stride, self.padding, self.groups, self.dtype = stride, padding, groups, dtype
         k = kernel_size
         init = nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
-        self.kernel = param(rngs, init, (k, k, in_features, out_features), (None, None, "embed", "mlp"), param_dtype)
-        self.bias = param(rngs, nnx.initializers.zeros, (out_features,), ("mlp",), param_dtype)
+        self.kernel = param(rngs, init, (k, k, in_features // groups, out_features), (None, None, in_axis, out_axis),
+                            param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (out_features,), (out_axis,), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
-        if kernel.shape[:2] == (1, 1) and self.stride == 1 and self.padding == 0:
+        if kernel.shape[:2] == (1, 1) and self.stride == 1 and self.padding == 0 and self.groups == 1:
             y = jnp.einsum("bhwc,co->bhwo", x.astype(self.dtype), kernel[0, 0])
         else:
             p = self.padding
             y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel, (self.stride, self.stride),
-                                             ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                             ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             feature_group_count=self.groups)
         return y + self.bias[...].astype(self.dtype)
 
 

@@ -20,28 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpo_jax.layers import LayerNorm, Linear, gelu, param
+from tpo_jax.sam2.layers import Conv2d
 from tpo_jax.sam2.memory_config import MemoryEncoderConfig
 from tpo_jax.sam2.position import sine_position_encoding
-
-
-class Conv2d(nnx.Module):
-    """2-D convolution, NHWC, kernel (kh, kw, in/groups, out) + bias (out,)."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding: int = 0,
-                 groups: int = 1, in_axis: str | None = None, out_axis: str | None = "embed",
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None):
-        init = nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
-        self.kernel = param(rngs, init, (kernel, kernel, in_ch // groups, out_ch),
-                            ("conv_height", "conv_width", in_axis, out_axis), param_dtype)
-        self.bias = param(rngs, nnx.initializers.zeros, (out_ch,), (out_axis,), param_dtype)
-        self.stride, self.padding, self.groups, self.dtype = stride, padding, groups, dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        p = self.padding
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride, self.stride),
-            ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
-        return y + self.bias[...].astype(self.dtype)
 
 
 class MaskDownSampler(nnx.Module):
@@ -52,10 +33,10 @@ class MaskDownSampler(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         chans = [1] + cfg.mask_channels()
         self.convs = nnx.List([Conv2d(c_in, c_out, cfg.mask_kernel, stride=cfg.mask_stride,
-                                      padding=cfg.mask_padding, out_axis=None, **kw)
+                                      padding=cfg.mask_padding, in_axis=None, out_axis=None, **kw)
                                for c_in, c_out in zip(chans[:-1], chans[1:])])
         self.norms = nnx.List([LayerNorm(c, eps=1e-6, axis_name=None, **kw) for c in chans[1:]])
-        self.final = Conv2d(chans[-1], cfg.in_dim, 1, **kw)
+        self.final = Conv2d(chans[-1], cfg.in_dim, 1, in_axis=None, out_axis="embed", **kw)
 
     def __call__(self, mask: jax.Array) -> jax.Array:
         x = mask
@@ -71,7 +52,8 @@ class CXBlock(nnx.Module):
                  rngs: nnx.Rngs | None):
         d = cfg.in_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dwconv = Conv2d(d, d, cfg.fuser_kernel, padding=cfg.fuser_kernel // 2, groups=d, **kw)
+        self.dwconv = Conv2d(d, d, cfg.fuser_kernel, padding=cfg.fuser_kernel // 2, groups=d, in_axis=None,
+                             out_axis="embed", **kw)
         self.norm = LayerNorm(d, eps=1e-6, axis_name="embed", **kw)
         self.pwconv1 = Linear(d, cfg.fuser_expansion * d, axes=("embed", "mlp"), **kw)
         self.pwconv2 = Linear(cfg.fuser_expansion * d, d, axes=("mlp", "embed"), **kw)
@@ -91,7 +73,7 @@ class MemoryEncoder(nnx.Module):
         self.cfg = cfg
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mask_downsampler = MaskDownSampler(cfg, **kw)
-        self.pix_feat_proj = Conv2d(cfg.in_dim, cfg.in_dim, 1, in_axis="embed", **kw)
+        self.pix_feat_proj = Conv2d(cfg.in_dim, cfg.in_dim, 1, in_axis="embed", out_axis="embed", **kw)
         self.fuser = nnx.List([CXBlock(cfg, **kw) for _ in range(cfg.fuser_layers)])
         self.out_proj = Conv2d(cfg.in_dim, cfg.out_dim, 1, in_axis="embed", out_axis="mem_embed", **kw)
 

@@ -27,7 +27,7 @@ from flax import nnx
 
 from tpo_jax.layers import MLP, param
 from tpo_jax.sam2.memory_config import MemoryTokensConfig
-from tpo_jax.sam2.memory_encoder import Conv2d
+from tpo_jax.sam2.layers import Conv2d
 
 
 class MemoryTokens(nnx.Module):
@@ -44,7 +44,7 @@ class MemoryTokens(nnx.Module):
         self.no_mem_embed = param(rngs, init, (c,), ("embed",), param_dtype)
         self.no_mem_pos_enc = param(rngs, init, (c,), ("embed",), param_dtype)
         k = cfg.mask_downsample_stride
-        self.mask_downsample = Conv2d(1, 1, k, stride=k, out_axis=None, dtype=dtype, param_dtype=param_dtype,
+        self.mask_downsample = Conv2d(1, 1, k, stride=k, in_axis=None, out_axis=None, dtype=dtype, param_dtype=param_dtype,
                                       rngs=rngs)
 
     def object_pointer(self, sam_output_token: jax.Array, object_score_logits: jax.Array) -> jax.Array:
