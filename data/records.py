@@ -119,22 +119,6 @@ class MediaBudget:
                 raise ValueError(f"config field '{prefix}{f.name}': must be a positive number, got {v!r}")
         return self
 
-    def _texts(self):
-        yield "id", self.id
-        for name in ("question", "answer", "instruction"):
-            yield name, getattr(self, name)
-        for k, turn in enumerate(self.turns):
-            if not (isinstance(turn, (tuple, list)) and len(turn) == 2):
-                raise RecordError(f"record {self.id!r} ({self.task}): turns[{k}] must be (question, answer)")
-            yield f"turns[{k}] question", turn[0]
-            yield f"turns[{k}] answer", turn[1]
-        for k, o in enumerate(self.options):
-            yield f"options[{k}]", o
-        for name in ("video", "image"):
-            v = getattr(self, name)
-            if isinstance(v, str):
-                yield name, v
-
 
 DEFAULT_BUDGET = MediaBudget()
 
