@@ -24,6 +24,7 @@ directory is removed and the committed checkpoints are left as they were.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import glob
@@ -178,8 +179,15 @@ class CheckpointManager:
             raise self._fail(step, OSError(errno.ENOSPC, f"No space left on device: it needs "
                                                          f"{needed / 2**20:.1f} MiB"))
 
+    @contextlib.contextmanager
     def _writing(self, step: int):
-        return _WriteGuard(self, step)
+        """Any error of writing `step` becomes the manager's one `CheckpointWriteError`."""
+        try:
+            yield
+        except (CheckpointWriteError, CheckpointError):
+            raise
+        except Exception as e:  # noqa: BLE001  (Orbax / TensorStore wrap OS errors in their own types)
+            raise self._fail(step, e) from e
 
     def _fail(self, step: int, e: BaseException) -> CheckpointWriteError:
         """The one error of a failed save: the temporary directories removed, the reason and free space named."""
@@ -259,21 +267,6 @@ class CheckpointManager:
 
     def __exit__(self, *exc):
         self.close()
-
-
-class _WriteGuard:
-    """Turns any error of a checkpoint write into the manager's one `CheckpointWriteError`."""
-
-    def __init__(self, manager: CheckpointManager, step: int):
-        self.manager, self.step = manager, step
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, e, tb):
-        if e is None or not isinstance(e, Exception) or isinstance(e, (CheckpointWriteError, CheckpointError)):
-            return False
-        raise self.manager._fail(self.step, e) from e
 
 
 def _restore_target(target):
