@@ -136,6 +136,32 @@ class PoisonedDataset:
         return out
 
 
+    def clean_sources_skipping(self, split: str, tasks: Sequence[str]) -> dict[str, "SkippingSource"]:
+        """{task: source} of the clean copy that yields a `Bad` (kind "clean_skip") where this dataset is poisoned:
+        the stream the poisoned dataset gives, made from clean records (pass as `make_train_iterator(sources=)`)."""
+        from tpo_jax.data.stored_source import open_task_sources  # noqa: PLC0415
+
+        if self.clean_path is None:
+            raise ValueError("write_poisoned_dataset(..., clean_copy=True) makes the clean copy this needs")
+        clean = open_task_sources([self.clean_path], split, tasks)
+        return {t: SkippingSource(clean[t], self.poisoned_index.get((split, t), {})) for t in tasks}
+
+
+class SkippingSource:
+    """A random-access source whose records at the indices of `plan` are skips (a `Bad` of kind "clean_skip")."""
+
+    def __init__(self, source, plan: Mapping[int, str]):
+        self.source, self.plan = source, plan
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        from tpo_jax.data.pipeline import Bad  # noqa: PLC0415  (the pipeline imports grain)
+
+        return Bad(f"clean-{i}", "poisoned in the other copy", "clean_skip") if i in self.plan else self.source[i]
+
+
 def poison_plan(sizes: Mapping[str, int], tasks: Sequence[str], fraction: float, kinds: Sequence[str],
                 seed: int, splits: Sequence[str]) -> dict[tuple[str, str], dict[int, str]]:
     """Which record of each (split, task) gets which poison: round(fraction × n) records (at least one per

@@ -332,17 +332,6 @@ def test_poisoned_dataset_every_poison_skipped_under_its_kind_with_0_and_2_worke
     assert set(counts[0][1]) <= set(POISON_KINDS.values()) and len(counts[0][1]) >= 3
 
     # the same stream as the clean copy with the poisoned records skipped: equal batches
-    class Skipping:
-        def __init__(self, src, plan):
-            self.src, self.plan = src, plan
-
-        def __len__(self):
-            return len(self.src)
-
-        def __getitem__(self, i):
-            return P.Bad(f"clean-{i}", "poisoned in the other copy", "test") if i in self.plan else self.src[i]
-
-    clean = open_task_sources([ds.clean_path], "train", TASKS)
-    skipping = {t: Skipping(clean[t], ds.poisoned_index.get(("train", t), {})) for t in TASKS}
+    skipping = ds.clean_sources_skipping("train", TASKS)
     cfg = P.DataConfig(batch_size=4, max_bad_fraction=0.5)
     assert_batches_equal(take(P.make_train_iterator(cfg, CFG, "stage3", sources=skipping), 10), counts[0][2])

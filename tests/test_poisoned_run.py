@@ -3,9 +3,7 @@ each skip by kind, and trains exactly as the run over the clean records (the sam
 
 import numpy as np
 
-from tpo_jax.data import pipeline as P
 from tpo_jax.data.poisoned import POISON_KINDS, write_poisoned_dataset
-from tpo_jax.data.stored_source import open_task_sources
 from tpo_jax.data.synthetic import SyntheticConfig
 from tpo_jax.checkpoints.manager import CheckpointManager
 from tpo_jax.data.records import TASKS
@@ -15,19 +13,6 @@ from tpo_jax.train.run_config import get_run_config
 
 STEPS, BATCH = 70, 8  # 560 examples + skips: every record of each task read at least once (equal weights)
 EQUAL = "{'conversation': 1.0, 'mc': 1.0, 'temporal': 1.0, 'region': 1.0, 'mask': 1.0}"
-
-
-class Skipping:
-    """A clean source whose records at `plan`'s indices are skipped (a `Bad` of kind "clean_skip")."""
-
-    def __init__(self, src, plan):
-        self.src, self.plan = src, plan
-
-    def __len__(self):
-        return len(self.src)
-
-    def __getitem__(self, i):
-        return P.Bad(f"clean-{i}", "poisoned in the other copy", "clean_skip") if i in self.plan else self.src[i]
 
 
 def test_a_run_over_poisoned_records_trains_as_the_clean_run(tmp_path, monkeypatch):
@@ -55,8 +40,7 @@ def test_a_run_over_poisoned_records_trains_as_the_clean_run(tmp_path, monkeypat
     assert data_state["seen"] == STEPS * BATCH + sum(skipped.values())
 
     # the clean copy, read in the same order, skipping the records that are poisoned in the other copy
-    clean = open_task_sources([data.clean_path], "train", TASKS)
-    sources = {t: Skipping(clean[t], data.poisoned_index.get(("train", t), {})) for t in TASKS}
+    sources = data.clean_sources_skipping("train", TASKS)
     original = T.make_train_iterator
     monkeypatch.setattr(T, "make_train_iterator", lambda *a, **k: original(*a, sources=sources, **k))
     ref = T.run(apply_overrides(get_run_config("tiny"), overrides + [f"data.source={data.clean_path}"]),
