@@ -15,6 +15,7 @@ Also here: :func:`encode_mp4`, :func:`encode_jpeg_frames`, :func:`decode_jpeg_fr
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -409,46 +410,41 @@ def _pil_why(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e)[:160]}"
 
 
+@contextlib.contextmanager
+def _pil_errors(name: str):
+    """PIL work on the image `name`: its bomb warning silenced (the budget decides), and whatever PIL raises on a
+    hostile file turned into this file's MediaError (a bomb refusal into the budget's); MemoryError passes."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    except (MediaError, MemoryError):
+        raise
+    except Image.DecompressionBombError as e:
+        raise _bomb(name, e) from e
+    except Exception as e:  # noqa: BLE001  (whatever PIL raises on a hostile file is this file's error)
+        raise MediaError(f"{name}: cannot decode image ({_pil_why(e)})") from e
+
+
 def image_size(src, name: str | None = None, budget: MediaBudget | None = None) -> tuple[int, int]:
     """(width, height) of an image from its header only (nothing decoded); MediaError as `decode_image`."""
     name = _name(src, name)
     handle = _handle(src, name, "image", budget)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget decides
-            with Image.open(handle) as img:
-                return img.size
-    except Image.DecompressionBombError as e:
-        raise _bomb(name, e) from e
-    except MemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001  (whatever PIL raises on a hostile header is this file's error)
-        raise MediaError(f"{name}: cannot decode image ({_pil_why(e)})") from e
+    with _pil_errors(name), Image.open(handle) as img:
+        return img.size
 
 
 def _read_image(src, name: str, budget: MediaBudget | None = None) -> np.ndarray:
     """RGB uint8 (h, w, 3); the header's size is checked against `budget.max_pixels` before decoding."""
     budget = budget or DEFAULT_BUDGET
     handle = _handle(src, name, "image", budget)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget decides, below
-            img = Image.open(handle)
-        with img:
-            w, h = img.size
-            if w * h > budget.max_pixels:
-                raise _budget_error(name, "image size", f"{w}x{h} = {w * h} pixels", "max_pixels", budget.max_pixels)
-            if w * h == 0:
-                raise MediaError(f"{name}: image of size {w}x{h}")
-            rgb = np.asarray(img.convert("RGB"))
-    except MediaError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise _bomb(name, e) from e
-    except MemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001  (whatever PIL raises on a hostile file is this file's error)
-        raise MediaError(f"{name}: cannot decode image ({_pil_why(e)})") from e
+    with _pil_errors(name), Image.open(handle) as img:
+        w, h = img.size
+        if w * h > budget.max_pixels:
+            raise _budget_error(name, "image size", f"{w}x{h} = {w * h} pixels", "max_pixels", budget.max_pixels)
+        if w * h == 0:
+            raise MediaError(f"{name}: image of size {w}x{h}")
+        rgb = np.asarray(img.convert("RGB"))
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[:2] != (h, w):
         raise MediaError(f"{name}: decoded image of shape {rgb.shape}, header says {w}x{h}")
     return rgb
