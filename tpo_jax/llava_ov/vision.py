@@ -1,0 +1,84 @@
+"""The vision side of LLaVA-OneVision: SigLIP tower + projector + `image_newline`, images and video to LLM rows.
+
+    tiles (B, 1 + max_tiles, S, S, C) ─► tower ─► projector ─► pack_image_features(plan) ─► (B, T, D_llm), valid
+    frames (B, F, S, S, C)            ─► tower ─► projector ─► pool 2× + newline          ─► (B, F·p² + 1, D_llm), valid
+
+Parameters (paths as the conversion table `tpo_jax.checkpoints.tables.llava_ov_vision` writes them):
+`vision_tower.*` (`siglip.SiglipVisionTower`), `projector.linear_{1,2}.*`, `image_newline` (D_llm,).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tpo_jax.config import check_field, check_positive
+from tpo_jax.layers import param
+from tpo_jax.llava_ov import siglip, visual_tokens
+from tpo_jax.llava_ov.projector import MultiModalProjector
+from tpo_jax.llava_ov.siglip import SiglipConfig, SiglipVisionTower
+from tpo_jax.llava_ov.visual_tokens import AnyresConfig, ImagePlan, pack_image_features, pack_video_features
+
+
+@dataclass(frozen=True)
+class LlavaOVVisionConfig:
+    """Tower, tiling and the LLM width the projector maps to (3584 for the Qwen2-7B of LLaVA-OV-7B)."""
+
+    siglip: SiglipConfig = field(default_factory=siglip.so400m_patch14_384)
+    anyres: AnyresConfig = field(default_factory=AnyresConfig)
+    llm_hidden: int = 3584
+
+    def validate(self, prefix: str = "llava_ov.") -> None:
+        self.siglip.validate(prefix + "siglip.")
+        self.anyres.validate(prefix + "anyres.")
+        check_positive(self, prefix, "llm_hidden")
+        same = (self.anyres.image_size, self.anyres.patch_size) == (self.siglip.image_size, self.siglip.patch_size)
+        check_field(same, prefix + "anyres.image_size",
+                    f"tiles of {self.anyres.image_size} px / patch {self.anyres.patch_size} do not match the tower's "
+                    f"{self.siglip.image_size} px / patch {self.siglip.patch_size}")
+
+
+def tiny(llm_hidden: int = 40, **siglip_overrides) -> LlavaOVVisionConfig:
+    return LlavaOVVisionConfig(siglip=siglip.tiny(**siglip_overrides), anyres=visual_tokens.tiny(),
+                               llm_hidden=llm_hidden)
+
+
+class LlavaOVVision(nnx.Module):
+    """SigLIP tower, multimodal projector and the learned `image_newline` row."""
+
+    def __init__(self, cfg: LlavaOVVisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.vision_tower = SiglipVisionTower(cfg.siglip, **kw)
+        self.projector = MultiModalProjector(cfg.siglip.hidden_size, cfg.llm_hidden, **kw)
+        self.image_newline = param(rngs, nnx.initializers.normal(1.0 / math.sqrt(cfg.llm_hidden)),
+                                   (cfg.llm_hidden,), ("embed",), param_dtype)
+
+    def features(self, pixels: jax.Array) -> jax.Array:
+        """pixels (N, S, S, C) → projected features (N, grid², D_llm)."""
+        return self.projector(self.vision_tower(pixels))
+
+    def _per_slot(self, pixels: jax.Array) -> jax.Array:
+        b, n = pixels.shape[:2]
+        return self.features(pixels.reshape(b * n, *pixels.shape[2:])).reshape(b, n, -1, self.cfg.llm_hidden)
+
+    def encode_images(self, tiles: jax.Array, plan: ImagePlan) -> tuple[jax.Array, jax.Array]:
+        """tiles (B, 1 + max_tiles, S, S, C) (slot 0: base image), `plan` batched → (tokens (B, T, D), valid (B, T))."""
+        feats = self._per_slot(tiles)
+        return pack_image_features(feats, plan, self.image_newline[...]), jnp.asarray(plan.valid)
+
+    def encode_video(self, frames: jax.Array, num_frames: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """frames (B, F, S, S, C), the first `num_frames` (B,) real → (tokens (B, F·p² + 1, D), valid)."""
+        return pack_video_features(self._per_slot(frames), self.cfg.siglip.grid, self.image_newline[...], num_frames)
+
+
+def with_scan(cfg: LlavaOVVisionConfig, scan: bool = True) -> LlavaOVVisionConfig:
+    """The same config with the tower's layers scanned (or unrolled)."""
+    stack = dataclasses.replace(cfg.siglip.stack, scan_layers=scan)
+    return dataclasses.replace(cfg, siglip=dataclasses.replace(cfg.siglip, stack=stack))
