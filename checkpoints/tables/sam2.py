@@ -23,13 +23,12 @@ decoder, 17 prompt encoder. `src` / `dst` prefix both sides (e.g. src="sam.", ds
 
 Conv2d weight (O, I, kh, kw) -> kernel (kh, kw, I, O); ConvTranspose2d weight (I, O, kh, kw) -> (kh, kw, I, O).
 Every op only moves bytes, so export is bit-exact. `no_mem_embed` (used by the image predictor) belongs to the
-memory table (`sam2_memory`). Not wired into `tpo-convert videochat` yet (those keys are still kept as
-`sam2/*` extras there).
+memory table (`sam2_memory`); `whole()` is both tables, the 900 `sam.*` keys of the release.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 from flax import nnx
@@ -37,6 +36,7 @@ from flax import nnx
 from tpo_jax.checkpoints.errors import ConversionError
 from tpo_jax.checkpoints.mapping import Meta, Rule, build_export_plan, build_plan, linear, norm, rule
 from tpo_jax.checkpoints.ops import COPY, Permute, Stack
+from tpo_jax.checkpoints.tables.sam2_memory import is_memory_key, memory_path
 
 CONV2D = Permute((2, 3, 1, 0))  # (O, I, kh, kw) -> (kh, kw, I, O)
 CONV_T2D = Permute((2, 3, 0, 1))  # ConvTranspose2d (I, O, kh, kw) -> (kh, kw, I, O)
@@ -110,23 +110,43 @@ def image_path(*, src: str = "", dst: str = "") -> list[Rule]:
     return image_encoder(src=src, dst=dst) + prompt_encoder(src=src, dst=dst) + mask_decoder(src=src, dst=dst)
 
 
+def whole(mask_layers: int = 4, *, src: str = "", dst: str = "") -> list[Rule]:
+    """Every key of an upstream SAM2 state dict: image path + memory path (`tpo_jax.sam2.video.Sam2Video`);
+    `mask_layers`: convs of the memory encoder's mask downsampler (4 in the release)."""
+    return image_path(src=src, dst=dst) + memory_path(mask_layers, src=src, dst=dst)
+
+
+def _mask_layers(paths) -> int | None:
+    """Mask-downsampler convs of a `Sam2Video` param tree (None for a `Sam2Image`: no memory path)."""
+    convs = {p.split(".")[3] for p in paths if p.startswith("memory_encoder.mask_downsampler.convs.")}
+    return len(convs) if convs else None
+
+
 # ------------------------------------------------------------------------------------------- state-dict helpers
 
 def _flat_params(state: nnx.State) -> dict[str, nnx.Variable]:
     return {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
 
 
+def _rules(paths, src: str) -> tuple[list[Rule], Callable[[str], bool]]:
+    n = _mask_layers(paths)
+    if n is None:
+        return image_path(src=src), is_image_key
+    return whole(n, src=src), lambda k: is_image_key(k) or is_memory_key(k)
+
+
 def load_state_dict(state: nnx.State, state_dict: Mapping[str, np.ndarray], *, src: str = "",
                     where: str = "<state dict>") -> nnx.State:
-    """The nnx.Param `state` of a `Sam2Image` (real or from `nnx.eval_shape`) with every parameter taken from
-    `state_dict` (upstream names with prefix `src`, arrays in PyTorch layout). Keys outside the image path
-    (memory path, `no_mem_embed`, …) are ignored; a missing, unexpected image-path key or a shape that does not
-    fit raises ConversionError naming it. Values keep the dtype of `state_dict`."""
+    """The nnx.Param `state` of a `Sam2Video` or `Sam2Image` (real or from `nnx.eval_shape`) with every parameter
+    taken from `state_dict` (upstream names with prefix `src`, arrays in PyTorch layout). For a `Sam2Image` the
+    memory-path keys are ignored; a missing or unexpected key of the model's part, or a shape that does not fit,
+    raises ConversionError naming it. Values keep the dtype of `state_dict`."""
     flat = _flat_params(state)
-    keys = {k: v for k, v in state_dict.items() if k.startswith(src) and is_image_key(k[len(src):])}
+    rules, wanted = _rules(flat, src)
+    keys = {k: v for k, v in state_dict.items() if k.startswith(src) and wanted(k[len(src):])}
     source = {k: Meta(tuple(np.shape(v)), np.asarray(v).dtype, where) for k, v in keys.items()}
     target = {p: tuple(v.get_value().shape) for p, v in flat.items()}
-    plan = build_plan(source, image_path(src=src), target, where=where)
+    plan = build_plan(source, rules, target, where=where)
     values: dict[str, np.ndarray] = {}
     for job in plan.params:
         outs = job.rule.op.forward([np.asarray(keys[k]) for k in job.src])
@@ -136,10 +156,11 @@ def load_state_dict(state: nnx.State, state_dict: Mapping[str, np.ndarray], *, s
 
 
 def export_state_dict(state: nnx.State, *, src: str = "", where: str = "<model>") -> dict[str, np.ndarray]:
-    """Inverse of `load_state_dict`: the image-path parameters as upstream SAM2 keys (prefix `src`), PyTorch
-    layout, bit-exact."""
+    """Inverse of `load_state_dict`: the parameters as upstream SAM2 keys (prefix `src`), PyTorch layout,
+    bit-exact."""
     flat = {p: np.asarray(v.get_value()) for p, v in _flat_params(state).items()}
-    plan = build_export_plan({p: x.shape for p, x in flat.items()}, {}, image_path(src=src), where=where)
+    rules, _ = _rules(flat, src)
+    plan = build_export_plan({p: x.shape for p, x in flat.items()}, {}, rules, where=where)
     out: dict[str, np.ndarray] = {}
     for job in plan.params:
         xs = job.rule.op.inverse([flat[p] for p in job.dst])
@@ -149,5 +170,5 @@ def export_state_dict(state: nnx.State, *, src: str = "", where: str = "<model>"
     return out
 
 
-__all__ = ["image_path", "image_encoder", "prompt_encoder", "mask_decoder", "is_image_key", "load_state_dict",
+__all__ = ["whole", "image_path", "image_encoder", "prompt_encoder", "mask_decoder", "is_image_key", "load_state_dict",
            "export_state_dict", "CONV2D", "CONV_T2D", "COPY"]

@@ -2,14 +2,17 @@
 
 `sam2_hiera_l_v1()` is the released model (upstream SAM 2 v1 `sam2_hiera_l.yaml`, as inside VideoChat-TPO);
 `tiny()` is a small random model for tests. The memory path (memory attention / encoder, object pointers) has
-its own config in `tpo_jax.sam2.memory_config`; `Sam2Config` holds the image path only, for now.
+its own dataclasses in `tpo_jax.sam2.memory_config`; `Sam2Config.memory` holds them, with the video-predictor
+settings (`multimask_output_for_tracking`, `memory_storage_dtype`, `fill_hole_area`) beside them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from tpo_jax.config import DTYPES, check_field, check_positive
+from tpo_jax.sam2.memory_config import Sam2MemoryConfig
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,8 @@ class MaskDecoderConfig:
 
 @dataclass(frozen=True)
 class Sam2Config:
-    """The SAM2 image path. `hidden_dim` (= neck.d_model) is the prompt / transformer width."""
+    """The whole SAM2: image path and memory path. `hidden_dim` (= neck.d_model) is the prompt / transformer
+    width."""
 
     trunk: HieraConfig = field(default_factory=HieraConfig)
     neck: NeckConfig = field(default_factory=NeckConfig)
@@ -155,6 +159,14 @@ class Sam2Config:
     multimask_output_in_sam: bool = True
     multimask_min_pt_num: int = 0
     multimask_max_pt_num: int = 1
+    memory: Sam2MemoryConfig = field(default_factory=Sam2MemoryConfig)
+    multimask_output_for_tracking: bool = True  # tracked frames (no prompt) pick the best of the 3 masks
+    # The video predictor stores each frame's memory features in bfloat16 (`_run_single_frame_inference`), also
+    # in a float32 model; "float32" keeps them in the compute dtype.
+    memory_storage_dtype: str = "bfloat16"
+    # Background regions of at most this many low-resolution pixels (8-connected) become foreground in the
+    # returned masks (`fill_holes_in_mask_scores`; host-side post-processing, never fed back into memory). 0: off.
+    fill_hole_area: int = 8
     dtype: str = "float32"  # compute dtype (bfloat16 for inference); norms / softmax stay float32
     param_dtype: str = "float32"
 
@@ -189,9 +201,21 @@ class Sam2Config:
                     f"the first window {self.trunk.window_spec[0]} must divide the patch grid {grid}")
         if self.mask_decoder.use_high_res_features:
             check_field(levels_out >= 3, "sam2.neck.scalp", "high-resolution features need 3 output levels")
-        for name in ("dtype", "param_dtype"):
+        for name in ("dtype", "param_dtype", "memory_storage_dtype"):
             check_field(getattr(self, name) in DTYPES, f"sam2.{name}",
                         f"{getattr(self, name)!r} is not one of {list(DTYPES)}")
+        self.memory.validate()
+        check_field(self.memory.encoder.in_dim == self.hidden_dim, "sam2.memory.encoder.in_dim",
+                    f"{self.memory.encoder.in_dim} must equal the neck width {self.hidden_dim}")
+        check_field(self.memory.encoder.mask_total_stride == self.backbone_stride,
+                    "sam2.memory.encoder.mask_total_stride",
+                    f"{self.memory.encoder.mask_total_stride} must equal backbone_stride {self.backbone_stride} "
+                    "(image-size masks are downsampled onto the memory grid)")
+        check_field(self.memory.tokens.num_maskmem >= 2, "sam2.memory.tokens.num_maskmem",
+                    "video propagation needs the conditioning frame and at least one previous frame")
+        check_field(self.memory.tokens.max_obj_ptrs >= 1, "sam2.memory.tokens.max_obj_ptrs", "must be at least 1")
+        check_field(isinstance(self.fill_hole_area, int) and self.fill_hole_area >= 0, "sam2.fill_hole_area",
+                    f"must be a non-negative pixel count, got {self.fill_hole_area!r}")
         return self
 
 
@@ -208,4 +232,11 @@ def tiny() -> Sam2Config:
         neck=NeckConfig(d_model=32, backbone_channel_list=(64, 32, 16, 8)),
         mask_decoder=MaskDecoderConfig(num_heads=2, mlp_dim=64, iou_head_hidden_dim=32),
         image_size=64, mask_in_chans=8,
+        memory=_tiny_memory(),
     ).validate()
+
+
+def _tiny_memory() -> Sam2MemoryConfig:
+    """`Sam2MemoryConfig.tiny()` with the release's mask downsampler (4 convs of stride 2 = backbone stride 16)."""
+    m = Sam2MemoryConfig.tiny()
+    return dataclasses.replace(m, encoder=dataclasses.replace(m.encoder, mask_total_stride=16)).validate()
