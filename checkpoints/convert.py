@@ -305,7 +305,7 @@ def convert_videochat(source, out_dir, cfg: TPOConfig | None = None, *, lora: st
     _check_output(source, out_dir)
     src = open_source(source)
     abstract = abstract_params(lambda: TPOModel(model_cfg, rngs=None))
-    rule_table = tables.videochat(lora, cfg.lora.scaling, cfg.lora.rank)
+    rule_table = tables.videochat(lora, cfg.lora.scaling, cfg.lora.rank, cfg.sam2.memory.encoder.mask_layers)
     shapes = param_shapes(abstract)
     layouts = present_layouts(stack_layouts(model_cfg), shapes)
     plan = build_plan(src.meta, rule_table, _per_layer(shapes, layouts), where=src.description, keep_extras=extras)
@@ -365,7 +365,8 @@ def convert_hf(source, out_dir, *, adapter=None, lora: str = "merge", llm_cfg: L
         info_lora = ainfo
     lora_cfg = info_lora.lora_config() if (info_lora is not None and lora == "keep") else None
     abstract = abstract_params(lambda: MistralDecoder(llm_cfg, lora_cfg, rngs=None))
-    rule_table = tables.hf(tie=llm_cfg.tie_embeddings, adapter_targets=targets, lora=lora,
+    rule_table = tables.hf(tie=llm_cfg.tie_embeddings, attention_bias=llm_cfg.attention_bias,
+                           adapter_targets=targets, lora=lora,
                            scaling=info_lora.scaling if info_lora else 1.0, rank=info_lora.rank if info_lora else 0,
                            base_overrides=overrides)
     shapes = param_shapes(abstract, "llm")

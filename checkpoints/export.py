@@ -226,7 +226,8 @@ def export_videochat(checkpoint, out_dir, *, dtype: str = "keep", max_shard_byte
     kept = any(p.endswith(".lora_a") for p in reader.params)
     rank = reader.lora_rank or cfg.lora.rank
     scaling = reader.lora_scaling or cfg.lora.scaling
-    rules: list[Rule] = tables.videochat("keep" if kept else "merge", scaling, rank)
+    rules: list[Rule] = tables.videochat("keep" if kept else "merge", scaling, rank,
+                                         cfg.sam2.memory.encoder.mask_layers)
     plan = build_export_plan({p: s for p, (s, _) in reader.params.items()},
                              {p: s for p, (s, _) in reader.extras.items()}, rules, where=reader.where)
     with staged_output(out_dir, overwrite) as tmp:

@@ -111,7 +111,7 @@ class CheckpointConfig:
     async_save: bool = True  # write in background threads while training goes on
 
     def validate(self, prefix: str = "checkpoint.") -> "CheckpointConfig":
-        from tpo_jax.config import check_positive  # noqa: PLC0415
+        from tpo_jax.config_fields import check_positive  # noqa: PLC0415
         check_positive(self, prefix, "every_steps", "keep")
         return self
 

@@ -28,7 +28,8 @@ from absl import flags
 from tpo_jax.data.conversation import ExampleSpec, build_example, collate, mc_cloze_examples
 from tpo_jax.data.records import TASKS, DataError, MediaBudget, Record, RecordError, as_record_error
 from tpo_jax.data.synthetic import SyntheticConfig, SyntheticSource
-from tpo_jax.config import ConfigError, TPOConfig, check_field
+from tpo_jax.config import ConfigError, TPOConfig
+from tpo_jax.config_fields import check_field
 from tpo_jax.tokenizer import MultimodalTokenizer
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,8 @@ from tpo_jax.data.fixed_batch import synthetic_batch, synthetic_clip  # noqa: F4
 from tpo_jax.data.records import TASKS, Record
 from tpo_jax.data.rle import rle_encode
 from tpo_jax.data.synthetic_render import COLOURS, SHAPES, SceneObject, background, bounce, mask_box, render, runs
-from tpo_jax.config import ConfigError, check_field
+from tpo_jax.config import ConfigError
+from tpo_jax.config_fields import check_field
 
 SPLITS = ("train", "validation", "test")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -26,7 +26,13 @@ INDEX = ASSETS / "model.safetensors.index.json"
 
 def real_layout_tiny():
     """The tiny preset's widths with the released checkpoint's layer counts (so every real key has a home)."""
-    return replace(get_config("tiny"), **{"llm.num_layers": 32, "vit.depth": 23, "qformer.num_layers": 12})
+    return replace(get_config("tiny"), **{
+        "llm.num_layers": 32, "vit.depth": 23, "qformer.num_layers": 12,
+        # SAM2 v1 Hiera-L's blocks, windows, memory layers and bank sizes (MODEL-SPEC §7) at the tiny widths
+        "sam2.trunk.stages": (2, 6, 36, 4), "sam2.trunk.global_att_blocks": (23, 33, 43),
+        "sam2.trunk.window_spec": (8, 4, 16, 8), "sam2.trunk.window_pos_embed_bkg_spatial_size": (7, 7),
+        "sam2.memory.attention.num_layers": 4, "sam2.memory.tokens.num_maskmem": 7,
+        "sam2.memory.tokens.max_obj_ptrs": 16})
 
 
 def real_keys() -> dict[str, str]:
@@ -39,7 +45,8 @@ def source_shapes(cfg, lora="keep") -> dict[str, tuple[int, ...]]:
     model_cfg = replace(cfg, **{"lora.enabled": False}) if lora == "merge" else cfg
     target = param_shapes(abstract_params(lambda: TPOModel(model_cfg, rngs=None)))
     target = unstack_shapes(target, stack_layouts(model_cfg))  # scanned stacks: the tables name each layer
-    plan = build_export_plan(target, {}, tables.videochat(lora, cfg.lora.scaling, cfg.lora.rank), where="test")
+    rules = tables.videochat(lora, cfg.lora.scaling, cfg.lora.rank, cfg.sam2.memory.encoder.mask_layers)
+    plan = build_export_plan(target, {}, rules, where="test")
     return {k: tuple(s) for j in plan.params for k, s in zip(j.src, j.src_shapes)}
 
 

@@ -79,11 +79,9 @@ def test_every_real_key_is_mapped_or_kept(source, converted, model):
     extras = set(report["extras"])
     assert not mapped & extras
     assert mapped | extras == set(keys)  # no unmapped key
-    assert len(mapped) == 1679 and len(extras) == 915 and not report["dropped"]
-    groups = {}
-    for e in report["extras"].values():
-        groups[e["path"].split("/")[0]] = groups.get(e["path"].split("/")[0], 0) + 1
-    assert groups == {"sam2": 894, "unused": 21}
+    assert len(mapped) == 2573 and len(extras) == 21 and not report["dropped"]
+    assert len({k for k in mapped if k.startswith("sam.")}) == 900  # the whole SAM2 is converted
+    assert {e["path"].split("/")[0] for e in report["extras"].values()} == {"unused"}
     assert read_report(out)["summary"] == report["summary"]
     # `model` was loaded strictly: no missing and no unexpected parameter for the tiny model
     # spot checks of the transforms against the source tensors
@@ -95,8 +93,12 @@ def test_every_real_key_is_mapped_or_kept(source, converted, model):
                                   .transpose(2, 3, 4, 1, 0))
     np.testing.assert_array_equal(np.asarray(model.box_token[...]), t2n(tensors["box_token"])[0, 0])
     pe = "sam.sam_prompt_encoder.point_embeddings."
-    np.testing.assert_array_equal(np.asarray(model.sam2.point_embeddings[...]),
+    np.testing.assert_array_equal(np.asarray(model.sam2.sam_prompt_encoder.point_embeddings[...]),
                                   np.concatenate([t2n(tensors[f"{pe}{k}.weight"]) for k in range(4)]))
+    np.testing.assert_array_equal(np.asarray(model.sam2.image_encoder.trunk.pos_embed[...]),
+                                  t2n(tensors["sam.image_encoder.trunk.pos_embed"]).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(model.sam2.memory_tokens.maskmem_tpos_enc[...]),
+                                  t2n(tensors["sam.maskmem_tpos_enc"])[:, 0, 0])
     enc = "cg_model.transformer.encoder.layers.1.self_attn."
     w, b = t2n(tensors[enc + "in_proj_weight"]), t2n(tensors[enc + "in_proj_bias"])
     d = w.shape[1]
@@ -106,8 +108,6 @@ def test_every_real_key_is_mapped_or_kept(source, converted, model):
     np.testing.assert_array_equal(np.asarray(model.region_head.loc_decoder.layers[1].kernel[...]),
                                   t2n(tensors["loc_decoder.2.weight"]).T)
     extras = load_extras(out)
-    np.testing.assert_array_equal(extras["sam2"]["image_encoder.trunk.pos_embed"].astype(np.float32),
-                                  t2n(tensors["sam.image_encoder.trunk.pos_embed"]))
     assert extras["unused"]["qformer.bert.embeddings.position_ids"].dtype == np.int64
 
 
@@ -170,11 +170,15 @@ def test_merged_lora_and_float32(tmp_path, source, peft_model):
 
 
 def test_cli_dry_run_and_convert(tmp_path, source, capsys):
-    args = ["videochat", str(source[0]), str(tmp_path / "cli"), "--preset", "tiny",
-            "--set", "llm.num_layers=32", "--set", "vit.depth=23", "--set", "qformer.num_layers=12"]
+    sets = ["llm.num_layers=32", "vit.depth=23", "qformer.num_layers=12", "sam2.trunk.stages=[2,6,36,4]",
+            "sam2.trunk.global_att_blocks=[23,33,43]", "sam2.trunk.window_spec=[8,4,16,8]",
+            "sam2.trunk.window_pos_embed_bkg_spatial_size=[7,7]", "sam2.memory.attention.num_layers=4",
+            "sam2.memory.tokens.num_maskmem=7", "sam2.memory.tokens.max_obj_ptrs=16"]
+    args = ["videochat", str(source[0]), str(tmp_path / "cli"), "--preset", "tiny"]
+    args += [a for kv in sets for a in ("--set", kv)]
     assert main(args + ["--dry-run", "--no-extras"]) == 0
     text = capsys.readouterr().out
-    assert "1679 keys" in text and "dropped               : 915 keys" in text
+    assert "2573 keys" in text and "dropped               : 21 keys" in text
     assert not (tmp_path / "cli").exists()
     # a wrong config is one clear error, exit status 2
     bad = ["videochat", str(source[0]), str(tmp_path / "cli"), "--preset", "tiny", "--dry-run"]
@@ -191,7 +195,7 @@ def test_7b_preset_expects_the_released_shapes():
 
     shapes = source_shapes(get_config("videochat_tpo_7b"))
     keys = real_keys()
-    assert set(shapes) <= set(keys) and len(shapes) == 1679
+    assert set(shapes) <= set(keys) and len(shapes) == 2573 and {k for k in keys if k.startswith("sam.")} <= set(shapes)
     lm = "lm.base_model.model."
     spec = {  # MODEL-SPEC §9.2, PyTorch layout
         lm + "model.embed_tokens.weight": (32007, 4096), lm + "lm_head.base_layer.weight": (32007, 4096),
@@ -207,6 +211,14 @@ def test_7b_preset_expects_the_released_shapes():
         "track_embed.layers.1.weight": (768, 4096), "track_embed_decode2.layers.1.weight": (4, 4096),
         "sam.sam_prompt_encoder.point_embeddings.3.weight": (1, 256),
         "sam.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": (2, 128),
+        # SAM2 v1 Hiera-L (MODEL-SPEC §7): 48 blocks up to width 1152, the memory path at 256 / 64
+        "sam.image_encoder.trunk.blocks.47.mlp.layers.1.weight": (1152, 4608),
+        "sam.image_encoder.trunk.pos_embed_window": (1, 144, 8, 8),
+        "sam.image_encoder.neck.convs.0.conv.weight": (256, 1152, 1, 1),
+        "sam.sam_mask_decoder.output_upscaling.0.weight": (256, 64, 2, 2),
+        "sam.memory_attention.layers.3.cross_attn_image.k_proj.weight": (256, 64),
+        "sam.memory_encoder.mask_downsampler.encoder.12.weight": (256, 256, 1, 1),
+        "sam.maskmem_tpos_enc": (7, 1, 1, 64), "sam.no_obj_ptr": (1, 256),
         "cg_model.query_embed.weight": (10, 2), "cg_model.dummy_rep_token": (45, 256),
         "cg_model.input_vid_proj.0.LayerNorm.weight": (770,), "cg_model.input_txt_proj.0.net.1.weight": (256, 4096),
         "cg_model.transformer.encoder.layers.2.self_attn.in_proj_weight": (768, 256),

@@ -10,6 +10,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from tpo_jax.config_fields import DTYPES, ConfigError, check_field, check_positive
+from tpo_jax.sam2.config import Sam2Config, tiny as sam2_tiny
+
 # Token ids of the released tokenizer's 7 added tokens (MODEL-SPEC §4.1).
 BOX_BEGIN_ID = 32000
 TIME_BEGIN_ID = 32001
@@ -26,11 +29,6 @@ ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
 CHECKPOINT_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "out_proj",
                     "mlp_hidden", "mlp_out")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A config field holds a value the model cannot use."""
 
 
 @dataclass(frozen=True)
@@ -65,19 +63,6 @@ class StackConfig:
                     f"remat_policy {self.remat_policy!r})")
         check_field(self.attention in ATTENTION_IMPLS, prefix + "attention",
                     f"{self.attention!r} is not one of {list(ATTENTION_IMPLS)}")
-
-
-def check_field(ok: bool, path: str, message: str) -> None:
-    """Raise one ConfigError naming the field at dotted `path` unless `ok`."""
-    if not ok:
-        raise ConfigError(f"config field '{path}': {message}")
-
-
-def check_positive(cfg: Any, prefix: str, *names: str) -> None:
-    """Each named field of `cfg` must be a positive integer."""
-    for name in names:
-        value = getattr(cfg, name)
-        check_field(isinstance(value, int) and value > 0, f"{prefix}{name}", f"must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -334,6 +319,7 @@ class TPOConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    sam2: Sam2Config = field(default_factory=lambda: Sam2Config())  # frozen SAM2: masks and tracks (§7)
     loc_hidden: int = 2048  # hidden width of loc_encoder / loc_decoder
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters (trainable ones always train from these)
@@ -351,7 +337,13 @@ class TPOConfig:
         self.llm.validate()
         self.lora.validate()
         self.heads.validate()
+        self.sam2.validate()
         check_positive(self, "", "loc_hidden")
+        mask = self.heads.mask
+        check_field(mask.prompt_dim == self.sam2.hidden_dim, "heads.mask.prompt_dim",
+                    f"{mask.prompt_dim} must equal SAM2's prompt width sam2.neck.d_model {self.sam2.hidden_dim}")
+        check_field(mask.sam_image_size == self.sam2.image_size, "heads.mask.sam_image_size",
+                    f"{mask.sam_image_size} must equal sam2.image_size {self.sam2.image_size}")
         check_field(self.frozen_param_dtype is None or self.frozen_param_dtype in DTYPES, "frozen_param_dtype",
                     f"{self.frozen_param_dtype!r} is not one of {list(DTYPES)} (or null: param_dtype)")
         for name in ("dtype", "param_dtype"):
@@ -384,8 +376,9 @@ def tiny() -> TPOConfig:
             temporal=TemporalHeadConfig(hidden_dim=32, num_heads=4, ffn_dim=64, num_queries=4, num_dummies=5,
                                         total_prompts=4, txt_dim=64, vid_dim=34, max_text_len=16, max_spans=2,
                                         feature_source="model"),
-            mask=MaskHeadConfig(prompt_dim=16, sam_image_size=64),
+            mask=MaskHeadConfig(prompt_dim=32, sam_image_size=64),
         ),
+        sam2=sam2_tiny(),
         loc_hidden=32,
     )
 
@@ -397,6 +390,7 @@ def videochat_tpo_7b() -> TPOConfig:
     183 GiB without; docs/benchmarks.md, "Compiling the 7B train step".)"""
     stack = StackConfig(scan_layers=True, remat_policy="full", attention="auto")
     return TPOConfig(vit=ViTConfig(stack=stack), qformer=QFormerConfig(stack=stack), llm=LLMConfig(stack=stack),
+                     sam2=dataclasses.replace(Sam2Config(), dtype="bfloat16"),
                      dtype="bfloat16", frozen_param_dtype="bfloat16")
 
 

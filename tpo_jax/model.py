@@ -23,13 +23,14 @@ from flax import nnx, struct
 
 from tpo_jax import config as C
 from tpo_jax.config import TPOConfig
-from tpo_jax.heads.mask import MaskHead, SAM2PromptEncoder
+from tpo_jax.heads.mask import MaskHead
 from tpo_jax.heads.region import RegionHead
 from tpo_jax.heads.temporal.batch import negative_pairs, temporal_rows
 from tpo_jax.heads.temporal.model import CGDETR
 from tpo_jax.layers import MLP, param, split_rng
 from tpo_jax.llm import KVCache, MistralDecoder, llm_stack_layouts
 from tpo_jax.qformer import QFormer, qformer_stack_layouts
+from tpo_jax.sam2.video import Sam2Video
 from tpo_jax.stack import StackLayout
 from tpo_jax.vit import UMTViT, vit_stack_layouts
 
@@ -126,11 +127,12 @@ class TPOModel(nnx.Module):
         self.temporal_token = param(rngs, token_init, (d,), ("embed",), param_dtype)
         self.track_token = param(rngs, token_init, (d,), ("embed",), param_dtype)
         self.loc_encoder = MLP((4, cfg.loc_hidden, d), axes=[(None, "mlp"), ("mlp", "embed")], **kw)
-        # task heads (MODEL-SPEC §5-§7); `sam2` holds the frozen SAM2 prompt encoder (the mask target)
+        # task heads (MODEL-SPEC §5-§7); `sam2` is the frozen SAM2: its prompt encoder gives the mask head's
+        # regression target, its propagation turns the predicted prompt into per-frame masks (tpo_jax.sam2.video)
         self.region_head = RegionHead(d, cfg.heads.region, **kw)
         self.temporal_head = CGDETR(cfg.heads.temporal, d, **kw)
         self.mask_head = MaskHead(d, cfg.heads.mask, **kw)
-        self.sam2 = SAM2PromptEncoder(cfg.heads.mask, param_dtype=param_dtype, rngs=rngs)
+        self.sam2 = Sam2Video(cfg.sam2, rngs=rngs, prompt_cfg=cfg.heads.mask)
 
     def encode_visual(self, frames: jax.Array, *, qformer_text_ids=None, qformer_text_mask=None,
                       rng: jax.Array | None = None, return_features: bool = False):

@@ -24,7 +24,8 @@ from typing import Mapping
 
 import jax
 
-from tpo_jax.config import ConfigError, check_field
+from tpo_jax.config import ConfigError
+from tpo_jax.config_fields import check_field
 
 ENV_PREFIX = "TPO_"
 

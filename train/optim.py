@@ -13,7 +13,7 @@ from typing import Mapping
 import jax
 import optax
 
-from tpo_jax.config import check_field, check_positive
+from tpo_jax.config_fields import check_field, check_positive
 from tpo_jax.train.stages import GROUPS, StageRecipe, param_group
 from tpo_jax.tree_paths import keypath_to_path
 

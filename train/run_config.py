@@ -28,7 +28,8 @@ from typing import Any, Mapping
 from tpo_jax.data.pipeline import DataConfig
 from tpo_jax.checkpoints.manager import CheckpointConfig
 from tpo_jax import config as C
-from tpo_jax.config import ConfigError, check_field, check_positive
+from tpo_jax.config import ConfigError
+from tpo_jax.config_fields import check_field, check_positive
 from tpo_jax.sharding import MeshConfig, get_rules
 from tpo_jax.train.nonfinite import MAX_UPDATE_RATIO
 from tpo_jax.train.optim import OptimConfig

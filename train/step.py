@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from tpo_jax.config import ConfigError, TPOConfig, check_field, check_positive
+from tpo_jax.config import ConfigError, TPOConfig
+from tpo_jax.config_fields import check_field, check_positive
 from tpo_jax.losses import loss_counts, total_loss
 from tpo_jax.model import HEADS, TPOModel, abstract_model
 from tpo_jax.sharding import activation_sharding, batch_sharding, replicated, tree_shardings

@@ -30,7 +30,8 @@ from flax import nnx
 
 from tpo_jax import layers
 from tpo_jax.attention import attention
-from tpo_jax.config import StackConfig, check_field, check_positive
+from tpo_jax.config import StackConfig
+from tpo_jax.config_fields import check_field, check_positive
 from tpo_jax.layers import LayerNorm, Linear, param
 from tpo_jax.sharding import constrain
 from tpo_jax.stack import StackLayout, build_stack, name, run_stack

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tpo_jax.config import check_field, check_positive
+from tpo_jax.config_fields import check_field, check_positive
 from tpo_jax.layers import param
 from tpo_jax.llava_ov import siglip, visual_tokens
 from tpo_jax.llava_ov.projector import MultiModalProjector

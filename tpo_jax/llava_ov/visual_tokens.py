@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpo_jax.config import check_field, check_positive
+from tpo_jax.config_fields import check_field, check_positive
 
 
 def _default_pinpoints(image_size: int = 384, max_side: int = 6) -> tuple[tuple[int, int], ...]:

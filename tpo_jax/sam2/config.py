@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from tpo_jax.config import DTYPES, check_field, check_positive
+from tpo_jax.config_fields import DTYPES, check_field, check_positive
 from tpo_jax.sam2.memory_config import Sam2MemoryConfig
 
 

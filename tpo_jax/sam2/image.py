@@ -73,14 +73,19 @@ class ImageEncoder(nnx.Module):
 
 
 class Sam2Image(nnx.Module):
-    def __init__(self, cfg: Sam2Config, *, rngs: nnx.Rngs | None):
+    def __init__(self, cfg: Sam2Config, *, rngs: nnx.Rngs | None, prompt_cfg: MaskHeadConfig | None = None):
+        """`prompt_cfg`: the mask head's config when SAM2 sits in the TPO model (its point-coordinate settings
+        reach the prompt encoder); its prompt_dim / sam_image_size must be SAM2's."""
         cfg.validate()
         self.cfg = cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.image_encoder = ImageEncoder(cfg, **kw)
-        pe_cfg = MaskHeadConfig(prompt_dim=cfg.hidden_dim, sam_image_size=cfg.image_size)
+        pe_cfg = prompt_cfg or MaskHeadConfig(prompt_dim=cfg.hidden_dim, sam_image_size=cfg.image_size)
+        if (pe_cfg.prompt_dim, pe_cfg.sam_image_size) != (cfg.hidden_dim, cfg.image_size):
+            raise ValueError(f"SAM2 prompt encoder: prompt_dim {pe_cfg.prompt_dim} / image size "
+                             f"{pe_cfg.sam_image_size} differ from SAM2's {cfg.hidden_dim} / {cfg.image_size}")
         self.sam_prompt_encoder = SAM2PromptEncoder(pe_cfg, image_embedding_size=cfg.image_embedding_size,
                                                     mask_in_chans=cfg.mask_in_chans, **kw)
         self.sam_mask_decoder = MaskDecoder(cfg.hidden_dim, cfg.mask_decoder, **kw)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tpo_jax.config import MaskHeadConfig
 from tpo_jax.sam2.config import Sam2Config
 from tpo_jax.sam2.image import ImageFeatures, Sam2Image
 from tpo_jax.sam2.mask_decoder import select_masks
@@ -71,8 +72,8 @@ class Sam2Video(Sam2Image):
     """The image path (`Sam2Image`) plus `memory_encoder`, `memory_attention` and `memory_tokens` (upstream's
     SAM2Base-owned parameters): every tensor of the released SAM2, under upstream's names."""
 
-    def __init__(self, cfg: Sam2Config, *, rngs: nnx.Rngs | None):
-        super().__init__(cfg, rngs=rngs)
+    def __init__(self, cfg: Sam2Config, *, rngs: nnx.Rngs | None, prompt_cfg: MaskHeadConfig | None = None):
+        super().__init__(cfg, rngs=rngs, prompt_cfg=prompt_cfg)
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
         self.memory_encoder = MemoryEncoder(cfg.memory.encoder, **kw)
         self.memory_attention = MemoryAttention(cfg.memory.attention, **kw)
