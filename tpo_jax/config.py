@@ -1,4 +1,5 @@
-"""Typed configuration for the TPO model, with the `tiny` and `videochat_tpo_7b` presets.
+"""Typed configuration for the TPO model, with the `tiny` and `videochat_tpo_7b` presets (and the LLM-only
+presets `qwen2_7b_llm`, `qwen2_tiny_llm`).
 
 Every config is a frozen dataclass. `validate()` checks the fields and raises one
 `ConfigError` naming the offending field (as a dotted path from the root config).
@@ -167,7 +168,12 @@ class LoRAConfig:
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """Mistral-family decoder (MODEL-SPEC §3)."""
+    """Mistral-family decoder (MODEL-SPEC §3); Llama and Qwen2 are configurations of it.
+
+    attention_bias: q_proj / k_proj / v_proj carry a bias (Qwen2; o_proj never has one). With LoRA on such a
+    projection the bias belongs to the base Linear, as in PEFT.
+    tie_embeddings: logits come from the token embedding table (no lm_head), as in small Qwen2 models.
+    """
 
     vocab_size: int = 32007
     hidden_size: int = 4096
@@ -181,6 +187,7 @@ class LLMConfig:
     max_position: int = 32768
     sliding_window: int | None = None
     tie_embeddings: bool = False
+    attention_bias: bool = False
     stack: StackConfig = field(default_factory=StackConfig)
 
     @property
@@ -199,8 +206,12 @@ class LLMConfig:
         check_field(self.num_heads % self.num_kv_heads == 0, prefix + "num_kv_heads",
                f"{self.num_kv_heads} must divide num_heads {self.num_heads}")
         check_field(self.rope_theta > 0, prefix + "rope_theta", "must be positive")
+        check_field(self.rms_norm_eps > 0, prefix + "rms_norm_eps", "must be positive")
         if self.sliding_window is not None:
             check_positive(self, prefix, "sliding_window")
+        for name in ("tie_embeddings", "attention_bias"):
+            check_field(isinstance(getattr(self, name), bool), prefix + name,
+                        f"must be true or false, got {getattr(self, name)!r}")
         self.stack.validate(prefix + "stack.")
 
 
@@ -392,6 +403,26 @@ def videochat_tpo_7b() -> TPOConfig:
     return TPOConfig(vit=ViTConfig(stack=stack), qformer=QFormerConfig(stack=stack), llm=LLMConfig(stack=stack),
                      sam2=dataclasses.replace(Sam2Config(), dtype="bfloat16"),
                      dtype="bfloat16", frozen_param_dtype="bfloat16")
+
+
+def qwen2_7b_llm(vocab_size: int = 152_128, stack: StackConfig | None = None) -> LLMConfig:
+    """Qwen2-7B as LLaVA-OneVision-7B uses it (the text config of llava-hf/llava-onevision-qwen2-7b-ov-hf, from
+    Qwen/Qwen2-7B-Instruct): 28 layers, hidden 3584, 28 query / 4 key-value heads of 128, SwiGLU 18944, bias on
+    q/k/v, RoPE θ 1e6, RMSNorm eps 1e-6, 32768 positions, untied lm_head, no sliding window (Qwen2 turns it off:
+    `use_sliding_window` false). vocab_size: 152128 is Qwen2-7B-Instruct's 152064 plus `<image>` and `<video>`,
+    padded to a multiple of 64 by the Hugging Face conversion; the lmms-lab original keeps 152064."""
+    return LLMConfig(vocab_size=vocab_size, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                     intermediate_size=18944, rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position=32768,
+                     sliding_window=None, tie_embeddings=False, attention_bias=True,
+                     stack=stack or StackConfig())
+
+
+def qwen2_tiny_llm(vocab_size: int = 151, stack: StackConfig | None = None) -> LLMConfig:
+    """A Qwen2-shaped decoder small enough for CPU tests: the 7B's options (q/k/v bias, θ 1e6, eps 1e-6, GQA 2:1)
+    at 2 layers, hidden 64, 4 heads of 16."""
+    return LLMConfig(vocab_size=vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=128, rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position=2048,
+                     attention_bias=True, stack=stack or StackConfig())
 
 
 PRESETS: dict[str, Callable[[], TPOConfig]] = {"tiny": tiny, "videochat_tpo_7b": videochat_tpo_7b}

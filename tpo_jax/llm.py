@@ -1,6 +1,10 @@
 """Mistral-family decoder (MODEL-SPEC §3): GQA, rotate-half RoPE, RMSNorm, SwiGLU, untied lm_head,
 optional sliding window, LoRA on the configured projections, and a functional KV cache.
 
+Llama and Qwen2 are configurations of the same decoder (`LLMConfig`): Qwen2 adds a bias to q/k/v
+(`attention_bias`), and small Qwen2 models tie the lm_head to the embeddings (`tie_embeddings`); presets
+`tpo_jax.config.qwen2_7b_llm` / `qwen2_tiny_llm`.
+
 Call conventions:
 * `MistralDecoder(input_ids=...)` or `(inputs_embeds=...)` → `LLMOutput(logits, hidden, cache)`, where
   `hidden` is the output of the final RMSNorm (what every TPO head reads).
@@ -68,13 +72,14 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class _Factory:
-    """Builds a projection as LoRALinear when LoRA targets it, else a bias-free Linear."""
+    """Builds a projection as LoRALinear when LoRA targets it, else a Linear; bias only where asked (the bias
+    of a LoRA-targeted projection is its base Linear's, as in PEFT)."""
 
     def __init__(self, lora: LoRAConfig | None, dtype, param_dtype, rngs: nnx.Rngs):
         self.lora, self.dtype, self.param_dtype, self.rngs = lora, dtype, param_dtype, rngs
 
-    def __call__(self, name: str, d_in: int, d_out: int, axes) -> Linear:
-        kw = dict(axes=axes, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+    def __call__(self, name: str, d_in: int, d_out: int, axes, bias: bool = False) -> Linear:
+        kw = dict(axes=axes, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
         if self.lora is not None and self.lora.enabled and name in self.lora.targets:
             return LoRALinear(d_in, d_out, rank=self.lora.rank, alpha=self.lora.alpha,
                               dropout_rate=self.lora.dropout, **kw)
@@ -88,10 +93,10 @@ def _apply(proj: Linear, x: jax.Array, rng: jax.Array | None) -> jax.Array:
 class MistralAttention(nnx.Module):
     def __init__(self, cfg: LLMConfig, make: _Factory):
         self.cfg = cfg
-        d, hd = cfg.hidden_size, cfg.resolved_head_dim
-        self.q_proj = make("q_proj", d, cfg.num_heads * hd, ("embed", "q_heads"))
-        self.k_proj = make("k_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"))
-        self.v_proj = make("v_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"))
+        d, hd, bias = cfg.hidden_size, cfg.resolved_head_dim, cfg.attention_bias
+        self.q_proj = make("q_proj", d, cfg.num_heads * hd, ("embed", "q_heads"), bias)
+        self.k_proj = make("k_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias)
+        self.v_proj = make("v_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias)
         self.o_proj = make("o_proj", cfg.num_heads * hd, d, ("q_heads", "embed"))
 
     def __call__(self, x, positions, mask, cache_kv=None, cache_len=None, rng=None):

@@ -1,4 +1,4 @@
-"""Mistral / Llama decoder keys <-> `llm.*` of our model (MODEL-SPEC §3, §9.2, §9.3).
+"""Mistral / Llama / Qwen2 decoder keys <-> `llm.*` of our model (MODEL-SPEC §3, §9.2, §9.3).
 
 Our side (`tpo_jax.llm.MistralDecoder`, placed under `llm.` of TPOModel):
 
@@ -6,6 +6,7 @@ Our side (`tpo_jax.llm.MistralDecoder`, placed under `llm.` of TPOModel):
     llm.norm.scale                                    <- model.norm.weight
     llm.layers.{i}.{input,post_attention}_layernorm.scale <- model.layers.{i}.<same>.weight
     llm.layers.{i}.self_attn.{q,k,v,o}_proj.kernel    <- model.layers.{i}.self_attn.<p>.weight        (transposed)
+    llm.layers.{i}.self_attn.{q,k,v}_proj.bias        <- model.layers.{i}.self_attn.<p>.bias          (Qwen2: as is)
     llm.layers.{i}.mlp.{gate,up,down}_proj.kernel     <- model.layers.{i}.mlp.<p>.weight              (transposed)
     llm.lm_head.kernel                                <- lm_head.weight                               (transposed)
     <proj>.lora_a (in, r) / <proj>.lora_b (r, out)    <- lora_A (r, in) / lora_B (out, r)             (transposed)
@@ -14,6 +15,13 @@ Source layouts:
 * VideoChat-TPO: prefix `lm.base_model.model.`, PEFT-wrapped projections `<p>.base_layer.weight`,
   `<p>.lora_A.default.weight`, `<p>.lora_B.default.weight` on all 8 targets (incl. lm_head).
 * Hugging Face: the plain names above; old checkpoints' `rotary_emb.inv_freq` buffers are dropped (recomputed).
+  Qwen2's q/k/v biases are mapped when the config has `attention_bias` (`hf_llm(attention_bias=True)`);
+  otherwise such a key is unexpected, and a bias-free checkpoint into a biased config is missing a key.
+  Export writes the biases the parameters have.
+  A decoder nested in a multimodal model is read through `layout` (`HF_LAYOUTS`): LLaVA-OneVision keeps it at
+  `model.language_model.*` + `lm_head.*` (transformers 5 `state_dict()` names) or, saved by transformers 4
+  (the llava-hf checkpoints), at `language_model.model.*` + `language_model.lm_head.*`. Only the decoder's
+  keys are this table's; the vision tower and projector need their own.
 * PEFT adapter: `base_model.model.<plain name without .weight>.lora_{A,B}.weight`.
 
 LoRA mode "keep" maps base weight, A and B to kernel, lora_a, lora_b; "merge" folds them into the kernel,
@@ -31,23 +39,41 @@ PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 VIDEOCHAT_PREFIX = "lm.base_model.model."
 PEFT_PREFIX = "base_model.model."
+BIASED = ("q_proj", "k_proj", "v_proj")  # projections that carry a bias with `LLMConfig.attention_bias`
+# where a Hugging Face state dict keeps the decoder: (prefix of embed_tokens / layers / norm, lm_head module)
+HF_LAYOUTS = {
+    "causal_lm": ("model.", "lm_head"),  # *ForCausalLM
+    "llava": ("model.language_model.", "lm_head"),  # transformers 5 LlavaOnevisionForConditionalGeneration
+    "llava_legacy": ("language_model.model.", "language_model.lm_head"),  # saved by transformers 4 (llava-hf)
+}
 
 
-def _modules(tie: bool) -> list[tuple[str, str, str]]:
+def _layout(layout: str) -> tuple[str, str]:
+    if layout not in HF_LAYOUTS:
+        raise ValueError(f"unknown Hugging Face layout {layout!r}; known: {sorted(HF_LAYOUTS)}")
+    return HF_LAYOUTS[layout]
+
+
+def _modules(tie: bool, decoder: str = "model.", head: str = "lm_head") -> list[tuple[str, str, str]]:
     """(LoRA target name, source module path, our module path) for every projection."""
-    out = [(name, f"model.layers.{{i}}.{block}.{name}", f"llm.layers.{{i}}.{block}.{name}")
+    out = [(name, f"{decoder}layers.{{i}}.{block}.{name}", f"llm.layers.{{i}}.{block}.{name}")
            for block, name in PROJECTIONS]
-    return out if tie else out + [("lm_head", "lm_head", "llm.lm_head")]
+    return out if tie else out + [("lm_head", head, "llm.lm_head")]
 
 
-def _common(prefix: str) -> list[Rule]:
+def _common(decoder: str) -> list[Rule]:
     return [
-        rule(f"{prefix}model.embed_tokens.weight", "llm.embed_tokens.embedding"),
-        *norm(f"{prefix}model.norm", "llm.norm", bias=False),
-        *norm(f"{prefix}model.layers.{{i}}.input_layernorm", "llm.layers.{i}.input_layernorm", bias=False),
-        *norm(f"{prefix}model.layers.{{i}}.post_attention_layernorm", "llm.layers.{i}.post_attention_layernorm",
+        rule(f"{decoder}embed_tokens.weight", "llm.embed_tokens.embedding"),
+        *norm(f"{decoder}norm", "llm.norm", bias=False),
+        *norm(f"{decoder}layers.{{i}}.input_layernorm", "llm.layers.{i}.input_layernorm", bias=False),
+        *norm(f"{decoder}layers.{{i}}.post_attention_layernorm", "llm.layers.{i}.post_attention_layernorm",
               bias=False),
     ]
+
+
+def _biases(modules: list[tuple[str, str, str]]) -> list[Rule]:
+    """The base Linear's bias of q/k/v (also under LoRA: PEFT leaves it on the base layer)."""
+    return [rule(f"{src}.bias", f"{dst}.bias") for name, src, dst in modules if name in BIASED]
 
 
 def _lora_linear(base: str, a: str, b: str, dst: str, lora: str, scaling: float, rank: int) -> list[Rule]:
@@ -61,7 +87,7 @@ def _lora_linear(base: str, a: str, b: str, dst: str, lora: str, scaling: float,
 def videochat_llm(lora: str, scaling: float, rank: int) -> list[Rule]:
     """The released checkpoint's `lm.*` keys (741), every projection PEFT-wrapped."""
     p = VIDEOCHAT_PREFIX
-    rules = _common(p)
+    rules = _common(f"{p}model.")
     for _, src, dst in _modules(tie=False):
         rules += _lora_linear(f"{p}{src}.base_layer.weight", f"{p}{src}.lora_A.default.weight",
                               f"{p}{src}.lora_B.default.weight", dst, lora, scaling, rank)
@@ -69,20 +95,25 @@ def videochat_llm(lora: str, scaling: float, rank: int) -> list[Rule]:
 
 
 def hf_llm(*, tie: bool, adapter_targets: Sequence[str] = (), lora: str = "merge", scaling: float = 1.0,
-           rank: int = 0, base_overrides: Mapping[str, str] | None = None) -> list[Rule]:
-    """A Hugging Face Mistral/Llama state dict, plus an optional PEFT adapter on `adapter_targets`.
+           rank: int = 0, base_overrides: Mapping[str, str] | None = None, attention_bias: bool = False,
+           layout: str = "causal_lm") -> list[Rule]:
+    """A Hugging Face Mistral/Llama/Qwen2 state dict, plus an optional PEFT adapter on `adapter_targets`
+    (`attention_bias`: the q/k/v biases of Qwen2, `LLMConfig.attention_bias`; `layout`: `HF_LAYOUTS`).
 
-    `base_overrides` maps a module ("model.embed_tokens", "lm_head") to the adapter key holding a copy of its
-    base weight (PEFT saves one when that layer is targeted or was resized); the adapter copy is used and the
-    base model's tensor is dropped, as PEFT does when it loads the adapter.
+    `base_overrides` maps a module ("model.embed_tokens", "lm_head"; under `layout` its own names) to the
+    adapter key holding a copy of its base weight (PEFT saves one when that layer is targeted or was resized);
+    the adapter copy is used and the base model's tensor is dropped, as PEFT does when it loads the adapter.
     """
+    decoder, head = _layout(layout)
+    modules = _modules(tie, decoder, head)
+    embed = f"{decoder}embed_tokens"
     overrides = dict(base_overrides or {})
     rules = []
-    if "model.embed_tokens" in overrides:
-        rules += [rule(overrides["model.embed_tokens"], "llm.embed_tokens.embedding"),
-                  drop("model.embed_tokens.weight", "replaced by the copy saved in the PEFT adapter")]
-    rules += _common("")
-    for name, src, dst in _modules(tie):
+    if embed in overrides:
+        rules += [rule(overrides[embed], "llm.embed_tokens.embedding"),
+                  drop(f"{embed}.weight", "replaced by the copy saved in the PEFT adapter")]
+    rules += _common(decoder) + (_biases(modules) if attention_bias else [])
+    for name, src, dst in modules:
         base = overrides.get(src, f"{src}.weight")
         if src in overrides:
             rules.append(drop(f"{src}.weight", "replaced by the copy saved in the PEFT adapter"))
@@ -91,18 +122,22 @@ def hf_llm(*, tie: bool, adapter_targets: Sequence[str] = (), lora: str = "merge
                                   f"{PEFT_PREFIX}{src}.lora_B.weight", dst, lora, scaling, rank)
         else:
             rules.append(rule(base, f"{dst}.kernel", T))
-    rules += [drop("model.layers.{i}.self_attn.rotary_emb.inv_freq", "RoPE buffer, recomputed"),
-              drop("model.rotary_emb.inv_freq", "RoPE buffer, recomputed")]
+    rules += [drop(f"{decoder}layers.{{i}}.self_attn.rotary_emb.inv_freq", "RoPE buffer, recomputed"),
+              drop(f"{decoder}rotary_emb.inv_freq", "RoPE buffer, recomputed")]
     if tie:
-        rules.append(drop("lm_head.weight", "tied to model.embed_tokens.weight"))
+        rules.append(drop(f"{head}.weight", f"tied to {embed}.weight"))
     return rules
 
 
-def hf_llm_export(*, tie: bool, lora_modules: Sequence[str], merged: bool, scaling: float) -> list[Rule]:
+def hf_llm_export(*, tie: bool, lora_modules: Sequence[str], merged: bool, scaling: float,
+                  layout: str = "causal_lm") -> list[Rule]:
     """Our `llm.*` -> Hugging Face keys. Modules in `lora_modules` carry kept adapters: with `merged` they are
-    folded into the weight, otherwise the adapter goes to PEFT keys (`base_model.model.….lora_{A,B}.weight`)."""
-    rules = _common("")
-    for name, src, dst in _modules(tie):
+    folded into the weight, otherwise the adapter goes to PEFT keys (`base_model.model.….lora_{A,B}.weight`).
+    q/k/v biases, if the parameters have them, go to `<p>.bias` of the base model either way."""
+    decoder, head = _layout(layout)
+    modules = _modules(tie, decoder, head)
+    rules = _common(decoder) + _biases(modules)
+    for name, src, dst in modules:
         if name in lora_modules and merged:
             rules.append(rule(f"{src}.weight", (f"{dst}.kernel", f"{dst}.lora_a", f"{dst}.lora_b"),
                               LoRAFold(scaling)))
