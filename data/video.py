@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tpo_jax.data.records import DEFAULT_BUDGET, MediaBudget, Record, RecordError
+from tpo_jax.sam2.frames import resize_bicubic
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -165,12 +166,7 @@ def resize_frames(frames: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     h, w = _hw(size)
     if frames.shape[1:3] == (h, w):
         return frames
-    out = np.empty((len(frames), h, w, 3), np.float32)
-    for t, frame in enumerate(frames):
-        for c in range(3):
-            channel = Image.fromarray(frame[..., c].astype(np.float32), mode="F")
-            out[t, ..., c] = np.asarray(channel.resize((w, h), Image.Resampling.BICUBIC))
-    return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
+    return np.rint(np.clip(resize_bicubic(frames, (h, w)), 0, 255)).astype(np.uint8)
 
 
 def normalize(frames: np.ndarray) -> np.ndarray:
