@@ -1,7 +1,8 @@
-"""LLaVA-OneVision (the TPO variant of issue 25) in Flax NNX: the vision side so far.
+"""LLaVA-OneVision (the TPO variant of issue 25) in Flax NNX: the base model (vision side + Qwen2 decoder).
 
 Modules: `siglip` (SigLIP vision tower, `SiglipConfig` and presets), `projector` (2-layer GELU projector),
 `visual_tokens` (anyres_max_9 tiling and packing plans, video pooling; host-side sizes in NumPy), `vision`
-(tower + projector + image_newline assembled). Conversion table: `tpo_jax.checkpoints.tables.llava_ov_vision`;
-docs/llava_ov.md.
+(tower + projector + image_newline assembled), `model` (`LlavaOVConfig`, `LlavaOV`: visual features written into
+the `<image>` / `<video>` rows, then the Qwen2 decoder). Conversion tables:
+`tpo_jax.checkpoints.tables.llava_ov` (whole checkpoint) and `llava_ov_vision` (vision side); docs/llava_ov.md.
 """
