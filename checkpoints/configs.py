@@ -1,5 +1,6 @@
-"""Configs at the conversion boundary: our dataclass configs <-> JSON, Hugging Face config.json <-> LLMConfig,
-and PEFT adapter_config.json -> LoRA settings."""
+"""Configs at the conversion boundary: our dataclass configs <-> JSON, Hugging Face config.json <-> LLMConfig
+(Mistral, Llama, Qwen2), a LLaVA-OneVision config.json -> LlavaOVConfig, and PEFT adapter_config.json -> LoRA
+settings."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from tpo_jax.config import LLMConfig, LoRAConfig, TPOConfig
+from tpo_jax.config_fields import ConfigError
+from tpo_jax.llava_ov.model import LlavaOVConfig
+from tpo_jax.llava_ov.siglip import SiglipConfig
+from tpo_jax.llava_ov.visual_tokens import AnyresConfig
 
 from tpo_jax.checkpoints.errors import ConversionError
 
@@ -48,14 +53,19 @@ def read_json(path: str | Path) -> dict:
 
 
 def llm_config_from_hf(hf: dict[str, Any], *, file: str = "config.json") -> LLMConfig:
-    """A Hugging Face Mistral / Llama config.json -> LLMConfig; features our decoder lacks are rejected."""
+    """A Hugging Face Mistral / Llama / Qwen2 config.json -> LLMConfig; features our decoder lacks are rejected.
+
+    Qwen2 always has q/k/v biases (`attention_bias`); its sliding window (`use_sliding_window`) is refused."""
     model_type = hf.get("model_type")
-    if model_type not in ("mistral", "llama"):
-        raise ConversionError(f"field 'model_type' is {model_type!r}; only 'mistral' and 'llama' are supported",
-                              file=file)
+    if model_type not in ("mistral", "llama", "qwen2"):
+        raise ConversionError(f"field 'model_type' is {model_type!r}; only 'mistral', 'llama' and 'qwen2' are "
+                              "supported", file=file)
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name):
-            raise ConversionError(f"field '{name}' is true; our decoder has no projection biases", file=file)
+            raise ConversionError(f"field '{name}' is true; our decoder has no such projection biases", file=file)
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ConversionError("field 'use_sliding_window' is true; Qwen2's per-layer sliding window is not "
+                              "supported", file=file)
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"field 'hidden_act' is {hf.get('hidden_act')!r}; expected 'silu'", file=file)
     rope = hf.get("rope_parameters") or {}
@@ -73,13 +83,58 @@ def llm_config_from_hf(hf: dict[str, Any], *, file: str = "config.json") -> LLMC
             intermediate_size=int(hf["intermediate_size"]), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta), max_position=int(hf.get("max_position_embeddings", 32768)),
             sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), attention_bias=model_type == "qwen2")
     except KeyError as e:
         raise ConversionError(f"missing field {e.args[0]!r}", file=file) from None
     if cfg.head_dim is not None and cfg.head_dim == cfg.hidden_size // cfg.num_heads:
         cfg = dataclasses.replace(cfg, head_dim=None)
     cfg.validate()
     return cfg
+
+
+def llava_ov_config_from_hf(hf: dict[str, Any], *, file: str = "config.json", **overrides) -> LlavaOVConfig:
+    """A Hugging Face LLaVA-OneVision config.json (`model_type: llava_onevision`, a SigLIP `vision_config`, a
+    Qwen2 `text_config`) -> LlavaOVConfig; what our model does not build is rejected, naming the field.
+    `overrides`: LlavaOVConfig fields the config.json does not hold (max_images, max_frames, dtype, …)."""
+    if hf.get("model_type") != "llava_onevision":
+        raise ConversionError(f"field 'model_type' is {hf.get('model_type')!r}; expected 'llava_onevision'",
+                              file=file)
+    vis, text = hf.get("vision_config"), hf.get("text_config")
+    for name, sub in (("vision_config", vis), ("text_config", text)):
+        if not isinstance(sub, dict):
+            raise ConversionError(f"field '{name}' is missing or not an object", file=file)
+    expected = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full", "projector_hidden_act": "gelu",
+                "multimodal_projector_bias": True, "vision_config.model_type": "siglip_vision_model",
+                "vision_config.hidden_act": "gelu_pytorch_tanh", "vision_config.vision_use_head": False}
+    defaults = {"multimodal_projector_bias": True, "vision_config.hidden_act": "gelu_pytorch_tanh",
+                "vision_config.vision_use_head": True}  # the transformers defaults when a key is absent
+    for name, want in expected.items():
+        tree, key = (vis, name.split(".", 1)[1]) if name.startswith("vision_config.") else (hf, name)
+        got = tree.get(key, defaults.get(name))
+        if got != want:
+            raise ConversionError(f"field '{name}' is {got!r}; LLaVA-OV as built here needs {want!r}", file=file)
+    ratio = str(hf.get("vision_aspect_ratio", "anyres_max_9"))
+    if not ratio.startswith("anyres_max_") or not ratio[len("anyres_max_"):].isdigit():
+        raise ConversionError(f"field 'vision_aspect_ratio' is {ratio!r}; expected 'anyres_max_<N>'", file=file)
+    try:
+        tower = SiglipConfig(hidden_size=int(vis["hidden_size"]), intermediate_size=int(vis["intermediate_size"]),
+                             num_layers=int(vis["num_hidden_layers"]), num_heads=int(vis["num_attention_heads"]),
+                             patch_size=int(vis["patch_size"]), image_size=int(vis["image_size"]),
+                             in_chans=int(vis.get("num_channels", 3)),
+                             norm_eps=float(vis.get("layer_norm_eps", 1e-6)))
+        anyres = AnyresConfig(image_size=tower.image_size, patch_size=tower.patch_size,
+                              pinpoints=tuple(tuple(p) for p in hf["image_grid_pinpoints"]),
+                              max_num_patches=int(ratio[len("anyres_max_"):]))
+        image_id = hf["image_token_index"] if "image_token_index" in hf else hf["image_token_id"]
+        video_id = hf["video_token_index"] if "video_token_index" in hf else hf["video_token_id"]
+    except KeyError as e:
+        raise ConversionError(f"missing field {e.args[0]!r}", file=file) from None
+    llm = llm_config_from_hf(text, file=f"{file} (text_config)")
+    try:
+        return LlavaOVConfig(siglip=tower, anyres=anyres, llm=llm, image_token_id=int(image_id),
+                             video_token_id=int(video_id), **overrides).validate()
+    except ConfigError as e:
+        raise ConversionError(str(e), file=file) from None
 
 
 def hf_config_from_llm(cfg: LLMConfig, dtype: str) -> dict[str, Any]:
