@@ -25,8 +25,10 @@ import grain
 import numpy as np
 from absl import flags
 
-from tpo_jax.data.conversation import ExampleSpec, build_example, collate, mc_cloze_examples
+from tpo_jax.data.conversation import (ExampleSpec, _record_frame_index, build_example, collate,
+                                       mc_cloze_examples)
 from tpo_jax.data.records import TASKS, DataError, MediaBudget, Record, RecordError, as_record_error
+from tpo_jax.data.rle import rle_decode
 from tpo_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from tpo_jax.config import ConfigError, TPOConfig
 from tpo_jax.config_fields import check_field
@@ -363,14 +365,91 @@ def _cloze_rows(record_index: int):
     return build
 
 
+#: Evaluation-only field of `mask` batches: the sampled frames as SAM2 inputs (T, S, S, 3), S = sam2.image_size.
+SAM2_FRAMES = "sam2_frames"
+#: Evaluation-only ground truth of `mask` batches for the tracking metrics, read on the host only (never placed
+#: on devices): per sampled frame the object's mask (T, H, W) bool at the ground truth's frame size (zero-padded to
+#: the batch's largest; the real size in `gt_frame_size` (h, w)), its box (T, 4) normalised xyxy, its visibility
+#: (T,), and whether the record has masks at all (`gt_has_masks`; boxes only: no J&F, only the box metrics).
+TRACK_GT_FIELDS = ("gt_track_masks", "gt_track_boxes", "gt_track_visible", "gt_frame_size", "gt_has_masks")
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes  # noqa: PLC0415
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def tracking_fields(record: Record, media, num_frames: int, image_size: int, dtype="float32",
+                    budget: MediaBudget | None = None) -> dict[str, np.ndarray]:
+    """`SAM2_FRAMES` and `TRACK_GT_FIELDS` of one `mask` example, for the frames `media` sampled.
+
+    SAM2 frames: given uint8 frames (`record.frames`, those at `media.indices`; frames sampled at build time as
+    stored) through `tpo_jax.sam2.frames.sam2_frames`, the release's Mask transform; a video file is decoded again
+    at S×S with the same sampling (`load_media`, which rounds the resized frames to uint8). Stored in `dtype`
+    (SAM2's compute dtype: bfloat16 at 7B halves the host copy, as the release's bf16 video tensor). Ground truth:
+    the record's per-frame entry nearest each sampled frame (as the head's target, `_record_frame_index`)."""
+    from tpo_jax.data.video import load_media  # noqa: PLC0415
+    from tpo_jax.sam2.frames import sam2_frames  # noqa: PLC0415
+
+    if record.frames is not None:
+        frames = np.asarray(record.frames)
+        if record.frame_times is None:
+            frames = frames[np.asarray(media.indices, np.int64)]
+        s2 = sam2_frames(frames, image_size)
+    else:
+        s2 = load_media(record, num_frames, image_size, budget=budget).frames
+    boxes = np.asarray(record.track_boxes, np.float32)
+    visible = np.ones(len(boxes), bool) if record.track_visible is None else np.asarray(record.track_visible, bool)
+    idx = _record_frame_index(record, media, len(boxes))
+    out = {SAM2_FRAMES: np.asarray(s2, np.float32).astype(_np_dtype(dtype)),
+           "gt_track_boxes": boxes[idx], "gt_track_visible": visible[idx]}
+    if record.track_masks:
+        midx = _record_frame_index(record, media, len(record.track_masks))
+        masks = np.stack([rle_decode(record.track_masks[j], budget) for j in midx]).astype(bool)
+        out["gt_track_masks"], out["gt_has_masks"] = masks, np.bool_(True)
+    else:
+        h, w = media.source_size
+        out["gt_track_masks"], out["gt_has_masks"] = np.zeros((len(idx), h, w), bool), np.bool_(False)
+    out["gt_frame_size"] = np.asarray(out["gt_track_masks"].shape[1:], np.int32)
+    return out
+
+
+def _tracking_rows(model_cfg: TPOConfig, budget: MediaBudget):
+    """`build` for `Prepare.example`: a `mask` example with its `tracking_fields`."""
+    def build(record, media, spec, tok, *, seed):
+        out = build_example(record, media, spec, tok, seed=seed)
+        out.update(tracking_fields(record, media, spec.num_frames, model_cfg.sam2.image_size,
+                                   model_cfg.sam2.dtype, budget))
+        return out
+    return build
+
+
+def collate_tracking(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`collate`, the ground-truth masks zero-padded to the largest frame size among the examples."""
+    if "gt_track_masks" not in examples[0]:
+        return collate(examples)
+    h = max(e["gt_track_masks"].shape[1] for e in examples)
+    w = max(e["gt_track_masks"].shape[2] for e in examples)
+    padded = []
+    for e in examples:
+        m = e["gt_track_masks"]
+        padded.append(dict(e, gt_track_masks=np.pad(m, ((0, 0), (0, h - m.shape[1]), (0, w - m.shape[2])))))
+    return collate(padded)
+
+
 def eval_batches(data_cfg: DataConfig, model_cfg: TPOConfig, split: str = "validation",
                  num_examples: int | None = None, tasks: Sequence[str] | None = None, *,
-                 sources: Mapping[str, Any] | None = None) -> dict[str, list[dict]]:
+                 sources: Mapping[str, Any] | None = None, tracking: bool = True) -> dict[str, list[dict]]:
     """Deterministic evaluation batches per task: records 0, 1, 2, … of each task's `split` source (bad
     ones skipped and counted as in training), `ceil(num_examples / batch_size)` full batches each.
 
     Task `MC_CLOZE` reads the `mc` source: the first `num_examples` good records, each as one row per
-    option (`_cloze_rows`), the last batch filled with padding rows (`cloze_question` −1)."""
+    option (`_cloze_rows`), the last batch filled with padding rows (`cloze_question` −1). With `tracking`,
+    `mask` batches also carry `SAM2_FRAMES` and `TRACK_GT_FIELDS` (`tracking_fields`) for the tracking metrics
+    (J&F, success AUC, precision); no other batch does."""
     data_cfg.validate()
     tasks = list(tasks or TASKS)
     n = data_cfg.eval_examples if num_examples is None else num_examples
@@ -387,23 +466,24 @@ def eval_batches(data_cfg: DataConfig, model_cfg: TPOConfig, split: str = "valid
                 out[task] = [collate(rows[j:j + bs]) for j in range(0, len(rows), bs)]
             continue
         want = math.ceil(n / bs) * bs
-        examples = _good_examples(prep, task, want, data_cfg, split)
+        build = _tracking_rows(model_cfg, data_cfg.budget) if task == "mask" and tracking else None
+        examples = _good_examples(prep, task, want, data_cfg, split, build=build)
         if not examples:
             continue
         examples = [examples[j % len(examples)] for j in range(want)]  # a small split: repeat from the start
-        out[task] = [collate(examples[j:j + bs]) for j in range(0, len(examples) - bs + 1, bs)]
+        out[task] = [collate_tracking(examples[j:j + bs]) for j in range(0, len(examples) - bs + 1, bs)]
     return out
 
 
 def _good_examples(prep: Prepare, task: str, want: int, data_cfg: DataConfig, split: str, *,
-                   cloze: bool = False) -> list:
+                   cloze: bool = False, build=None) -> list:
     """The examples of records 0, 1, 2, … of `task` until `want` are good (bad ones skipped and counted
-    as in training); with `cloze`, each good record's list of cloze rows (`_cloze_rows`)."""
+    as in training); with `cloze`, each good record's list of cloze rows (`_cloze_rows`); `build` replaces
+    `build_example`."""
     examples, bad, i, size = [], 0, 0, len(prep.sources[task])
     skips = SkipCounter()
     while len(examples) < want and i < size:
-        build = _cloze_rows(len(examples)) if cloze else build_example
-        ex = prep.example(task, i, i, build=build)
+        ex = prep.example(task, i, i, build=_cloze_rows(len(examples)) if cloze else (build or build_example))
         i += 1
         if isinstance(ex, Bad):
             bad += 1

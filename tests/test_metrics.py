@@ -237,3 +237,69 @@ def test_predictions_match_the_heads(eval_setup):
     assert out["rec/count"] == 2 and out["mc/count"] == 2 and out["mask/count"] == 2
     assert out["temporal/count"] == 2 and out["highlight/count"] == 2
     assert all(0 <= out[k] <= 1 for k in ("rec/acc@0.5", "temporal/r1@0.5", "highlight/map", "mc/acc"))
+
+
+def test_tracking_metrics_of_the_eval_equal_a_hand_computation(eval_setup):
+    """`track/...` of `evaluate` on the mask batches = DAVIS J&F and success AUC / precision computed here from
+    `model.sam2.propagate` called directly on the batch's SAM2 frames and the predicted prompt (hole-filled,
+    resized to the frame size, > 0), against the records' `track_masks` / `track_boxes` decoded by hand."""
+    from tpo_jax.data.pipeline import DataConfig, synthetic_config
+    from tpo_jax.data.rle import rle_decode
+    from tpo_jax.data.synthetic import make_record
+    from tpo_jax.sam2.video import fill_holes, upscale_masks
+    from tpo_jax.train import tracking_metrics as TM
+    from tpo_jax.train.evaluate import evaluate
+
+    graphdef, state, per_task, predict_fn = eval_setup
+    cfg = C.get_config("tiny")
+    batches = per_task["mask"]
+    predict_fn.fill_hole_area = cfg.sam2.fill_hole_area  # the trainer's setting (same compiled function)
+    try:
+        out = evaluate(predict_fn, state, batches)
+    finally:
+        predict_fn.fill_hole_area = 0
+    propagate = jax.jit(lambda state, frames, prompt: nnx.merge(graphdef, state).sam2.propagate(frames, prompt))
+    records = [make_record(synthetic_config(DataConfig(), cfg), "mask", i, split="validation") for i in range(2)]
+    davis, tracks = [], []
+    for batch in batches:
+        prompts = jax.device_get(predict_fn(state, batch))["mask_pred"]
+        low = np.asarray(propagate(state, batch["sam2_frames"], prompts).masks)
+        low = fill_holes(low, cfg.sam2.fill_hole_area)
+        for i, rec in enumerate(records):  # 4 frames, 4 sampled: frame t is the record's entry t
+            gt = np.stack([rle_decode(m) for m in rec.track_masks]).astype(bool)
+            h, w = gt.shape[1:]
+            pred = np.asarray(upscale_masks(low[i], h, w)) > 0
+            j = TM.region_similarity(pred, gt)
+            f = TM.boundary_f_measure(pred, gt)
+            davis.append((j.mean(), f.mean()))
+            boxes = [(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(ys) else (np.nan,) * 4
+                     for ys, xs in (np.nonzero(m) for m in pred)]
+            ok = np.array([np.isfinite(b[0]) for b in boxes])
+            tracks.append(TM.tracking_metrics(np.nan_to_num(np.array(boxes, float)),
+                                              np.asarray(rec.track_boxes, float) * [w, h, w, h],
+                                              gt_valid=rec.track_visible, pred_valid=ok))
+    j, f = np.mean(davis, axis=0)
+    assert out["track/count"] == 2 and out["track/frames"] == 8
+    assert out["track/j"] == pytest.approx(j, abs=1e-9) and out["track/f"] == pytest.approx(f, abs=1e-9)
+    assert out["track/jf"] == pytest.approx((j + f) / 2, abs=1e-9)
+    for key in ("auc", "precision@20", "norm_precision@0.2"):
+        assert out[f"track/{key}"] == pytest.approx(np.mean([t[key] for t in tracks]), abs=1e-9)
+
+
+def test_tracking_metrics_of_a_perfect_track(eval_setup):
+    """Logits that are the ground-truth masks give J = F = J&F = 1, precision 1 and success AUC 20/21 (every IoU
+    is 1, which passes every threshold but the strict IoU > 1)."""
+    from tpo_jax.train.metric_accumulator import MetricAccumulator
+
+    graphdef, state, per_task, predict_fn = eval_setup
+    acc = MetricAccumulator()
+    for batch in per_task["mask"]:
+        preds = dict(jax.device_get(predict_fn(state, batch)))
+        preds["track_logits"] = np.where(batch["gt_track_masks"], 5.0, -5.0).astype(np.float32)
+        acc.update(preds, batch)
+    out = acc.compute()
+    assert out["track/count"] == 2
+    assert out["track/j"] == out["track/f"] == out["track/jf"] == 1.0
+    assert out["track/j_recall"] == out["track/f_recall"] == 1.0
+    assert out["track/precision@20"] == 1.0 and out["track/norm_precision@0.2"] == 1.0
+    assert out["track/auc"] == pytest.approx(20 / 21)

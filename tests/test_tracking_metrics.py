@@ -295,3 +295,23 @@ def test_tracking_summary_weighs_sequences_equally():
     assert s["precision@20"] == pytest.approx((0.75 + 1.0) / 2)
     np.testing.assert_allclose(s["success_curve"], (a["success_curve"] + b["success_curve"]) / 2)
     assert s["auc"] == pytest.approx(s["success_curve"].mean(), abs=1e-12)
+
+
+def test_mask_boxes_and_a_track_record():
+    """Pixel boxes of masks (max exclusive; an empty mask is missing), and one record's J&F / box metrics: a frame
+    where the object is absent counts for J&F (empty prediction: 1) and is left out of the box metrics."""
+    masks = np.zeros((3, 6, 8), bool)
+    masks[0, 1:3, 2:5] = True
+    masks[1, 4, 7] = True
+    boxes, ok = T.mask_boxes(masks)
+    np.testing.assert_array_equal(boxes, [[2, 1, 5, 3], [7, 4, 8, 5], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(ok, [True, True, False])
+    gt = masks.copy()
+    gt[1] = False                                      # frame 1: object absent, but predicted
+    visible = np.array([True, False, False])           # frame 2: absent and empty prediction
+    row = T.track_record_metrics(masks, gt, np.array([[2, 1, 5, 3], [0, 0, 0, 0], [0, 0, 0, 0]], float), visible)
+    assert row["davis"]["J_mean"] == pytest.approx(2 / 3) and row["davis"]["count"] == 3
+    assert row["tracking"]["count"] == 1 and row["tracking"]["precision@20"] == 1.0
+    out = T.track_summary([row, dict(row, davis=None)])
+    assert out["count"] == 2 and out["frames"] == 3 and out["j"] == pytest.approx(2 / 3)
+    assert out["auc"] == pytest.approx(20 / 21)

@@ -72,9 +72,11 @@ def test_run_outputs(full_run):
     with open(os.path.join(workdir, "metrics.json")) as f:
         metrics = json.load(f)
     keys = {"rec/acc@0.5", "rec/miou", "temporal/r1@0.3", "temporal/r1@0.5", "temporal/r1@0.7", "temporal/miou",
-            "highlight/hit@1", "highlight/map", "mc/acc", "mask/l1"}
+            "highlight/hit@1", "highlight/map", "mc/acc", "mask/l1",
+            "track/jf", "track/j", "track/f", "track/auc", "track/precision@20", "track/norm_precision@0.2"}
     assert keys <= set(metrics["before"]) and keys <= set(metrics["after"]) and keys <= set(metrics["improvement"])
     assert metrics["stages"]["stage1"] == metrics["after"]
+    assert metrics["before"]["track/count"] == 2 and all(0 <= metrics[w]["track/jf"] <= 1 for w in ("before", "after"))
     for name in ("curves.png", "metrics.png"):
         with open(os.path.join(workdir, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,7 @@
 """`MetricAccumulator`: the valid predictions of many evaluation batches → every metric of
 `tpo_jax.train.metrics` at once (teacher-forced predictions of `tpo_jax.train.evaluate`; the generated answers
-of `tpo_jax.train.evaluate_generate` fill the same arrays)."""
+of `tpo_jax.train.evaluate_generate` fill the same arrays), and the tracking metrics
+(`tpo_jax.train.tracking_metrics`) of the SAM2 mask tracks of `mask` rows (`track_logits`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from tpo_jax.data.pipeline import CLOZE_FIELDS
 from tpo_jax.heads.box_ops import span_cw_to_xx
 from tpo_jax.train import metrics as M
+from tpo_jax.train import tracking_metrics as TM
 
 NEG_INF = -1e30  # score of a padded multiple-choice option
 
@@ -20,6 +22,7 @@ class MetricAccumulator:
 
     def __init__(self):
         self.parts: dict[str, list[np.ndarray]] = {}
+        self.track_rows: list[dict] = []  # one `tracking_metrics.track_record_metrics` dict per tracked record
 
     def _add(self, name, value):
         self.parts.setdefault(name, []).append(np.asarray(value))
@@ -50,10 +53,26 @@ class MetricAccumulator:
         mv = p["mask_valid"].astype(bool)
         self._add("mask_pred", p["mask_pred"][mv])
         self._add("mask_target", p["mask_target"][mv])
+        if "track_logits" in p:
+            self._tracks(p["track_logits"], batch, mv)
         if "mc_scores" in p:
             keep = np.asarray(batch["mc_answer"]) >= 0
             self._add("mc_scores", p["mc_scores"][keep])
             self._add("mc_answer", np.asarray(batch["mc_answer"])[keep])
+
+    def _tracks(self, logits: np.ndarray, batch: Mapping[str, Any], valid: np.ndarray) -> None:
+        """SAM2 low-res logits (B, T, h, w) of the valid mask rows → masks at each record's frame size (bilinear,
+        foreground > 0, as `tpo_jax.sam2.video.upscale_masks`) → `track_record_metrics` against the batch's
+        `tpo_jax.data.pipeline.TRACK_GT_FIELDS`."""
+        from tpo_jax.sam2.video import upscale_masks  # noqa: PLC0415
+
+        for i in np.flatnonzero(valid):
+            h, w = (int(x) for x in np.asarray(batch["gt_frame_size"][i]))
+            pred = np.asarray(upscale_masks(logits[i], h, w)) > 0
+            gt = np.asarray(batch["gt_track_masks"][i])[:, :h, :w]
+            boxes = np.asarray(batch["gt_track_boxes"][i], np.float64) * np.array([w, h, w, h], np.float64)
+            self.track_rows.append(TM.track_record_metrics(pred, gt, boxes, np.asarray(batch["gt_track_visible"][i]),
+                                                           has_masks=bool(batch["gt_has_masks"][i])))
 
     def _cloze_scores(self) -> tuple[np.ndarray, np.ndarray]:
         """Cloze rows → (questions, options) answer log-likelihoods (NEG_INF: no such option), answers."""
@@ -92,4 +111,6 @@ class MetricAccumulator:
             ("mask", M.prompt_l1(self._get("mask_pred", (1,)), self._get("mask_target", (1,)))),
         ):
             out.update({f"{prefix}/{k}": v for k, v in values.items()})
+        if self.track_rows:
+            out.update({f"track/{k}": v for k, v in TM.track_summary(self.track_rows).items()})
         return out

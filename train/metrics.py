@@ -139,7 +139,9 @@ def prompt_l1(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
 
 # Direction of each metric: +1 higher is better, −1 lower is better (used to report improvements).
 HIGHER_IS_BETTER = {"acc@0.5": 1, "miou": 1, "r1@0.3": 1, "r1@0.5": 1, "r1@0.7": 1, "hit@1": 1, "map": 1, "acc": 1,
-                    "l1": -1}
+                    "l1": -1,
+                    # tracking (`tpo_jax.train.tracking_metrics.track_summary`): DAVIS J&F, J, F, tracking success
+                    "jf": 1, "j": 1, "f": 1, "auc": 1, "precision@20": 1, "norm_precision@0.2": 1}
 
 
 def improvement(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

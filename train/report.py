@@ -22,7 +22,8 @@ CURVES = ("loss/total", "loss/lm", "loss/region", "loss/temporal", "loss/mask", 
 SMOOTH = 20  # moving-average window of the curves, in logged steps
 WINDOW = 50  # the summary's loss: mean of the first and of the last WINDOW logged steps of a stage
 UNITS = {"acc@0.5": "accuracy", "acc": "accuracy", "miou": "mean IoU", "r1@0.3": "recall@1", "r1@0.5": "recall@1",
-         "r1@0.7": "recall@1", "hit@1": "hit rate", "map": "mAP", "l1": "L1 distance"}
+         "r1@0.7": "recall@1", "hit@1": "hit rate", "map": "mAP", "l1": "L1 distance", "jf": "J&F", "j": "J (mask IoU)",
+         "f": "F (boundary)", "auc": "success AUC", "precision@20": "precision@20px"}
 
 
 log = logging.getLogger("tpo.train")
@@ -124,7 +125,8 @@ def truncate_history(path: str, step: int) -> None:
 
 def short(m: Mapping[str, float]) -> str:
     """The headline metrics on one line."""
-    keys = ("rec/acc@0.5", "temporal/r1@0.5", "highlight/hit@1", "mc/acc", "mc_cloze/acc", "mask/l1")
+    keys = ("rec/acc@0.5", "temporal/r1@0.5", "highlight/hit@1", "mc/acc", "mc_cloze/acc", "mask/l1", "track/jf",
+            "track/auc")
     return ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
 
 

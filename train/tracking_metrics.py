@@ -9,6 +9,8 @@
 |                              | the dataset means over objects                       | `davis_summary`            |
 | single-object tracking       | success AUC, precision@20 px, normalised precision   | `tracking_metrics`         |
 |                              | the dataset means over sequences                     | `tracking_summary`         |
+| a predicted mask track       | J&F and the box metrics of one record's frames       | `track_record_metrics`     |
+|                              | their means over records (the `track/...` metrics)   | `track_summary`            |
 
 Conventions (docs/training.md, "Segmentation and tracking metrics", has the references):
 
@@ -303,3 +305,50 @@ def tracking_summary(per_sequence: Sequence[Mapping]) -> dict:
         out[k] = np.mean([r[k] for r in rows], 0) if rows else np.full(size, np.nan)
     out["count"] = len(rows)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Mask tracks of a video (the evaluation of `tpo_jax.train.evaluate`: SAM2 propagation from the mask head's prompt)
+# ------------------------------------------------------------------------------------------------
+
+def mask_boxes(masks) -> tuple[np.ndarray, np.ndarray]:
+    """Binary masks (T, H, W) → pixel boxes (T, 4) (x0, y0, x1, y1), max exclusive (a one-pixel mask at (x, y) is
+    (x, y, x + 1, y + 1), the convention of the synthetic boxes and `tpo_jax.generate.track.mask_box`), and
+    whether each mask is non-empty (an empty mask: box 0, flag False, a missing prediction)."""
+    m = np.asarray(masks).astype(bool)
+    rows, cols = m.any(axis=2), m.any(axis=1)
+    valid = rows.any(axis=1)
+    h, w = m.shape[1:]
+    y0, x0 = rows.argmax(axis=1), cols.argmax(axis=1)
+    y1, x1 = h - rows[:, ::-1].argmax(axis=1), w - cols[:, ::-1].argmax(axis=1)
+    boxes = np.stack([x0, y0, x1, y1], axis=1).astype(np.float64)
+    return np.where(valid[:, None], boxes, 0.0), valid
+
+
+def track_record_metrics(pred_masks, gt_masks, gt_boxes, gt_visible, *, has_masks: bool = True,
+                         bound_th: float = DAVIS_BOUND_TH) -> dict:
+    """One object tracked through the T sampled frames of one record: predicted / true masks (T, H, W) at the
+    frame size, true pixel boxes (T, 4) and visibility (T,) →
+    {"davis": `davis_sequence_metrics` over all T frames (None without true masks), "tracking": `tracking_metrics`}.
+
+    J&F: every frame counts (the first one too: the prompt is a box or a description, not the first mask); a frame
+    where the object is not visible has an empty true mask, scored by the DAVIS convention (an empty prediction
+    J = F = 1, anything else 0). Boxes: the predicted mask's bounding box (`mask_boxes`; empty = missing, a failure)
+    against the true box, frames where the object is not visible left out (`invalid_gt="exclude"`, as LaSOT's
+    absent frames)."""
+    pred = np.asarray(pred_masks).astype(bool)
+    boxes, pred_ok = mask_boxes(pred)
+    return {"davis": davis_sequence_metrics(pred, gt_masks, bound_th=bound_th) if has_masks else None,
+            "tracking": tracking_metrics(boxes, gt_boxes, gt_valid=gt_visible, pred_valid=pred_ok)}
+
+
+def track_summary(rows: Sequence[Mapping]) -> dict[str, float]:
+    """Records of `track_record_metrics` → flat means over records (each weighing the same):
+    jf = (j + f) / 2 with j / f the DAVIS J / F means (mean over frames, then over records), j_recall, f_recall;
+    auc, precision@20, norm_precision@0.2 (`tracking_summary`); count = records, frames = frames scored by J&F."""
+    davis = [r["davis"] for r in rows if r["davis"] is not None]
+    d = davis_summary(davis)
+    t = tracking_summary([r["tracking"] for r in rows])
+    return {"jf": d["J&F"], "j": d["J_mean"], "f": d["F_mean"], "j_recall": d["J_recall"], "f_recall": d["F_recall"],
+            "auc": t["auc"], "precision@20": t["precision@20"], "norm_precision@0.2": t["norm_precision@0.2"],
+            "count": len(rows), "frames": int(sum(r["count"] for r in davis))}

@@ -159,7 +159,8 @@ class Trainer:
         """Metrics of the validation batches: teacher-forced, generated (`gen/...`) or both (`mode`)."""
         full_graphdef, full_state = nnx.split(nnx.merge(graphdef, params, frozen))
         key = ("predict", repr(self.cfg.model), _mesh_key(self.mesh), tuple(self.rules))
-        predict = _cached(key, lambda: make_predict_fn(full_graphdef, self.mesh, self.rules))
+        predict = _cached(key, lambda: make_predict_fn(full_graphdef, self.mesh, self.rules,
+                                                        fill_hole_area=self.cfg.model.sam2.fill_hole_area))
         return evaluate(predict, full_state, self.eval_batches(), place=lambda b: S.shard_batch(b, self.mesh),
                         accumulator=accumulator, mode=mode)
 

@@ -143,7 +143,8 @@ def train_main(argv=None) -> int:
 def eval_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tpo-eval", description="Evaluate a tpo-train checkpoint on the validation split "
                                 "(REC Acc@0.5 / mIoU, temporal R1@{0.3,0.5,0.7} / mIoU, highlight HIT@1 / mAP, "
-                                "multiple-choice accuracy in letter and cloze form, mask prompt L1).")
+                                "multiple-choice accuracy in letter and cloze form, mask prompt L1, and the tracking metrics of SAM2 "
+                                "propagation from the predicted prompt: DAVIS J&F, success AUC, precision).")
     _common(p)
     p.add_argument("--stage", default=None, help="stage whose checkpoint to evaluate (default: the last one present)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
