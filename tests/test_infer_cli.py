@@ -43,6 +43,8 @@ def env(tmp_path_factory):
     (root / "clip.mp4").write_bytes(encode_mp4(clip(), fps=8.0))
     Image.fromarray(clip()[0]).save(root / "frame.jpg")
     model = TPOModel(CFG, rngs=nnx.Rngs(0))
+    head = model.sam2.sam_mask_decoder.pred_obj_score_head.layers[-1].bias  # the tracked object is "present"
+    head[...] = head[...] + 4.0
     tok = MultimodalTokenizer(num_visual_tokens=CFG.num_visual_tokens)
     item = infer.Item(QUESTION, str(root / "clip.mp4"), True)
     req = infer.make_request(CFG, tok, item, infer.load_media(CFG, item), "demo")
@@ -97,6 +99,41 @@ def test_video_prompt(env, kind, overlay, capsys):
     img = Image.open(root / overlay)
     assert img.width == 64 and img.height == 48 + 56
     assert getattr(img, "n_frames", 1) == (CFG.vit.num_frames if overlay.endswith(".gif") else 1)
+
+
+def test_tracked_answer_has_sam2_masks_of_every_frame(env):
+    """A `<track_begin>` answer's masks: SAM2 propagation of the mask head's prompt over every source frame (24),
+    resized to the video (torch's bilinear resize as the reference), as COCO RLE in the JSON."""
+    import torch
+
+    from tpo_jax.data.rle import rle_decode
+    from tpo_jax.data.video import read_video_frames
+    from tpo_jax.sam2.frames import sam2_frames
+    from tpo_jax.sam2.video import fill_holes
+    from tpo_jax.train.load import load_model
+
+    root, expected = env
+    out = root / "masks.json"
+    assert cli("--checkpoint", root / "converted", "--video", root / "clip.mp4", "--prompt", QUESTION,
+               "--max-new-tokens", N_NEW, "--output", out) == 0
+    track = json.loads(out.read_text())["results"][0]["track"]
+    assert track["prompt_source"] == "track_embed"
+    masks = np.stack([rle_decode(r) for r in track["masks"]])
+    assert masks.shape == (24, 48, 64)
+    model, _ = load_model(str(root / "converted"))
+    frames = sam2_frames(read_video_frames(str(root / "clip.mp4"), 24)[0], CFG.sam2.image_size)
+    prompt = np.asarray(track["prompt"], np.float32)
+    ref = nnx.jit(lambda m, f, p: m.sam2.propagate(f, p))(model, frames[None], prompt[None])
+    low = fill_holes(np.asarray(ref.masks[0]), CFG.sam2.fill_hole_area)
+    logits = torch.nn.functional.interpolate(torch.from_numpy(low)[:, None], size=(48, 64), mode="bilinear",
+                                             align_corners=False)[:, 0].numpy()
+    decided = np.abs(logits) > 1e-4  # pixels whose sign both sides agree on to float rounding
+    np.testing.assert_array_equal(masks[decided], logits[decided] > 0)
+    assert 0 < masks.mean() < 1  # the object is found on some pixels of some frames, not everywhere
+    np.testing.assert_allclose(track["object_scores"], np.asarray(ref.object_score_logits[0]), atol=1e-5)
+    for m, box in zip(masks, track["mask_boxes"]):
+        ys, xs = np.nonzero(m)
+        assert box == (None if not len(ys) else [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
 
 
 @pytest.mark.slow

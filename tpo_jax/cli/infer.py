@@ -115,7 +115,24 @@ def make_request(cfg, tok, item: Item, media, template: str, history=()):
     feats = load_temporal_features(item.features, cfg) if item.features else None
     return GenerationRequest(ids.input_ids, ids.visual_index, media.frames, frame_size=media.source_size,
                              duration=media.duration, query_ids=tok.encode(item.prompt, add_bos=False),
-                             temporal_features=feats)
+                             temporal_features=feats, track_frames=lambda: track_frames(cfg, item, media))
+
+
+def source_frames(item: Item, media):
+    """Every frame of the source as (T, H, W, 3) uint8 (one for an image): what SAM2 tracks over."""
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+    from tpo_jax.data.video import read_video_frames  # noqa: PLC0415
+    if item.is_video:
+        return read_video_frames(item.media, max(1, round(media.duration * media.fps)))[0]
+    with Image.open(item.media) as img:
+        return np.asarray(img.convert("RGB"))[None]
+
+
+def track_frames(cfg, item: Item, media):
+    """SAM2 inputs of every source frame (read only when an answer tracks)."""
+    from tpo_jax.sam2.frames import sam2_frames  # noqa: PLC0415
+    return sam2_frames(source_frames(item, media), cfg.sam2.image_size)
 
 
 def read_batch(path: str, args) -> list[Item]:
@@ -165,19 +182,29 @@ def describe(item: Item, res) -> str:
     if res.track:
         lines.append(f"   track: box {_fmt(res.track['box'])} px, SAM2 prompt {len(res.track['prompt'])}x"
                      f"{len(res.track['prompt'][0])}")
+        if "mask_boxes" in res.track:
+            boxes = res.track["mask_boxes"]
+            lines.append(f"   masks: {len(boxes)} frames ({sum(b is not None for b in boxes)} with the object), "
+                         f"prompt from {res.track['prompt_source']}")
     lines += [f"   note: {n}" for n in res.notes]
     return "\n".join(lines)
 
 
 def record(item: Item, media, res) -> dict:
-    return {"id": item.id, "prompt": item.prompt,
-            "media": {"path": item.media, "kind": "video" if item.is_video else "image",
-                      "frame_size": list(media.source_size), "duration": media.duration,
-                      "frame_times": [float(t) for t in media.timestamps]},
-            "answer": res.text, **{k: v for k, v in res.to_json().items() if k != "text"}}
+    """One result as JSON; a tracked answer's per-frame masks (every source frame, in order) as COCO RLE."""
+    out = {"id": item.id, "prompt": item.prompt,
+           "media": {"path": item.media, "kind": "video" if item.is_video else "image",
+                     "frame_size": list(media.source_size), "duration": media.duration,
+                     "frame_times": [float(t) for t in media.timestamps]},
+           "answer": res.text, **{k: v for k, v in res.to_json().items() if k != "text"}}
+    if "track_masks" in res.raw:
+        from tpo_jax.data.rle import rle_encode  # noqa: PLC0415
+        out["track"] = {**out["track"], "masks": [rle_encode(m) for m in res.raw["track_masks"]]}
+    return out
 
 
 def overlay(path: str, item: Item, media, res) -> None:
+    """The sampled frames (the model's view) with the heads' outputs; a tracked answer's masks of those frames."""
     import numpy as np  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
     from tpo_jax.data.video import read_video_frames  # noqa: PLC0415
@@ -187,7 +214,10 @@ def overlay(path: str, item: Item, media, res) -> None:
     else:
         with Image.open(item.media) as img:
             frames = np.asarray(img.convert("RGB"))[None]
-    draw_overlay(path, frames, res, media.timestamps if item.is_video else (), media.duration)
+    masks = res.raw.get("track_masks")
+    if masks is not None:
+        masks = masks[np.clip(np.asarray(media.indices), 0, len(masks) - 1)] if item.is_video else masks[:1]
+    draw_overlay(path, frames, res, media.timestamps if item.is_video else (), media.duration, masks=masks)
 
 
 # --- a validation example of the work directory's data -------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from tpo_jax.generate import heads as H
+from tpo_jax.generate import track as T
 from tpo_jax.generate.decode import DecodeOutput, compiled_decode
 from tpo_jax.generate.settings import KINDS, GenerationConfig, GenerationError, bucket_length, check_context
 from tpo_jax.tokenizer import MultimodalTokenizer
@@ -25,7 +26,11 @@ class GenerationRequest:
     seconds); `query_ids`: the question's token ids (temporal head, model features); `temporal_features`:
     precomputed temporal-head features (`load_temporal_features`), used instead of the model's;
     `track_boxes` (K, 4): normalised xyxy boxes of the prompt's `<track_box>` tokens, in order (as training's
-    `track_boxes`; without them a `<track_box>` is fed as its plain embedding)."""
+    `track_boxes`; without them a `<track_box>` is fed as its plain embedding); `track_frames`: every frame of
+    the video as SAM2 inputs (T, S, S, 3) (`tpo_jax.sam2.frames.sam2_frames`), or a zero-argument callable
+    returning them (read only when the answer tracks): a `<track_begin>` answer then gets per-frame masks
+    (`tpo_jax.generate.track`), from the first tracking box when the request has one (the released demo's
+    rule), else from the mask head's prompt."""
     input_ids: Any
     visual_mask: Any = None
     frames: Any = None
@@ -34,6 +39,7 @@ class GenerationRequest:
     query_ids: Sequence[int] | None = None
     temporal_features: H.TemporalFeatures | None = None
     track_boxes: Any = None
+    track_frames: Any = None
 
 
 @dataclasses.dataclass
@@ -43,10 +49,13 @@ class GenerationResult:
     finish_reason: str  # "stop" or "length"
     region: list[dict]  # per `<box_begin>`: {"box": [x0, y0, x1, y1] pixels, "box_normalized": [...]}
     temporal: dict | None  # {"span": [start, end] s, "score", "spans": [[s, e, score]...], "saliency", "clips"}
-    track: dict | None  # {"prompt": (3, P) SAM2 sparse prompt, "box": pixels, "box_normalized"}
+    # {"prompt": (3, P) SAM2 sparse prompt, "box": pixels, "box_normalized"}; with track_frames also
+    # "prompt_source" ("track_embed" / "box"), per-frame "mask_boxes" (pixels or None) and "object_scores"
+    track: dict | None
     notes: list[str] = dataclasses.field(default_factory=list)
     # numpy arrays: "task_hidden" (K + 2, D) slot states, "task_slots" (K + 2,) which are filled, and the raw
-    # head outputs (region_boxes, pred_spans, pred_logits, saliency, track_prompt, track_box, ...); not in JSON
+    # head outputs (region_boxes, pred_spans, pred_logits, saliency, track_prompt, track_box, ...; with masks
+    # "track_masks" (T, h, w) bool and "track_low_res" logits); not in JSON
     raw: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
@@ -137,16 +146,45 @@ class Generator:
         arrays = jax.device_get(arrays)
         per = H.head_results(arrays, slot_on, [r.frame_size for r in requests], durations)
         hidden = np.asarray(out.slot_hidden)
+        tracks = self._tracks(requests, slot_on[:, k + 1], arrays, per, notes)
         results = []
         for i in range(len(requests)):
             n = int(lengths[i]) - int(stopped[i])
             ids = tokens[i, :n].tolist()
             text = None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
             raw = {"task_hidden": hidden[i], "task_slots": slot_on[i],
-                   **{name: np.asarray(v[i]) for name, v in arrays.items()}}
+                   **{name: np.asarray(v[i]) for name, v in arrays.items()}, **tracks.get(i, {})}
             results.append(GenerationResult(token_ids=ids, text=text, finish_reason="stop" if stopped[i] else "length",
                                             notes=notes[i], raw=raw, **per[i]))
         return results
+
+    def _tracks(self, requests, wants, arrays, per, notes) -> dict[int, dict]:
+        """SAM2 masks for the rows that emitted `<track_begin>` and supplied `track_frames`: fills `per[i]["track"]`
+        and returns each row's raw mask arrays."""
+        raws = {}
+        for i in np.flatnonzero(wants):
+            r = requests[i]
+            if r.track_frames is None:
+                notes[i].append("no masks: the request has no track_frames (SAM2 inputs)")
+                continue
+            frames = r.track_frames() if callable(r.track_frames) else r.track_frames
+            s = self.cfg.sam2.image_size
+            if np.ndim(frames) != 4 or np.shape(frames)[1:] != (s, s, 3):
+                raise GenerationError(f"request {i}: track_frames of shape {np.shape(frames)}, expected "
+                                      f"(T, {s}, {s}, 3) SAM2 inputs")
+            user_box = r.track_boxes is not None and len(np.asarray(r.track_boxes).reshape(-1, 4)) > 0
+            if user_box:
+                box = np.asarray(r.track_boxes, np.float32).reshape(-1, 4)[:1]
+                prompt = np.asarray(T.compiled_box_prompt(self.graphdef, self.state, jnp.asarray(box)))[0]
+            else:
+                prompt = np.asarray(arrays["track_prompt"][i], np.float32)
+            size = r.frame_size or (s, s)
+            got = T.track_masks(self.graphdef, self.state, frames, prompt, size, self.cfg.sam2.fill_hole_area)
+            per[i]["track"].update(prompt_source="box" if user_box else "track_embed",
+                                   mask_boxes=[T.mask_box(m) for m in got["masks"]],
+                                   object_scores=[float(v) for v in got["object_scores"]])
+            raws[i] = {"track_masks": got["masks"], "track_low_res": got["low_res"]}
+        return raws
 
     def _temporal_inputs(self, requests, wants, video: bool, notes):
         """Temporal-head inputs for the rows that emitted `<time_begin>` (notes for the ones it cannot serve)."""

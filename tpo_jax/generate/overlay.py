@@ -4,6 +4,7 @@ spans (shaded by score, the top one outlined) and the per-clip saliency curve.
     draw_overlay("out.png", frames, result, frame_times, duration)   # the middle frame + the strip
     draw_overlay("out.gif", frames, result, frame_times, duration)   # every frame, with a time cursor
     draw_overlay("out.png", frames, result, truth={"boxes": [[x0, y0, x1, y1]], "spans": [[s, e]]})
+    draw_overlay("out.gif", frames, result, masks=masks)   # a tracked answer: (T, H, W) masks tinted per frame
 
 `truth` (a validation example's ground truth, same units as the result) is drawn in white: boxes labelled
 "true", spans as a bar under the predicted ones.
@@ -31,8 +32,22 @@ def _boxes(result) -> list[tuple[list[float], tuple[int, int, int], str]]:
     return out
 
 
-def _frame_panel(frame: np.ndarray, boxes, scale: float) -> Image.Image:
-    img = Image.fromarray(frame).convert("RGB")
+def _tint(frame: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The frame with `mask` (H, W) blended in the track colour (half opacity) and its edge drawn solid."""
+    if mask is None:
+        return frame
+    m = np.asarray(mask, bool)
+    out = frame.astype(np.float32)
+    colour = np.asarray(TRACK_COLOUR, np.float32)
+    out[m] = 0.5 * out[m] + 0.5 * colour
+    inner = m.copy()
+    inner[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    out[m & ~inner] = colour
+    return out.astype(np.uint8)
+
+
+def _frame_panel(frame: np.ndarray, boxes, scale: float, mask: np.ndarray | None = None) -> Image.Image:
+    img = Image.fromarray(_tint(frame, mask)).convert("RGB")
     if scale != 1.0:
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
     draw = ImageDraw.Draw(img)
@@ -86,10 +101,10 @@ def _stack(top: Image.Image, bottom: Image.Image) -> Image.Image:
 
 
 def draw_overlay(path: str, frames: np.ndarray, result, frame_times: Sequence[float] = (),
-                 duration: float = 0.0, truth: dict | None = None) -> str:
+                 duration: float = 0.0, truth: dict | None = None, masks: np.ndarray | None = None) -> str:
     """Write `path` (.png: the middle frame; .gif: every frame) with `result`'s boxes (pixels of `frames`)
     and the timeline strip, and `truth`'s boxes and spans when given. frames: (T, H, W, 3) uint8 at the
-    source resolution. Returns `path`."""
+    source resolution; masks: (T, H, W) bool, a tracked object's mask on each of those frames. Returns `path`."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".png", ".gif"):
         raise ValueError(f"{path}: the overlay must be a .png or .gif file")
@@ -99,15 +114,18 @@ def draw_overlay(path: str, frames: np.ndarray, result, frame_times: Sequence[fl
     boxes = [(b, TRUTH_COLOUR, "true") for b in truth.get("boxes", [])] + _boxes(result)
     spans = truth.get("spans", [])
     times = list(frame_times) if len(frame_times) == len(frames) else [0.0] * len(frames)
+    if masks is not None and np.shape(masks) != frames.shape[:3]:
+        raise ValueError(f"overlay masks of shape {np.shape(masks)} do not match the frames {frames.shape[:3]}")
+    mask_of = lambda i: None if masks is None else masks[i]  # noqa: E731
     if ext == ".png":
         mid = len(frames) // 2
-        panel = _frame_panel(frames[mid], boxes, scale)
+        panel = _frame_panel(frames[mid], boxes, scale, mask_of(mid))
         strip = _strip(panel.width, result.temporal, duration, times, times[mid] if duration else None, spans)
         _stack(panel, strip).save(path)
         return path
     images = []
-    for frame, t in zip(frames, times):
-        panel = _frame_panel(frame, boxes, scale)
+    for i, (frame, t) in enumerate(zip(frames, times)):
+        panel = _frame_panel(frame, boxes, scale, mask_of(i))
         images.append(_stack(panel, _strip(panel.width, result.temporal, duration, times, t if duration else None,
                                           spans)))
     images[0].save(path, save_all=True, append_images=images[1:], duration=500, loop=0)
