@@ -244,13 +244,13 @@ def metrics_table(before: Mapping[str, float], stages: Mapping[str, Mapping[str,
     signed so that + is better (a lower-is-better metric that fell shows +)."""
     columns = _columns(before, stages)
     names = [n.replace("after ", "") for n, _ in columns]
-    lines = [f"{'metric':<20}" + "".join(f"{n:>9}" for n in names) + f"{'better by':>11}"]
-    for key in metric_names(before):
-        if not all(key in m for _, m in columns):
-            continue
+    keys = [k for k in metric_names(before) if all(k in m for _, m in columns)]
+    width = max([20] + [len(k) + 1 for k in keys])
+    lines = [f"{'metric':<{width}}" + "".join(f"{n:>9}" for n in names) + f"{'better by':>11}"]
+    for key in keys:
         sign = HIGHER_IS_BETTER[key.rsplit("/", 1)[-1]]
         vals = [float(m[key]) for _, m in columns]
-        lines.append(f"{key:<20}" + "".join(f"{v:>9.3f}" for v in vals) + f"{sign * (vals[-1] - vals[0]):>+11.3f}")
+        lines.append(f"{key:<{width}}" + "".join(f"{v:>9.3f}" for v in vals) + f"{sign * (vals[-1] - vals[0]):>+11.3f}")
     lines.append("(better by: last column minus before, + = improved; mask/l1 is lower-is-better, so + means it fell)")
     return "\n".join(lines)
 
