@@ -1,6 +1,6 @@
 """`tpo-convert`: PyTorch checkpoints -> tpo-jax (Orbax) and back (`python -m tpo_jax.cli.convert`).
 
-Subcommands `videochat`, `hf`, `export-hf`, `export-videochat`; see docs/conversion.md. The work lives in
+Subcommands `videochat`, `hf`, `sam2`, `export-hf`, `export-videochat`; see docs/conversion.md. The work lives in
 `tpo_jax.checkpoints.convert` and `tpo_jax.checkpoints.export`; the exports also take a `tpo-train` work
 directory (its trained model: `tpo_jax.train.load.export_params`).
 """
@@ -67,6 +67,16 @@ def _build_parser() -> argparse.ArgumentParser:
     h.add_argument("--config", help="config.json of the LLM (default: next to the weights)")
     h.add_argument("--scan-layers", action="store_true",
                    help="write the decoder layers stacked for a scanned model (llm.stack.scan_layers)")
+    s = sub.add_parser("sam2", help="SAM2 v1 checkpoint (upstream .pt or transformers Sam2VideoModel directory) -> "
+                       "Orbax params of tpo_jax.sam2.video.Sam2Video")
+    s.add_argument("source", help="upstream checkpoint file (sam2_hiera_*.pt) or transformers directory")
+    s.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    s.add_argument("--config", choices=["tiny", "sam2_hiera_l_v1"], default=None,
+                   help="model preset (default: config.json of a transformers directory, else the preset whose "
+                   "shapes fit)")
+    s.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="keep")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--dry-run", action="store_true", help="check and report, write nothing")
     for name, what in (("export-hf", "our LLM -> Hugging Face safetensors (+ PEFT adapter with --peft)"),
                        ("export-videochat", "whole model -> VideoChat-TPO key layout")):
         e = sub.add_parser(name, help=what)
@@ -89,6 +99,14 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    if args.command == "sam2":
+        from tpo_jax.checkpoints.sam2_convert import convert_sam2  # noqa: PLC0415
+
+        report = convert_sam2(args.source, args.out, config=args.config, dtype=args.dtype, overwrite=args.overwrite,
+                              dry_run=args.dry_run, log=print)
+        if args.dry_run:
+            print(format_report(report))
+        return 0
     if args.command in ("videochat", "hf"):
         common = dict(lora=args.lora, dtype=args.dtype, mesh=_cli_mesh(args.mesh), rules=args.rules,
                       overwrite=args.overwrite, budget_bytes=args.budget_mb * 2 ** 20, dry_run=args.dry_run,
