@@ -2,7 +2,7 @@
 `LlavaOnevisionForConditionalGeneration`, f32, tiny random weights built locally.
 
 The HF model is built from our `tiny()` config (SigLIP 20 px / patch 4, 2 layers; Qwen2 hidden 64, 2 layers,
-vocab 151; pinpoints up to 4 × 4 tiles, anyres_max_9); its config.json is read back by
+vocab 400 (the shipped tiny tokenizer's); pinpoints up to 4 × 4 tiles, anyres_max_9); its config.json is read back by
 `checkpoints.configs.llava_ov_config_from_hf` and its weights reach our model only through
 `checkpoints/tables/llava_ov.py`. A right-padded batch of two prompts: sample 0 holds an anyres image of 2 × 3
 tiles (rows cut) and a 3-frame video (pooled 5 × 5 → 3 × 3) in a 4-frame budget; sample 1 an image of 4 × 4 tiles
@@ -264,7 +264,7 @@ def test_conversion_errors_name_the_key(state_dict):
         _build(CFG, {k: v for k, v in state_dict.items() if k != "lm_head.weight"})
     assert e.value.key == "lm_head.weight"
     with pytest.raises(ConversionError, match="shape mismatch"):
-        _build(dataclasses.replace(CFG, llm=dataclasses.replace(CFG.llm, vocab_size=160)), state_dict)
+        _build(dataclasses.replace(CFG, llm=dataclasses.replace(CFG.llm, vocab_size=410)), state_dict)
     with pytest.raises(ValueError, match="unknown LLaVA-OV key layout"):
         table.rules(CFG, "hub")
 
@@ -279,7 +279,7 @@ def test_config_json_reads_into_our_config(hf):
                                 ("vision_feature_layer", -2, "vision_feature_layer"),
                                 ("vision_feature_select_strategy", "default", "vision_feature_select_strategy"),
                                 ("vision_aspect_ratio", "anyres", "vision_aspect_ratio"),
-                                ("image_token_index", 151, "llava_ov.image_token_id")):
+                                ("image_token_index", 400, "llava_ov.image_token_id")):
         with pytest.raises(ConversionError, match=match):
             llava_ov_config_from_hf({**good, field: value})
     with pytest.raises(ConversionError, match="vision_config.vision_use_head"):
@@ -319,9 +319,9 @@ def test_presets_and_validation():
     assert (big.image_token_id, big.video_token_id, big.anyres.max_num_patches, len(big.anyres.pinpoints)) == \
         (151646, 151647, 9, 36)
     assert (big.anyres.token_budget, big.video_tokens, big.vision.llm_hidden) == (8829, 32 * 196 + 1, 3584)
-    for kw, field in ((dict(image_token_id=151), "llava_ov.image_token_id"),
+    for kw, field in ((dict(image_token_id=400), "llava_ov.image_token_id"),
                       (dict(video_token_id=-1), "llava_ov.video_token_id"),
-                      (dict(video_token_id=149), "llava_ov.video_token_id"),
+                      (dict(video_token_id=387), "llava_ov.video_token_id"),
                       (dict(max_frames=0), "llava_ov.max_frames"), (dict(max_images=0), "llava_ov.max_images"),
                       (dict(dtype="float64"), "llava_ov.dtype"),
                       (dict(anyres=vt.AnyresConfig()), "llava_ov.anyres.image_size"),

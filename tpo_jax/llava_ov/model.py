@@ -97,9 +97,10 @@ def llava_ov_7b(**overrides) -> LlavaOVConfig:
 
 def tiny(**overrides) -> LlavaOVConfig:
     """A tiny model for CPU tests: `siglip.tiny` (20 px, 5 × 5 grid), `visual_tokens.tiny` (up to 4 × 4 tiles),
-    `qwen2_tiny_llm` (vocab 151, hidden 64); `<image>` / `<video>` are the last two ids; 4 frame slots."""
-    base = LlavaOVConfig(siglip=siglip.tiny(), anyres=visual_tokens.tiny(), llm=qwen2_tiny_llm(),
-                         image_token_id=149, video_token_id=150, max_images=1, max_frames=4)
+    `qwen2_tiny_llm` (hidden 64) with the vocabulary of the shipped tiny tokenizer (`LlavaOVTokenizer.tiny()`:
+    396 ids, `<image>` 387, `<video>` 388, the task tokens 389-395; 400 rows); 4 frame slots."""
+    base = LlavaOVConfig(siglip=siglip.tiny(), anyres=visual_tokens.tiny(), llm=qwen2_tiny_llm(vocab_size=400),
+                         image_token_id=387, video_token_id=388, max_images=1, max_frames=4)
     return dataclasses.replace(base, **overrides).validate()
 
 
