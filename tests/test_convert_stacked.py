@@ -376,7 +376,7 @@ def test_released_keys_map_with_scanned_7b_preset(monkeypatch):
     monkeypatch.setattr(convert_mod, "open_source", lambda _: TensorSource(meta, {}, "released headers"))
     report = convert_videochat("released", "unused", cfg, dry_run=True)
     s = report["summary"]
-    assert s["mapped_keys"] == 1679 and s["extra_keys"] == 915 and s["dropped_keys"] == 0
+    assert s["mapped_keys"] == 2573 and s["extra_keys"] == 21 and s["dropped_keys"] == 0
     assert s["mapped_keys"] + s["extra_keys"] == len(keys) == 2594
     layouts = possible_layouts(cfg)
     assert [lo.stacked for lo in layouts] == ["llm.layers.", "vision.blocks.", "qformer.layer_groups.0.",

@@ -47,13 +47,18 @@ STACKS = {"lm.base_model.model.model.layers.": CFG.llm.num_layers, "vision_encod
 
 
 def _tiny_keys() -> dict[str, str]:
-    """The released key set with the LLM, ViT and Q-Former stacks cut to the tiny model's depth."""
+    """The released key set with the LLM, ViT and Q-Former stacks cut to the tiny model's depth, and the tiny
+    SAM2's own upstream keys (its Hiera stages differ from Hiera-L's, so a cut of the release's would not fit)
+    in the release's SAM2 shard."""
     def keep(key):
         for prefix, depth in STACKS.items():
             if key.startswith(prefix):
                 return int(key[len(prefix):].split(".", 1)[0]) < depth
-        return True
-    return {k: v for k, v in real_keys().items() if keep(k)}
+        return not key.startswith("sam.")
+    released = real_keys()
+    keys = {k: v for k, v in released.items() if keep(k)}
+    keys.update({k: released["sam.no_mem_embed"] for k in source_shapes(CFG) if k.startswith("sam.")})
+    return keys
 
 
 def _run_cfg(init_from, **kw) -> RunConfig:

@@ -49,7 +49,7 @@ EXPECTED = {
         ("qformer", "layers", 0, "crossattention", "key", "kernel"): ("fsdp", None),  # vit_embed, heads
         ("box_token",): ("fsdp",),
         ("llm", "norm", "scale"): (None,),
-        ("sam2", "point_embeddings"): (None, None),
+        ("sam2", "sam_prompt_encoder", "point_embeddings"): (None, None),
     },
     "tp": {
         Q + ("kernel",): (None, "tensor"),
@@ -372,7 +372,9 @@ def test_shard_report_end_to_end(tmp_path):
     assert col_fsdp["all-gather"]["count"] > 0
     # (tiny's stage-1 state is dominated by the LoRA B of the lm_head, (4, 32007), which splits neither way)
     assert r_fsdp["params"] + r_fsdp["frozen"] + r_fsdp["opt"] < (r_dp["params"] + r_dp["frozen"] + r_dp["opt"]) / 4
-    assert r_fsdp["frozen"] * 7.5 < r_dp["frozen"]
+    # the tiny SAM2's small convs / norms (unnamed dims, or widths 8 does not divide) stay replicated: ~1/6.7 here;
+    # at the 7B preset's sizes SAM2's params shard to 1/7.96 (docs/benchmarks.md, SAM2 AOT section)
+    assert r_fsdp["frozen"] * 6 < r_dp["frozen"]
     # per-device model FLOPs: 1 example per device either way, the same model: equal
     assert 0 < r_dp["model_flops"] == pytest.approx(r_fsdp["model_flops"], rel=1e-6)
     # the estimate: compute-bound at v5e's peak, the MFU bound is model / executed FLOPs (no remat here: 1)
