@@ -52,20 +52,10 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from tpo_jax.train.topology import prepare_environment  # noqa: E402  (no JAX import)
+from bench_compile import _cost, _memory, _version  # noqa: E402  (the readers of memory_analysis / cost_analysis)
 
 GiB, MiB = 2**30, 2**20
-MEMORY_FIELDS = (("argument", "argument_size_in_bytes"), ("output", "output_size_in_bytes"),
-                 ("alias", "alias_size_in_bytes"), ("temp", "temp_size_in_bytes"),
-                 ("generated_code", "generated_code_size_in_bytes"))
 DEFAULT_MESH = {"fsdp": (1, -1, 1), "tp": (1, 1, -1), "fsdp_tp": (1, -1, 2), "dp": (-1, 1, 1)}
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 def sam2_config(trunk_stages=None, global_att_blocks=None):
@@ -107,27 +97,6 @@ def axis_report(abstract_state, shardings) -> dict:
                 if m not in r["mesh_axes"]:
                     r["mesh_axes"].append(m)
     return report
-
-
-def _memory(compiled) -> dict:
-    mem = compiled.memory_analysis()
-    if isinstance(mem, (list, tuple)):
-        mem = mem[0] if mem else None
-    if mem is None:
-        return {}
-    out = {name: int(getattr(mem, attr)) for name, attr in MEMORY_FIELDS if hasattr(mem, attr)}
-    out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    return out
-
-
-def _cost(compiled) -> dict:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    cost = cost or {}
-    keep = {"flops": "flops", "bytes accessed": "bytes_accessed", "transcendentals": "transcendentals",
-            "optimal_seconds": "optimal_seconds"}
-    return {new: float(cost[old]) for old, new in keep.items() if old in cost}
 
 
 def run_one(spec: dict, devices) -> dict:
