@@ -13,7 +13,7 @@ from typing import Any
 from tpo_jax.config import LLMConfig, LoRAConfig, TPOConfig
 from tpo_jax.config_fields import ConfigError
 from tpo_jax.llava_ov.model import LlavaOVConfig
-from tpo_jax.llava_ov.siglip import SiglipConfig
+from tpo_jax.config import SiglipConfig
 from tpo_jax.llava_ov.visual_tokens import AnyresConfig
 
 from tpo_jax.checkpoints.errors import ConversionError

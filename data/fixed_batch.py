@@ -22,6 +22,7 @@ from tpo_jax.config import TPOConfig
 from tpo_jax.data.conversation import SALIENCY_MAX
 from tpo_jax.data.prompts import encode_demo_prompt
 from tpo_jax.tokenizer import MultimodalTokenizer
+from tpo_jax.vit import IMAGENET_MEAN, IMAGENET_STD
 
 TASKS = ("region", "temporal", "mask", "conversation")
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.1, 0.2, 0.9)}
@@ -32,8 +33,6 @@ QUESTIONS = {
     "conversation": "What colour is the square?",
 }
 ANSWERS = {"region": "<box_begin><boxes>", "temporal": "<time_begin><temp>", "mask": "<track_begin><tracking>"}
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def synthetic_clip(rng: np.random.Generator, num_frames: int, size: int, always_visible: bool = True):

@@ -30,9 +30,8 @@ from PIL import Image, UnidentifiedImageError
 
 from tpo_jax.data.records import DEFAULT_BUDGET, MediaBudget, Record, RecordError
 from tpo_jax.sam2.frames import resize_bicubic
+from tpo_jax.vit import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".wmv", ".3gp")
 SAMPLING_MODES = ("middle", "rand")

@@ -162,7 +162,7 @@ def test_tiny_forward_on_a_real_prompt(tiny):
     ({"qformer.encoder_width": 48}, "qformer.encoder_width"),
     ({"dtype": "float8"}, "dtype"),
     ({"lora.targets": ("q_proj", "qkv")}, "lora.targets"),
-    ({"llm.vocab_size": 32000}, "llm.vocab_size"),
+    ({"llm.vocab_size": 32000}, "task_tokens.box_begin"),  # the vocabulary must hold the task tokens
 ])
 def test_bad_config_names_the_field(changes, field):
     with pytest.raises(C.ConfigError, match=f"'{field}'"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tpo_jax.config_fields import DTYPES, ConfigError, check_field, check_positive
+from tpo_jax.llava_ov.visual_tokens import AnyresConfig
 from tpo_jax.sam2.config import Sam2Config, tiny as sam2_tiny
 
 # Token ids of the released tokenizer's 7 added tokens (MODEL-SPEC §4.1).
@@ -23,6 +24,42 @@ TRACK_BEGIN_ID = 32004
 TRACKING_ID = 32005
 TRACK_BOX_ID = 32006
 NUM_ADDED_TOKENS = 7
+
+@dataclass(frozen=True)
+class TaskTokenIds:
+    """Ids of the 7 TPO task tokens in the model's vocabulary. Defaults: the released Mistral tokenizer's
+    (MODEL-SPEC §4.1); LLaVA-OV-TPO's Qwen2 tokenizer adds them after `<video>` (`LlavaOVTokenizer.added_token_ids`)."""
+
+    box_begin: int = BOX_BEGIN_ID
+    time_begin: int = TIME_BEGIN_ID
+    temp: int = TEMP_ID
+    boxes: int = BOXES_ID
+    track_begin: int = TRACK_BEGIN_ID
+    tracking: int = TRACKING_ID
+    track_box: int = TRACK_BOX_ID
+
+    @property
+    def begin_tokens(self) -> tuple[int, int, int]:
+        """`<box_begin>`, `<time_begin>`, `<track_begin>`: what the LLM emits before a task placeholder."""
+        return self.box_begin, self.time_begin, self.track_begin
+
+    @property
+    def placeholders(self) -> tuple[int, int, int]:
+        """`<boxes>`, `<temp>`, `<tracking>`: the rows whose hidden states feed the region / temporal / mask heads."""
+        return self.boxes, self.temp, self.tracking
+
+    def by_token(self) -> dict[str, int]:
+        """Token string → id, in `tpo_jax.tokenizer.ADDED_TOKENS` order."""
+        names = ("<box_begin>", "<time_begin>", "<temp>", "<boxes>", "<track_begin>", "<tracking>", "<track_box>")
+        return dict(zip(names, dataclasses.astuple(self)))
+
+    def validate(self, vocab_size: int, prefix: str = "task_tokens.") -> None:
+        ids = dataclasses.astuple(self)
+        for f, v in zip(dataclasses.fields(self), ids):
+            check_field(isinstance(v, int) and 0 <= v < vocab_size, prefix + f.name,
+                        f"{v!r} is not a token id of the vocabulary (0 … {vocab_size - 1}, llm.vocab_size)")
+        check_field(len(set(ids)) == len(ids), prefix[:-1], f"the 7 ids must differ, got {ids}")
+
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "custom")
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
@@ -141,6 +178,48 @@ class QFormerConfig:
                     prefix + "stack.scan_layers",
                     f"a scanned Q-Former repeats groups of cross_attention_freq = {self.cross_attention_freq} "
                     f"layers, which must divide num_layers {self.num_layers}")
+
+
+@dataclass(frozen=True)
+class SiglipConfig:
+    """SigLIP vision tower of LLaVA-OneVision (`tpo_jax.llava_ov.siglip`). Defaults: SO400M/14 at 384 px as
+    LLaVA-OV-7B builds it (`tpo_jax.llava_ov.siglip.so400m_patch14_384`)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 26
+    num_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 384
+    in_chans: int = 3
+    norm_eps: float = 1e-6
+    post_layernorm: bool = False  # LLaVA-OV reads the last layer before post_layernorm (module docstring)
+    stack: StackConfig = field(default_factory=StackConfig)
+
+    @property
+    def grid(self) -> int:
+        """Patches per side (27 for 384 / 14; the last 6 pixel rows and columns are not covered)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self, prefix: str = "siglip.") -> None:
+        check_positive(self, prefix, "hidden_size", "intermediate_size", "num_layers", "num_heads", "patch_size",
+                       "image_size", "in_chans")
+        check_field(self.hidden_size % self.num_heads == 0, prefix + "num_heads",
+                    f"{self.num_heads} must divide hidden_size {self.hidden_size}")
+        check_field(self.patch_size <= self.image_size, prefix + "patch_size",
+                    f"{self.patch_size} is larger than image_size {self.image_size}")
+        check_field(self.norm_eps > 0, prefix + "norm_eps", f"must be positive, got {self.norm_eps}")
+        check_field(isinstance(self.post_layernorm, bool), prefix + "post_layernorm",
+                    f"must be true or false, got {self.post_layernorm!r}")
+        self.stack.validate(prefix + "stack.")
 
 
 @dataclass(frozen=True)
@@ -321,9 +400,62 @@ class HeadsConfig:
         self.mask.validate()
 
 
+# llava-hf/llava-onevision-qwen2-7b-ov-hf config.json: image_token_index / video_token_index
+LLAVA_OV_IMAGE_TOKEN_ID, LLAVA_OV_VIDEO_TOKEN_ID = 151646, 151647
+# LLaVA-OV-TPO's task tokens: the Qwen2 tokenizer of LLaVA-OV-7B with TPO's 7 tokens added after <video>
+LLAVA_OV_TASK_TOKENS = TaskTokenIds(*range(151648, 151655))
+
+
+@dataclass(frozen=True)
+class LlavaOVVisualConfig:
+    """The vision side of TPO on LLaVA-OneVision (`TPOConfig.llava_ov`): SigLIP tower → 2-layer GELU projector →
+    frames pooled 2×2 (`tpo_jax.llava_ov.vision`). TPO's inputs are videos: every sample's `num_frames` frames
+    (an image is repeated, as on the VideoChat path) become `num_frames · p² + 1` rows at `<video>` tokens
+    (p = ⌈grid / 2⌉). `anyres` is the base model's image tiling (the `<image>` path of `tpo_jax.llava_ov.model`,
+    converted weights and tokenizer checks); its tile size must be the tower's."""
+
+    siglip: SiglipConfig = field(default_factory=SiglipConfig)
+    anyres: AnyresConfig = field(default_factory=AnyresConfig)
+    num_frames: int = 32
+    image_token_id: int = LLAVA_OV_IMAGE_TOKEN_ID
+    video_token_id: int = LLAVA_OV_VIDEO_TOKEN_ID
+    # directory of the Qwen2 tokenizer (a llava-hf LLaVA-OV checkpoint directory); "": the tiny one shipped in the
+    # package (`LlavaOVTokenizer.tiny()`, which only the tiny preset's ids match)
+    tokenizer: str = ""
+
+    @property
+    def pooled_grid(self) -> int:
+        return -(-self.siglip.grid // 2)
+
+    @property
+    def num_video_tokens(self) -> int:
+        return self.num_frames * self.pooled_grid ** 2 + 1
+
+    def validate(self, vocab_size: int, prefix: str = "llava_ov.") -> None:
+        self.siglip.validate(prefix + "siglip.")
+        self.anyres.validate(prefix + "anyres.")
+        check_positive(self, prefix, "num_frames")
+        same = (self.anyres.image_size, self.anyres.patch_size) == (self.siglip.image_size, self.siglip.patch_size)
+        check_field(same, prefix + "anyres.image_size",
+                    f"tiles of {self.anyres.image_size} px / patch {self.anyres.patch_size} do not match the tower's "
+                    f"{self.siglip.image_size} px / patch {self.siglip.patch_size}")
+        for name in ("image_token_id", "video_token_id"):
+            v = getattr(self, name)
+            check_field(isinstance(v, int) and 0 <= v < vocab_size, prefix + name,
+                        f"{v!r} is not a token id of the vocabulary (0 … {vocab_size - 1})")
+        check_field(self.image_token_id != self.video_token_id, prefix + "video_token_id",
+                    f"{self.video_token_id} is also image_token_id")
+
+
 @dataclass(frozen=True)
 class TPOConfig:
-    """The assembled model: vision encoder → Q-Former → project_up → LLM (+ task tokens)."""
+    """The assembled model: vision side → LLM (+ task tokens) → task heads. Two architectures (`arch`):
+
+    "videochat" (VideoChat-TPO): UMT ViT (`vit`) → Q-Former (`qformer`) → project_up → Mistral (`llm`);
+    "llava_ov" (LLaVA-OV-TPO, when `llava_ov` is set): SigLIP → 2-layer projector → pooled frames (`llava_ov`)
+    → Qwen2 (`llm` with attention_bias). `vit` / `qformer` are then unused. Both share the task tokens
+    (`task_tokens`: their ids in the vocabulary), heads, losses, stages and trainer.
+    """
 
     vit: ViTConfig = field(default_factory=ViTConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
@@ -337,10 +469,37 @@ class TPOConfig:
     # storage dtype of the parameters a stage freezes (None: param_dtype); read by tpo-train, tpo-shard-report
     # and tpo-convert's default output dtype
     frozen_param_dtype: str | None = None
+    task_tokens: TaskTokenIds = field(default_factory=TaskTokenIds)
+    llava_ov: LlavaOVVisualConfig | None = None  # set: arch "llava_ov"
+
+    @property
+    def arch(self) -> str:
+        return "videochat" if self.llava_ov is None else "llava_ov"
 
     @property
     def num_visual_tokens(self) -> int:
-        return self.qformer.num_queries
+        """Visual rows of one sample's prompt: the Q-Former queries, or LLaVA-OV's pooled frames + newline."""
+        return self.qformer.num_queries if self.llava_ov is None else self.llava_ov.num_video_tokens
+
+    @property
+    def num_frames(self) -> int:
+        """Frames of one sample (an image is repeated to this many)."""
+        return self.vit.num_frames if self.llava_ov is None else self.llava_ov.num_frames
+
+    @property
+    def frame_size(self) -> int:
+        """Side of a frame in pixels, as the vision encoder takes it."""
+        return self.vit.img_size if self.llava_ov is None else self.llava_ov.siglip.image_size
+
+    @property
+    def num_clips(self) -> int:
+        """Temporal positions of a video for the temporal head (frames / tubelet; LLaVA-OV: frames)."""
+        return self.vit.num_frames // self.vit.tubelet_size if self.llava_ov is None else self.llava_ov.num_frames
+
+    @property
+    def vision_width(self) -> int:
+        """Width of the vision encoder's features (what feature_source 'model' pools into clip features)."""
+        return self.vit.width if self.llava_ov is None else self.llava_ov.siglip.hidden_size
 
     def validate(self) -> "TPOConfig":
         self.vit.validate()
@@ -359,16 +518,23 @@ class TPOConfig:
                     f"{self.frozen_param_dtype!r} is not one of {list(DTYPES)} (or null: param_dtype)")
         for name in ("dtype", "param_dtype"):
             check_field(getattr(self, name) in DTYPES, name, f"{getattr(self, name)!r} is not one of {list(DTYPES)}")
-        check_field(self.qformer.encoder_width == self.vit.width, "qformer.encoder_width",
-               f"{self.qformer.encoder_width} must equal vit.width {self.vit.width}")
+        if self.llava_ov is None:
+            check_field(self.qformer.encoder_width == self.vit.width, "qformer.encoder_width",
+                        f"{self.qformer.encoder_width} must equal vit.width {self.vit.width}")
+        else:
+            check_field(isinstance(self.llava_ov, LlavaOVVisualConfig), "llava_ov",
+                        f"must be a LlavaOVVisualConfig section or null, got {self.llava_ov!r}")
+            self.llava_ov.validate(self.llm.vocab_size)
         tmp = self.heads.temporal
         if tmp.feature_source == "model":
+            encoder = "vit.width" if self.llava_ov is None else "llava_ov.siglip.hidden_size"
             check_field(tmp.txt_dim == self.llm.hidden_size, "heads.temporal.txt_dim",
                    f"{tmp.txt_dim} must equal llm.hidden_size {self.llm.hidden_size} with feature_source 'model'")
-            check_field(tmp.vid_dim == self.vit.width + 2, "heads.temporal.vid_dim",
-                   f"{tmp.vid_dim} must equal vit.width + 2 = {self.vit.width + 2} with feature_source 'model'")
-        check_field(self.llm.vocab_size > TRACK_BOX_ID, "llm.vocab_size",
-               f"{self.llm.vocab_size} must hold the task-token ids (at least {TRACK_BOX_ID + 1})")
+            check_field(tmp.vid_dim == self.vision_width + 2, "heads.temporal.vid_dim",
+                   f"{tmp.vid_dim} must equal {encoder} + 2 = {self.vision_width + 2} with feature_source 'model'")
+        check_field(isinstance(self.task_tokens, TaskTokenIds), "task_tokens",
+                    f"must be a TaskTokenIds section, got {self.task_tokens!r}")
+        self.task_tokens.validate(self.llm.vocab_size)
         return self
 
 
@@ -425,7 +591,36 @@ def qwen2_tiny_llm(vocab_size: int = 151, stack: StackConfig | None = None) -> L
                      attention_bias=True, stack=stack or StackConfig())
 
 
-PRESETS: dict[str, Callable[[], TPOConfig]] = {"tiny": tiny, "videochat_tpo_7b": videochat_tpo_7b}
+def llava_ov_tpo_7b() -> TPOConfig:
+    """TPO on LLaVA-OneVision-7B (llava-hf/llava-onevision-qwen2-7b-ov-hf config.json): SigLIP SO400M/14 @ 384 with
+    26 layers, Qwen2-7B (`qwen2_7b_llm`: hidden 3584, vocab 152128), `<image>` 151646, `<video>` 151647 and TPO's 7
+    task tokens at 151648..151654 (`LLAVA_OV_TASK_TOKENS`). 32 frames → 32 × 14² + 1 = 6273 video rows. The heads
+    are VideoChat-TPO's at Qwen2's width; the temporal head reads the model's own features (pooled SigLIP frames
+    and the LLM's query embeddings: txt_dim 3584, vid_dim 1154), as no precomputed features exist for this model.
+    SAM2 Hiera-L, LoRA r16, and the pod settings of `videochat_tpo_7b` (scanned stacks, full remat, bf16 compute,
+    frozen parameters stored in bf16)."""
+    stack = StackConfig(scan_layers=True, remat_policy="full", attention="auto")
+    siglip = dataclasses.replace(SiglipConfig(), stack=stack)
+    return TPOConfig(llm=qwen2_7b_llm(stack=stack), llava_ov=LlavaOVVisualConfig(siglip=siglip),
+                     task_tokens=LLAVA_OV_TASK_TOKENS,
+                     heads=HeadsConfig(temporal=TemporalHeadConfig(txt_dim=3584, vid_dim=1154, feature_source="model")),
+                     sam2=dataclasses.replace(Sam2Config(), dtype="bfloat16"),
+                     dtype="bfloat16", frozen_param_dtype="bfloat16")
+
+
+def llava_ov_tpo_tiny() -> TPOConfig:
+    """`tiny` on the LLaVA-OV architecture: a 2-layer SigLIP (32 px, 8 px patches: 4 × 4 grid, pooled to 2 × 2), a
+    2-layer Qwen2-shaped decoder (`qwen2_tiny_llm`) with the shipped tiny tokenizer's ids (`LlavaOVTokenizer.tiny()`:
+    400 rows, `<image>` 387, `<video>` 388, task tokens 389..395), 4 frames (17 video rows); heads and SAM2 as `tiny`."""
+    siglip = SiglipConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=8, image_size=32)
+    anyres = AnyresConfig(image_size=32, patch_size=8, pinpoints=((32, 32), (32, 64), (64, 32), (64, 64)))
+    return dataclasses.replace(
+        tiny(), llm=qwen2_tiny_llm(vocab_size=400), task_tokens=TaskTokenIds(*range(389, 396)),
+        llava_ov=LlavaOVVisualConfig(siglip=siglip, anyres=anyres, num_frames=4, image_token_id=387, video_token_id=388))
+
+
+PRESETS: dict[str, Callable[[], TPOConfig]] = {"tiny": tiny, "videochat_tpo_7b": videochat_tpo_7b,
+                                               "llava_ov_tpo_tiny": llava_ov_tpo_tiny, "llava_ov_tpo_7b": llava_ov_tpo_7b}
 
 
 def get_config(name: str) -> TPOConfig:

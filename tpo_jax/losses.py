@@ -111,11 +111,11 @@ def valid_masks(batch: Mapping[str, jax.Array], cfg: C.TPOConfig, heads=HEADS) -
     masks = {"lm": shifted_labels(batch["labels"]) != IGNORE}
     if "region" in heads:
         k = batch["region_boxes"].shape[1]
-        masks["region"] = batch["region_valid"].astype(bool) & _slot_present(ids, C.BOXES_ID, k)
+        masks["region"] = batch["region_valid"].astype(bool) & _slot_present(ids, cfg.task_tokens.boxes, k)
     if "mask" in heads:
-        masks["mask"] = batch["mask_valid"].astype(bool) & _has_token(ids, C.TRACKING_ID)
+        masks["mask"] = batch["mask_valid"].astype(bool) & _has_token(ids, cfg.task_tokens.tracking)
     if "temporal" in heads:
-        masks["temporal"] = temporal_rows(ids, batch["temporal_valid"], batch["span_valid"])
+        masks["temporal"] = temporal_rows(ids, batch["temporal_valid"], batch["span_valid"], cfg.task_tokens.temp)
     return masks
 
 
@@ -143,7 +143,8 @@ def head_loss_terms(heads: HeadOutputs, batch: Mapping[str, jax.Array], cfg: C.T
     if heads.temporal is not None:
         targets = {key: batch[key] for key in ("spans", "span_valid", "saliency_labels", "saliency_pos",
                                                "saliency_neg", "vid_mask", "vid") if key in batch}
-        targets["rows"] = temporal_rows(batch["input_ids"], batch["temporal_valid"], batch["span_valid"])
+        targets["rows"] = temporal_rows(batch["input_ids"], batch["temporal_valid"], batch["span_valid"],
+                                        cfg.task_tokens.temp)
         terms["temporal"] = temporal_loss_terms(heads.temporal.outputs, targets, cfg.heads.temporal)
     return terms
 

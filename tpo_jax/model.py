@@ -21,21 +21,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from tpo_jax import config as C
 from tpo_jax.config import TPOConfig
 from tpo_jax.heads.mask import MaskHead
 from tpo_jax.heads.region import RegionHead
 from tpo_jax.heads.temporal.batch import negative_pairs, temporal_rows
 from tpo_jax.heads.temporal.model import CGDETR
 from tpo_jax.layers import MLP, param, split_rng
+from tpo_jax.llava_ov.siglip import siglip_stack_layouts
+from tpo_jax.llava_ov.vision import LlavaOVVision, LlavaOVVisionConfig, siglip_from_imagenet
 from tpo_jax.llm import KVCache, MistralDecoder, llm_stack_layouts
 from tpo_jax.qformer import QFormer, qformer_stack_layouts
 from tpo_jax.sam2.video import Sam2Video
 from tpo_jax.stack import StackLayout
 from tpo_jax.vit import UMTViT, vit_stack_layouts
 
-# placeholder id → name of the task-token vector written there
-TASK_TOKEN_ROWS = {C.BOXES_ID: "box_token", C.TEMP_ID: "temporal_token", C.TRACKING_ID: "track_token"}
+# task-token field (`TaskTokenIds`) → name of the learnable vector written at its rows
+TASK_TOKEN_ROWS = {"boxes": "box_token", "temp": "temporal_token", "tracking": "track_token"}
 
 
 HEADS = ("region", "temporal", "mask")
@@ -119,8 +120,12 @@ class TPOModel(nnx.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d = cfg.llm.hidden_size
-        self.vision = UMTViT(cfg.vit, **kw)
-        self.qformer = QFormer(cfg.qformer, d, **kw)
+        if cfg.llava_ov is None:
+            self.vision = UMTViT(cfg.vit, **kw)
+            self.qformer = QFormer(cfg.qformer, d, **kw)
+        else:  # LLaVA-OV: `vision` = tower + projector + image_newline, the paths of the base model's checkpoint
+            v = cfg.llava_ov
+            self.vision = LlavaOVVision(LlavaOVVisionConfig(siglip=v.siglip, anyres=v.anyres, llm_hidden=d), **kw)
         self.llm = MistralDecoder(cfg.llm, cfg.lora if cfg.lora.enabled else None, **kw)
         token_init = jax.nn.initializers.normal(stddev=1.0)
         self.box_token = param(rngs, token_init, (d,), ("embed",), param_dtype)
@@ -137,7 +142,12 @@ class TPOModel(nnx.Module):
     def encode_visual(self, frames: jax.Array, *, qformer_text_ids=None, qformer_text_mask=None,
                       rng: jax.Array | None = None, return_features: bool = False):
         """frames (B, T, H, W, 3) normalised → visual tokens (B, num_visual_tokens, llm hidden)
-        (and the ViT features (B, T·N, width) with `return_features`)."""
+        (and the encoder features (B, T·N, width) with `return_features`). LLaVA-OV: SigLIP on every frame, the
+        projector, 2×2 pooling and the closing newline row (`LlavaOVVision.encode_video`); the Q-Former inputs
+        are ignored."""
+        if self.cfg.llava_ov is not None:
+            tokens, _, feats = self.vision.encode_video(siglip_from_imagenet(frames), return_features=True)
+            return (tokens, feats) if return_features else tokens
         r_vit, r_q = split_rng(rng, 2)
         feats = self.vision(frames, rng=r_vit)
         tokens = self.qformer(feats, text_ids=qformer_text_ids, text_mask=qformer_text_mask, rng=r_q)
@@ -161,12 +171,13 @@ class TPOModel(nnx.Module):
             visual, feats = self.encode_visual(frames, qformer_text_ids=qformer_text_ids,
                                                qformer_text_mask=qformer_text_mask, rng=rng, return_features=True)
             embeds = scatter_rows(embeds, visual_mask, visual)
-        for token_id, name in TASK_TOKEN_ROWS.items():
+        ids = self.cfg.task_tokens
+        for field, name in TASK_TOKEN_ROWS.items():
             vec = getattr(self, name)[...].astype(embeds.dtype)
-            embeds = jnp.where((input_ids == token_id)[..., None], vec, embeds)
+            embeds = jnp.where((input_ids == getattr(ids, field))[..., None], vec, embeds)
         if track_boxes is not None:
             encoded = self.loc_encoder(track_boxes.astype(embeds.dtype))
-            embeds = scatter_rows(embeds, input_ids == C.TRACK_BOX_ID, encoded)
+            embeds = scatter_rows(embeds, input_ids == ids.track_box, encoded)
         return (embeds, feats) if return_vision_features else embeds
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
@@ -218,21 +229,21 @@ class TPOModel(nnx.Module):
         cfg, out = self.cfg, {}
         if "region" in heads:
             k = inputs["region_boxes"].shape[1] if "region_boxes" in inputs else cfg.heads.region.max_slots
-            h, pos, present = gather_task_hidden(hidden, input_ids, C.BOXES_ID, k)
+            h, pos, present = gather_task_hidden(hidden, input_ids, cfg.task_tokens.boxes, k)
             out["region"] = RegionOutput(boxes=self.region_head(h), present=present, positions=pos)
         if "mask" in heads:
-            h, pos, present = gather_task_hidden(hidden, input_ids, C.TRACKING_ID, 1)
+            h, pos, present = gather_task_hidden(hidden, input_ids, cfg.task_tokens.tracking, 1)
             prompt, box = self.mask_head(h[:, 0])
             target = self.sam2.box_prompt(inputs["mask_boxes"]) if "mask_boxes" in inputs else None
             out["mask"] = MaskOutput(prompt=prompt, box=box, target=target, present=present[:, 0], position=pos[:, 0])
         if "temporal" in heads:
-            h, pos, present = gather_task_hidden(hidden, input_ids, C.TEMP_ID, 1)
+            h, pos, present = gather_task_hidden(hidden, input_ids, cfg.task_tokens.temp, 1)
             txt, txt_mask, vid, vid_mask = self.temporal_features(inputs, vision_features)
             extra = {}
             if training_outputs and "saliency_labels" in inputs:
                 extra["relevant_clips"] = inputs["saliency_labels"]
             if training_outputs and "vid" in inputs:
-                rows = temporal_rows(input_ids, inputs["temporal_valid"], inputs["span_valid"])
+                rows = temporal_rows(input_ids, inputs["temporal_valid"], inputs["span_valid"], cfg.task_tokens.temp)
                 pairs = negative_pairs(rows, inputs["vid"], cfg.heads.temporal.criterion_group)
                 extra["neg_partner"] = pairs["partner"]
             outputs = self.temporal_head(txt, txt_mask, vid, vid_mask, h[:, 0], rng=rng, **extra)
@@ -241,16 +252,16 @@ class TPOModel(nnx.Module):
 
     def temporal_features(self, inputs: Mapping[str, jax.Array], vision_features: jax.Array | None):
         """CG-DETR inputs (text, text mask, video, video mask): from `inputs` (feature_source "batch"), or from
-        the model ("model": per-clip means of the ViT features + TEF, and the LLM's input embeddings of
+        the model ("model": per-clip means of the encoder features (UMT ViT, or SigLIP per frame) + TEF, and the LLM's input embeddings of
         `temporal_text_ids`). Model features are inputs to the head, not trained through it (stop_gradient), as
         precomputed features would be."""
         cfg = self.cfg.heads.temporal
         if cfg.feature_source == "batch":
             return inputs["text_feats"], inputs["text_mask"], inputs["video_feats"], inputs["vid_mask"]
         if vision_features is None:
-            raise ValueError("TPOModel.temporal_features: feature_source 'model' needs the ViT features (frames)")
+            raise ValueError("TPOModel.temporal_features: feature_source 'model' needs the vision features (frames)")
         b, n, w = vision_features.shape
-        t = self.cfg.vit.num_frames // self.cfg.vit.tubelet_size
+        t = self.cfg.num_clips
         clips = vision_features.reshape(b, t, n // t, w).mean(axis=2)
         tef = jnp.stack([jnp.arange(t) / t, (jnp.arange(t) + 1) / t], axis=-1).astype(clips.dtype)
         video = jnp.concatenate([clips, jnp.broadcast_to(tef, (b, t, 2))], axis=-1)
@@ -260,6 +271,8 @@ class TPOModel(nnx.Module):
 
 def stack_layouts(cfg: TPOConfig) -> list[StackLayout]:
     """How the scanned stacks' parameter paths map to per-layer paths (empty where a stack is unrolled)."""
+    if cfg.llava_ov is not None:
+        return llm_stack_layouts(cfg.llm, "llm") + siglip_stack_layouts(cfg.llava_ov.siglip, "vision.vision_tower")
     return llm_stack_layouts(cfg.llm, "llm") + vit_stack_layouts(cfg.vit, "vision") + \
         qformer_stack_layouts(cfg.qformer, "qformer")
 

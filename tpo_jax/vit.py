@@ -33,6 +33,11 @@ from tpo_jax.layers import LayerNorm, Linear, param
 from tpo_jax.sharding import constrain
 from tpo_jax.stack import StackLayout, build_stack, name, run_stack
 
+# The frames every model input takes: RGB / 255, then normalised with ImageNet's mean / std (UMT's input; the
+# LLaVA-OV vision side maps them on to SigLIP's own normalisation, `tpo_jax.llava_ov.vision`).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
 ACT = ("batch", "length", "act_embed")  # logical axes of the residual stream
 HEADS = ("batch", "length", "act_heads", None)  # q, k, v: (B, N, heads, head_dim)
 

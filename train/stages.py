@@ -21,6 +21,10 @@ instead of 0.52 (docs/training.md, "How the default got here (MC)").
 | stage2           | the three stage-2 recipes at once, each head with its own LRs                  | all              |
 | stage3           | LoRA, vision encoder, connector, all heads and tokens, loc_encoder, all 2e-5   | all              |
 
+The groups of both architectures: `vision` is the UMT ViT or the SigLIP tower (`vision.vision_tower`); `connector`
+is the Q-Former with `project_up`, or LLaVA-OV's projector and `image_newline` (`vision.projector`,
+`vision.image_newline`).
+
 Stage-2 region/mask LRs follow Table 17 (1e-4); the paper's prose says 2e-5 — pass
 `lr_scale` or edit the recipe to follow the prose.
 """
@@ -43,6 +47,8 @@ def param_group(path: tuple) -> str:
         return "lora"
     if top == "llm" and len(keys) > 1 and keys[1] == "embed_tokens":
         return "llm_embed"
+    if top == "vision" and len(keys) > 1 and keys[1] in ("projector", "image_newline"):
+        return "connector"  # LLaVA-OV: the projector and newline row connect the tower to the LLM
     return {
         "llm": "llm", "vision": "vision", "qformer": "connector", "loc_encoder": "loc_encoder",
         "box_token": "box_token", "temporal_token": "temporal_token", "track_token": "track_token",

@@ -30,18 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tpo_jax.config import LLMConfig, LoRAConfig, StackConfig, qwen2_7b_llm, qwen2_tiny_llm
+from tpo_jax.config import (LLAVA_OV_IMAGE_TOKEN_ID, LLAVA_OV_VIDEO_TOKEN_ID, LLMConfig, LoRAConfig, SiglipConfig,
+                            StackConfig, TPOConfig, qwen2_7b_llm, qwen2_tiny_llm)
 from tpo_jax.config_fields import DTYPES, check_field, check_positive
 from tpo_jax.llava_ov import siglip, visual_tokens
-from tpo_jax.llava_ov.siglip import SiglipConfig, siglip_stack_layouts
+from tpo_jax.llava_ov.siglip import siglip_stack_layouts
 from tpo_jax.llava_ov.vision import LlavaOVVision, LlavaOVVisionConfig
 from tpo_jax.llava_ov.visual_tokens import AnyresConfig, ImagePlan
 from tpo_jax.llm import LLMOutput, MistralDecoder, llm_stack_layouts
 from tpo_jax.model import scatter_rows
 from tpo_jax.stack import StackLayout
-
-# llava-hf/llava-onevision-qwen2-7b-ov-hf config.json: image_token_index / video_token_index
-IMAGE_TOKEN_ID_7B, VIDEO_TOKEN_ID_7B = 151646, 151647
 
 
 @dataclass(frozen=True)
@@ -55,8 +53,8 @@ class LlavaOVConfig:
     siglip: SiglipConfig = field(default_factory=siglip.so400m_patch14_384)
     anyres: AnyresConfig = field(default_factory=AnyresConfig)
     llm: LLMConfig = field(default_factory=qwen2_7b_llm)
-    image_token_id: int = IMAGE_TOKEN_ID_7B
-    video_token_id: int = VIDEO_TOKEN_ID_7B
+    image_token_id: int = LLAVA_OV_IMAGE_TOKEN_ID
+    video_token_id: int = LLAVA_OV_VIDEO_TOKEN_ID
     max_images: int = 1
     max_frames: int = 32
     dtype: str = "float32"  # compute
@@ -102,6 +100,17 @@ def tiny(**overrides) -> LlavaOVConfig:
     base = LlavaOVConfig(siglip=siglip.tiny(), anyres=visual_tokens.tiny(), llm=qwen2_tiny_llm(vocab_size=400),
                          image_token_id=387, video_token_id=388, max_images=1, max_frames=4)
     return dataclasses.replace(base, **overrides).validate()
+
+
+def base_config(cfg: TPOConfig) -> LlavaOVConfig:
+    """The base model of an arch "llava_ov" `TPOConfig`: its tower, tiling, LLM, visual ids and frame count (what
+    the tokenizer's `build_input_ids` and the conversion tables read)."""
+    v = cfg.llava_ov
+    if v is None:
+        raise ValueError("base_config: the TPOConfig is not arch 'llava_ov' (its llava_ov section is null)")
+    return LlavaOVConfig(siglip=v.siglip, anyres=v.anyres, llm=cfg.llm, image_token_id=v.image_token_id,
+                         video_token_id=v.video_token_id, max_images=1, max_frames=v.num_frames, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype)
 
 
 def with_scan(cfg: LlavaOVConfig, scan: bool = True) -> LlavaOVConfig:
@@ -241,5 +250,5 @@ class LlavaOV(nnx.Module):
         return self.llm(inputs_embeds=embeds, **llm_kwargs)
 
 
-__all__ = ["LlavaOVConfig", "LlavaOV", "llava_ov_7b", "tiny", "with_scan", "stack_layouts", "empty_plan",
+__all__ = ["LlavaOVConfig", "LlavaOV", "base_config", "llava_ov_7b", "tiny", "with_scan", "stack_layouts", "empty_plan",
            "batch_plans", "video_token_count", "expand_placeholders", "check_placeholders"]

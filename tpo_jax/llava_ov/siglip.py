@@ -22,7 +22,6 @@ pixels (B, H, W, C) ─► PatchEmbed ─► + learned positions ─► num_laye
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -30,55 +29,13 @@ from flax import nnx
 
 from tpo_jax import layers
 from tpo_jax.attention import attention
-from tpo_jax.config import StackConfig
-from tpo_jax.config_fields import check_field, check_positive
+from tpo_jax.config import SiglipConfig
 from tpo_jax.layers import LayerNorm, Linear, param
 from tpo_jax.sharding import constrain
 from tpo_jax.stack import StackLayout, build_stack, name, run_stack
 
 ACT = ("batch", "length", "act_embed")
 HEADS = ("batch", "length", "act_heads", None)
-
-
-@dataclass(frozen=True)
-class SiglipConfig:
-    """SigLIP vision tower. Defaults: SO400M/14 at 384 px as LLaVA-OV-7B builds it (`so400m_patch14_384`)."""
-
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_layers: int = 26
-    num_heads: int = 16
-    patch_size: int = 14
-    image_size: int = 384
-    in_chans: int = 3
-    norm_eps: float = 1e-6
-    post_layernorm: bool = False  # LLaVA-OV reads the last layer before post_layernorm (module docstring)
-    stack: StackConfig = field(default_factory=StackConfig)
-
-    @property
-    def grid(self) -> int:
-        """Patches per side (27 for 384 / 14; the last 6 pixel rows and columns are not covered)."""
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid * self.grid
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    def validate(self, prefix: str = "siglip.") -> None:
-        check_positive(self, prefix, "hidden_size", "intermediate_size", "num_layers", "num_heads", "patch_size",
-                       "image_size", "in_chans")
-        check_field(self.hidden_size % self.num_heads == 0, prefix + "num_heads",
-                    f"{self.num_heads} must divide hidden_size {self.hidden_size}")
-        check_field(self.patch_size <= self.image_size, prefix + "patch_size",
-                    f"{self.patch_size} is larger than image_size {self.image_size}")
-        check_field(self.norm_eps > 0, prefix + "norm_eps", f"must be positive, got {self.norm_eps}")
-        check_field(isinstance(self.post_layernorm, bool), prefix + "post_layernorm",
-                    f"must be true or false, got {self.post_layernorm!r}")
-        self.stack.validate(prefix + "stack.")
 
 
 def so400m_patch14_384(**overrides) -> SiglipConfig:

@@ -17,12 +17,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tpo_jax.config import SiglipConfig
 from tpo_jax.config_fields import check_field, check_positive
 from tpo_jax.layers import param
 from tpo_jax.llava_ov import siglip, visual_tokens
 from tpo_jax.llava_ov.projector import MultiModalProjector
-from tpo_jax.llava_ov.siglip import SiglipConfig, SiglipVisionTower
+from tpo_jax.llava_ov.siglip import SiglipVisionTower
 from tpo_jax.llava_ov.visual_tokens import AnyresConfig, ImagePlan, pack_image_features, pack_video_features
+from tpo_jax.vit import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,25 @@ class LlavaOVVision(nnx.Module):
         feats = self._per_slot(tiles)
         return pack_image_features(feats, plan, self.image_newline[...]), jnp.asarray(plan.valid)
 
-    def encode_video(self, frames: jax.Array, num_frames: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """frames (B, F, S, S, C), the first `num_frames` (B,) real → (tokens (B, F·p² + 1, D), valid)."""
-        return pack_video_features(self._per_slot(frames), self.cfg.siglip.grid, self.image_newline[...], num_frames)
+    def encode_video(self, frames: jax.Array, num_frames: jax.Array | None = None, *,
+                     return_features: bool = False):
+        """frames (B, F, S, S, C), the first `num_frames` (B,) real → (tokens (B, F·p² + 1, D), valid), and with
+        `return_features` also the tower's features (B, F·grid², width) before the projector."""
+        b, f = frames.shape[:2]
+        tower = self.vision_tower(frames.reshape(b * f, *frames.shape[2:]))
+        projected = self.projector(tower).reshape(b, f, -1, self.cfg.llm_hidden)
+        tokens, valid = pack_video_features(projected, self.cfg.siglip.grid, self.image_newline[...], num_frames)
+        if return_features:
+            return tokens, valid, tower.reshape(b, -1, tower.shape[-1])
+        return tokens, valid
+
+
+def siglip_from_imagenet(frames: jax.Array) -> jax.Array:
+    """Frames normalised with ImageNet's mean / std (every model input of this project, `tpo_jax.vit.IMAGENET_MEAN`)
+    → SigLIP's normalisation (mean = std = 0.5): one affine map per channel, x·std/0.5 + (mean − 0.5)/0.5."""
+    scale = jnp.asarray(IMAGENET_STD / 0.5, frames.dtype)
+    shift = jnp.asarray((IMAGENET_MEAN - 0.5) / 0.5, frames.dtype)
+    return frames * scale + shift
 
 
 def with_scan(cfg: LlavaOVVisionConfig, scan: bool = True) -> LlavaOVVisionConfig:

@@ -30,9 +30,11 @@ import jax.numpy as jnp
 from tpo_jax import config as C
 
 
-def temporal_rows(input_ids: jax.Array, temporal_valid: jax.Array, span_valid: jax.Array) -> jax.Array:
-    """(B,) bool: the rows the temporal criterion sees (a temporal example with a `<temp>` token and a span)."""
-    return (temporal_valid.astype(bool) & jnp.any(input_ids == C.TEMP_ID, axis=1)
+def temporal_rows(input_ids: jax.Array, temporal_valid: jax.Array, span_valid: jax.Array,
+                  temp_id: int = C.TEMP_ID) -> jax.Array:
+    """(B,) bool: the rows the temporal criterion sees (a temporal example with a `<temp>` token — id `temp_id`,
+    the model's `task_tokens.temp` — and a span)."""
+    return (temporal_valid.astype(bool) & jnp.any(input_ids == temp_id, axis=1)
             & jnp.any(span_valid.astype(bool), axis=1))
 
 
