@@ -58,7 +58,10 @@ class TaskTokenIds:
         for f, v in zip(dataclasses.fields(self), ids):
             check_field(isinstance(v, int) and 0 <= v < vocab_size, prefix + f.name,
                         f"{v!r} is not a token id of the vocabulary (0 … {vocab_size - 1}, llm.vocab_size)")
-        check_field(len(set(ids)) == len(ids), prefix[:-1], f"the 7 ids must differ, got {ids}")
+        seen: dict[int, str] = {}
+        for f, v in zip(dataclasses.fields(self), ids):
+            check_field(v not in seen, prefix + f.name, f"{v} is also {prefix}{seen.get(v)}: the 7 ids must differ")
+            seen[v] = f.name
 
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "custom")
@@ -480,6 +483,11 @@ class TPOConfig:
     def num_visual_tokens(self) -> int:
         """Visual rows of one sample's prompt: the Q-Former queries, or LLaVA-OV's pooled frames + newline."""
         return self.qformer.num_queries if self.llava_ov is None else self.llava_ov.num_video_tokens
+
+    @property
+    def stacks(self) -> tuple[str, ...]:
+        """Dotted names of the layer stacks this architecture builds (each a config with a `stack` StackConfig)."""
+        return ("llm", "vit", "qformer") if self.llava_ov is None else ("llm", "llava_ov.siglip")
 
     @property
     def num_frames(self) -> int:

@@ -148,7 +148,7 @@ def model_flops_config(model_cfg, remat: bool = False):
     unless `remat`, remat `none`: the program whose FLOPs are model FLOPs (`remat=True`: executed FLOPs)."""
     from tpo_jax.config import replace
     changes = {}
-    for stack in ("llm", "vit", "qformer"):
+    for stack in model_cfg.stacks:
         if not remat:
             changes[f"{stack}.stack.remat_policy"] = "none"
             changes[f"{stack}.stack.remat_save"] = ()
