@@ -387,15 +387,41 @@ def videochat_tpo_7b_run() -> RunConfig:
     )
 
 
-RUN_PRESETS = {"tiny": tiny_run, "videochat_tpo_7b": videochat_tpo_7b_run}
+def llava_ov_tpo_tiny_run() -> RunConfig:
+    """`tiny_run` on the LLaVA-OV architecture: the `llava_ov_tpo_tiny` model with 4 px SigLIP patches (an 8 × 8
+    grid pooled to 4 × 4: 4 frames × 16 + 1 = 65 video rows, about the 32 visual tokens `tiny_run` found the region
+    box needs, docs/training.md) and dropout off, the same stages, data mixtures and learning rates, and 256-token
+    examples (the ChatML prompt with the system message and the tiny Qwen2 tokenizer's shorter pieces is longer
+    than the Mistral one)."""
+    base = tiny_run()
+    model = C.replace(C.llava_ov_tpo_tiny(), **{
+        "llava_ov.siglip.patch_size": 4, "llava_ov.anyres.patch_size": 4, "lora.dropout": 0.0,
+        "heads.temporal.dropout": 0.0, "heads.temporal.input_dropout": 0.0}).validate()
+    return dataclasses.replace(base, model=model, data=dataclasses.replace(base.data, seq_len=256))
+
+
+def llava_ov_tpo_7b_run() -> RunConfig:
+    """`videochat_tpo_7b_run`'s recipe (stages, data, steps, optimiser) on the `llava_ov_tpo_7b` model (PAPER.md
+    §1.3: the paper gives no separate recipe for LLaVA-OV-TPO). Required: `init_from` (a `tpo-convert llava_ov`
+    directory of LLaVA-OneVision-7B) and `model.llava_ov.tokenizer` (that checkpoint's directory, for the Qwen2
+    tokenizer). 32 frames give 6,273 video rows, so examples are 8,192 tokens long."""
+    base = videochat_tpo_7b_run()
+    return dataclasses.replace(base, model=C.llava_ov_tpo_7b(), data=dataclasses.replace(base.data, seq_len=8192))
+
+
+RUN_PRESETS = {"tiny": tiny_run, "videochat_tpo_7b": videochat_tpo_7b_run, "llava_ov_tpo_tiny": llava_ov_tpo_tiny_run,
+               "llava_ov_tpo_7b": llava_ov_tpo_7b_run}
 
 #: Settings a run preset cannot default. Its config validates without them (tests and tools read the preset), but
 #: `tpo-train` / `tpo-eval --config <preset>` refuse to start until they are set (`check_required`).
-REQUIRED_SETTINGS: dict[str, tuple[str, ...]] = {"videochat_tpo_7b": ("init_from",)}
+REQUIRED_SETTINGS: dict[str, tuple[str, ...]] = {"videochat_tpo_7b": ("init_from",),
+                                                  "llava_ov_tpo_7b": ("init_from", "model.llava_ov.tokenizer")}
 _REQUIRED_HINTS = {
     "init_from": "the pretrained weights to start from, e.g. --init-from /ckpt/videochat_tpo (or "
                  "--set 'init_from=[...]'): tpo-convert output directories (a Hugging Face Mistral-7B, the "
                  "released VideoChat-TPO) or an earlier tpo-train work directory",
+    "model.llava_ov.tokenizer": "the directory of the LLaVA-OV checkpoint's Qwen2 tokenizer (tokenizer.json), e.g. "
+                                "--set model.llava_ov.tokenizer=/ckpt/llava-onevision-qwen2-7b-ov-hf",
 }
 
 
@@ -403,7 +429,7 @@ def check_required(cfg: RunConfig, preset: str) -> RunConfig:
     """`cfg` (preset `preset` with the user's overrides) if every setting `REQUIRED_SETTINGS[preset]` is set,
     else one ConfigError naming the first missing one."""
     for name in REQUIRED_SETTINGS.get(preset, ()):
-        value = getattr(cfg, name)
+        value = functools.reduce(getattr, name.split("."), cfg)
         entries = value if isinstance(value, (tuple, list)) else (value,)
         check_field(bool(value) and all(isinstance(v, str) and v.strip() for v in entries), name,
                     f"the {preset!r} run preset needs it set: {_REQUIRED_HINTS.get(name, 'no default')} "
