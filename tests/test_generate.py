@@ -12,11 +12,11 @@ from tpo_jax import config as C
 from tpo_jax.data.prompts import encode_demo_prompt
 from tpo_jax.generate import (GenerationConfig, GenerationError, GenerationRequest, Generator, TemporalFeatures,
                               compiled_decode, load_temporal_features)
-from tpo_jax.generate.settings import BEGIN_TOKENS, PLACEHOLDERS
 from tpo_jax.model import TPOModel
 from tpo_jax.tokenizer import MultimodalTokenizer
 
 CFG = C.get_config("tiny")
+BEGIN_TOKENS, PLACEHOLDERS = CFG.task_tokens.begin_tokens, CFG.task_tokens.placeholders
 TOL = 1e-5
 N_NEW = 10
 QUESTIONS = ["Where is the red square?", "What happens in the video, from the start to the very end?", "Hi"]

@@ -4,6 +4,7 @@ heads, and returns one `GenerationResult` per request."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -15,13 +16,15 @@ from tpo_jax.generate import heads as H
 from tpo_jax.generate import track as T
 from tpo_jax.generate.decode import DecodeOutput, compiled_decode
 from tpo_jax.generate.settings import KINDS, GenerationConfig, GenerationError, bucket_length, check_context
-from tpo_jax.tokenizer import MultimodalTokenizer
+from tpo_jax.config import TPOConfig
 
 
 @dataclasses.dataclass
 class GenerationRequest:
-    """One prompt. `input_ids` / `visual_mask` (L,) as `MultimodalTokenizer.build_input_ids` makes them;
-    `frames` (T, H, W, 3) normalised (T = cfg.vit.num_frames for a video, 1 for an image) or None;
+    """One prompt. `input_ids` / `visual_mask` (L,) in the model's prompt form (`tpo_jax.generate.prompt.
+    encode_question`, or the tokenizer's `build_input_ids`); `frames` (T, H, W, 3) normalised at `cfg.frame_size`
+    (T = cfg.num_frames for a video, 1 for an image; arch "llava_ov" repeats an image's frame to cfg.num_frames,
+    its prompt always has the video's rows) or None;
     `frame_size` (height, width) of the source media (boxes in pixels), `duration` seconds (spans in
     seconds); `query_ids`: the question's token ids (temporal head, model features); `temporal_features`:
     precomputed temporal-head features (`load_temporal_features`), used instead of the model's;
@@ -62,19 +65,31 @@ class GenerationResult:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "raw"}
 
 
+@functools.lru_cache(maxsize=8)
+def default_tokenizer(cfg: TPOConfig):
+    """`model_tokenizer(cfg)`, loaded once per config (the Qwen2 tokenizer takes seconds to load)."""
+    from tpo_jax.model_tokenizer import model_tokenizer  # noqa: PLC0415
+    return model_tokenizer(cfg)
+
+
 class Generator:
     """Holds a split model; `__call__(requests, rng=None)` → results. Compiled functions are shared by every
-    Generator of the same graphdef and settings (jit caches on the static arguments)."""
+    Generator of the same graphdef and settings (jit caches on the static arguments).
 
-    def __init__(self, model, config: GenerationConfig = GenerationConfig(),
-                 tokenizer: MultimodalTokenizer | None = None):
+    tokenizer: the model's (`model_tokenizer(model.cfg)`); it decodes the answers (no text without it) and
+    fills the settings' stop / pad ids left None (`GenerationConfig.for_tokenizer`; without a tokenizer the
+    model config's is loaded for them). `self.gen` holds the settings the decode runs with."""
+
+    def __init__(self, model, config: GenerationConfig = GenerationConfig(), tokenizer=None):
         self.cfg = model.cfg
+        if not config.resolved:
+            config = config.for_tokenizer(tokenizer if tokenizer is not None else default_tokenizer(model.cfg))
         self.gen = config.validate()
         self.graphdef, self.state = nnx.split(model)
         self.tokenizer = tokenizer
 
     def decode(self, requests: Sequence[GenerationRequest], rng=None) -> DecodeOutput:
-        """The raw compiled decode of a batch (tokens, lengths, task-token slot states, ViT features)."""
+        """The raw compiled decode of a batch (tokens, lengths, task-token slot states, vision features)."""
         return self._decode(requests, rng)[0]
 
     def _decode(self, requests, rng):
@@ -99,7 +114,9 @@ class Generator:
         frames = self._frames(requests)
         if frames is None and vmask.any():
             raise GenerationError("a prompt has visual placeholders but no request has frames")
-        video = frames is not None and frames.shape[1] == cfg.vit.num_frames > 1
+        video = frames is not None and frames.shape[1] == cfg.num_frames > 1
+        if frames is not None and cfg.arch == "llava_ov" and frames.shape[1] == 1:  # an image: its frame repeated
+            frames = np.repeat(frames, cfg.num_frames, axis=1)
         want = video and any(r.temporal_features is None for r in requests) and H.model_features_ok(cfg)
         boxes = _track_boxes(requests)
         out = compiled_decode(self.graphdef, self.state, jnp.asarray(batch_ids), jnp.asarray(attn),
@@ -203,8 +220,7 @@ class Generator:
             for i in np.flatnonzero(wants):
                 notes[i].append(f"temporal head not run: {reason}")
             return {}, False
-        clips = cfg.vit.num_frames // cfg.vit.tubelet_size
-        return H.query_batch([r.query_ids for r in requests], clips, cfg), False
+        return H.query_batch([r.query_ids for r in requests], cfg.num_clips, cfg), False
 
 
 def _track_boxes(requests) -> np.ndarray | None:
@@ -221,6 +237,7 @@ def _track_boxes(requests) -> np.ndarray | None:
 
 
 def generate(model, requests: Sequence[GenerationRequest], config: GenerationConfig = GenerationConfig(), *,
-             rng=None, tokenizer: MultimodalTokenizer | None = None) -> list[GenerationResult]:
-    """Decode every request (one batch) with `config`; see `tpo_jax.generate`."""
+             rng=None, tokenizer=None) -> list[GenerationResult]:
+    """Decode every request (one batch) with `config`; see `tpo_jax.generate`. `tokenizer`: the model's
+    (`model_tokenizer(model.cfg)`), for the answers' text and the default stop / pad ids."""
     return Generator(model, config, tokenizer)(requests, rng)

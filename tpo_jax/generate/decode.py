@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from tpo_jax.generate import sampling
-from tpo_jax.generate.settings import BEGIN_TOKENS, PLACEHOLDERS, GenerationConfig
+from tpo_jax.generate.settings import GenerationConfig, GenerationError
 from tpo_jax.llm import KVCache
 
 
@@ -46,15 +46,20 @@ def _store(slot_h, slot_on, reg_n, kind, rows, h):
     return slot_h, slot_on | hit, reg_n + (ok & (kind == 0)).astype(jnp.int32)
 
 
-def _placeholder(kind: jax.Array) -> jax.Array:
-    return jnp.asarray(PLACEHOLDERS)[jnp.clip(kind, 0, 2)]
+def _placeholder(kind: jax.Array, placeholders) -> jax.Array:
+    return jnp.asarray(placeholders)[jnp.clip(kind, 0, 2)]
 
 
 def decode_impl(model, ids, attention_mask, visual_mask, frames, rng, gen: GenerationConfig,
                 vision_features: bool = False, track_boxes=None) -> DecodeOutput:
     """The whole decode for left-padded prompts ids (B, L) with attention_mask (B, L) (1 = token);
-    track_boxes (B, K, 4): the boxes of the prompts' `<track_box>` tokens (or None)."""
+    track_boxes (B, K, 4): the boxes of the prompts' `<track_box>` tokens (or None). The task tokens are the
+    model's (`cfg.task_tokens`); `gen` must carry the tokenizer's stop / pad ids (`GenerationConfig.for_tokenizer`)."""
     cfg = model.cfg
+    if not gen.resolved:
+        raise GenerationError("GenerationConfig stop_ids / pad_id are None: fill them from the model's tokenizer "
+                              "with GenerationConfig.for_tokenizer(tok) (Generator does)")
+    begin_tokens, placeholders = cfg.task_tokens.begin_tokens, cfg.task_tokens.placeholders
     b, l = ids.shape
     nb, n_new = gen.rows_per_prompt, gen.max_new_tokens
     attn = attention_mask.astype(jnp.int32)
@@ -97,12 +102,12 @@ def decode_impl(model, ids, attention_mask, visual_mask, frames, rng, gen: Gener
         is_stop = live & jnp.isin(tok, stop_ids)
         pos = n_valid + s
         slot_h, slot_on, reg_n = c["slot_h"], c["slot_on"], c["reg_n"]
-        begin = _kind(tok, BEGIN_TOKENS)
+        begin = _kind(tok, begin_tokens)
         if not training:  # side step at this position with the cache before it; its cache is dropped
             side_rows = live & (begin >= 0)
 
             def side(_):
-                emb = model.embed_inputs(jnp.where(side_rows, _placeholder(begin), 0)[:, None])
+                emb = model.embed_inputs(jnp.where(side_rows, _placeholder(begin, placeholders), 0)[:, None])
                 return llm_step(c["cache"], emb, pos).hidden[:, 0]
 
             h = jax.lax.cond(jnp.any(side_rows), side, lambda _: jnp.zeros((r, d), slot_h.dtype), None)
@@ -112,9 +117,9 @@ def decode_impl(model, ids, attention_mask, visual_mask, frames, rng, gen: Gener
             emb = model.embed_inputs(tok[:, None])
         step = llm_step(c["cache"], emb, pos)
         if training:
-            slot_h, slot_on, reg_n = _store(slot_h, slot_on, reg_n, _kind(tok, PLACEHOLDERS), live,
+            slot_h, slot_on, reg_n = _store(slot_h, slot_on, reg_n, _kind(tok, placeholders), live,
                                             step.hidden[:, 0])
-        forced = jnp.where(live & (begin >= 0) & training, _placeholder(begin), -1)
+        forced = jnp.where(live & (begin >= 0) & training, _placeholder(begin, placeholders), -1)
         return dict(
             s=s + 1, cache=step.cache, logits=model.llm.logits(step.hidden[:, 0]).astype(jnp.float32),
             tokens=c["tokens"].at[:, s].set(tok), lengths=c["lengths"] + live.astype(jnp.int32),

@@ -120,9 +120,10 @@ def query_batch(queries: Sequence[Sequence[int] | None], num_clips: int, cfg: TP
 
 
 def model_features_ok(cfg: TPOConfig) -> bool:
-    """Whether the temporal head's input widths fit the model's own features (ViT width + 2, LLM hidden)."""
+    """Whether the temporal head's input widths fit the model's own features (vision encoder width + 2, LLM
+    hidden)."""
     t = cfg.heads.temporal
-    return t.vid_dim == cfg.vit.width + 2 and t.txt_dim == cfg.llm.hidden_size
+    return t.vid_dim == cfg.vision_width + 2 and t.txt_dim == cfg.llm.hidden_size
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads", "file_features"))
@@ -135,7 +136,8 @@ def run_task_heads(graphdef, state, slot_hidden, slot_on, inputs: Mapping[str, j
         model.cfg = C.replace(model.cfg, **{"heads.temporal.feature_source": source})
     b, s, _ = slot_hidden.shape
     k = s - 2
-    marks = jnp.asarray([C.BOXES_ID] * k + [C.TEMP_ID, C.TRACKING_ID], jnp.int32)
+    tt = model.cfg.task_tokens
+    marks = jnp.asarray([tt.boxes] * k + [tt.temp, tt.tracking], jnp.int32)
     ids = jnp.where(slot_on, marks[None, :], 0)
     out = model.run_heads(slot_hidden, ids, heads, {**inputs, "region_boxes": jnp.zeros((b, k, 4))},
                           vision_features)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from tpo_jax import config as C
-from tpo_jax.tokenizer import EOS_ID, PAD_ID
+from typing import Any
 
 STRATEGIES = ("greedy", "sample", "beam")
 SIDE_STEPS = ("released", "training")
 
-#: begin token → (head kind, placeholder whose task-token vector feeds the head); kinds index the slots
-BEGIN_TOKENS = (C.BOX_BEGIN_ID, C.TIME_BEGIN_ID, C.TRACK_BEGIN_ID)
-PLACEHOLDERS = (C.BOXES_ID, C.TEMP_ID, C.TRACKING_ID)
+#: head kinds; they index the slots. The k-th begin token of the model (`cfg.task_tokens.begin_tokens`:
+#: `<box_begin>`, `<time_begin>`, `<track_begin>`) asks for head k, whose hidden state is read at the k-th
+#: placeholder (`cfg.task_tokens.placeholders`: `<boxes>`, `<temp>`, `<tracking>`).
 KINDS = ("region", "temporal", "mask")
 
 
@@ -26,7 +25,9 @@ class GenerationConfig:
 
     strategy: "greedy" (argmax), "sample" (temperature, then top-k, then top-p; needs an explicit `rng`) or
       "beam" (`num_beams` beams, finished beams keep their score; the best by score / length**length_penalty).
-    stop_ids: a row stops after emitting one of these (the stop token is not part of the answer).
+    stop_ids: a row stops after emitting one of these (the stop token is not part of the answer). None (the
+      default): the tokenizer's (`for_tokenizer`: Mistral `</s>`; Qwen2 `<|im_end|>`, `<|endoftext|>`).
+    pad_id: the id of left padding and of the tokens after a row's end; None (the default): the tokenizer's.
     side_step: "released" — on `<box_begin>` / `<time_begin>` / `<track_begin>` run one extra LLM step with the
       task-token vector at the begin token's position and the cache before it, keep its final-norm hidden
       state for the head and discard that step's cache (MODEL-SPEC §8.3, the released demo); generated tokens
@@ -46,11 +47,26 @@ class GenerationConfig:
     top_p: float = 1.0  # 1.0: off
     num_beams: int = 4
     length_penalty: float = 1.0
-    stop_ids: tuple[int, ...] = (EOS_ID,)
+    stop_ids: tuple[int, ...] | None = None
     side_step: str = "released"
     max_boxes: int = 4
     buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
-    pad_id: int = PAD_ID
+    pad_id: int | None = None
+
+    def for_tokenizer(self, tok: Any) -> "GenerationConfig":
+        """These settings with `stop_ids` / `pad_id` that are None taken from the model's tokenizer `tok`
+        (`tpo_jax.model_tokenizer.model_tokenizer(cfg)`): its `stop_ids` (or `(eos_id,)`) and `pad_id`.
+        `Generator` does this itself; call it to see (or record) the ids a decode will use."""
+        stop = self.stop_ids
+        if stop is None:
+            stop = tuple(int(i) for i in getattr(tok, "stop_ids", (tok.eos_id,)))
+        pad = int(tok.pad_id) if self.pad_id is None else self.pad_id
+        return dataclasses.replace(self, stop_ids=tuple(stop), pad_id=pad)
+
+    @property
+    def resolved(self) -> bool:
+        """Whether `stop_ids` and `pad_id` are set (the compiled decode needs both)."""
+        return self.stop_ids is not None and self.pad_id is not None
 
     @property
     def rows_per_prompt(self) -> int:
