@@ -17,6 +17,20 @@ Images use `<Image>` and their one frame is repeated to the model's frame count.
 -100 everywhere else (prompt, placeholders, padding); each answer is tokenised on its own (its first
 piece carries the SentencePiece dummy prefix, as after the demo prompt's trailing space).
 
+Arch "llava_ov" (`LlavaOVTokenizer`, Qwen2): LLaVA-OV's ChatML template (`chatml_prompt_texts`), every sample a video
+(an image's frame repeated to the model's frame count, as above):
+
+    <|im_start|>system\\n{instruction or DEFAULT_SYSTEM_PROMPT}<|im_end|>\\n<|im_start|>user\\n
+    <video> ×num_visual_tokens (visual_mask)  "\\n" [timestamp sentence + " "] user_1
+    <|im_end|>\\n<|im_start|>assistant\\n
+    answer_1 <|im_end|>
+    \\n<|im_start|>user\\n user_2 <|im_end|>\\n<|im_start|>assistant\\n   answer_2 <|im_end|>  ...
+    pad (`<|endoftext|>`, attention 0) to `seq_len`
+
+The ids are `LlavaOVTokenizer.build_input_ids` of the whole conversation (`add_generation_prompt=False`) without its
+final "\\n", and the labels are exactly its `assistant_mask` positions (each answer and its `<|im_end|>`); the "\\n"
+after an `<|im_end|>` is unlabelled, part of the next turn's prompt (tests/test_conversation_llava_ov.py).
+
 What each task puts in the user text / answer (templates in `tpo_jax.data.templates`):
 
 | task         | user text                              | answer                         | targets                         |
@@ -49,11 +63,15 @@ from typing import Sequence
 
 import numpy as np
 
-from tpo_jax.data.prompts import demo_prompt, encode_demo_prompt
+from tpo_jax.data.prompts import demo_prompt, encode_demo_prompt, timestamp_message
 from tpo_jax.data.records import TASKS, Record, RecordError
 from tpo_jax.data.templates import OPTION_LETTERS, TASK_ANSWERS, mc_answer_text, mc_question, task_instruction
 from tpo_jax import config as C
-from tpo_jax.tokenizer import EOS_ID, MultimodalTokenizer, TokenizedPrompt
+from tpo_jax.llava_ov.tokenizer import DEFAULT_SYSTEM_PROMPT, LlavaOVTokenizer, render_chat
+from tpo_jax.tokenizer import MultimodalTokenizer, TokenizedPrompt
+
+#: Either model's tokenizer (`tpo_jax.model_tokenizer.model_tokenizer`).
+Tokenizer = MultimodalTokenizer | LlavaOVTokenizer
 
 IGNORE = -100
 SALIENCY_MAX = 12.0  # saliency label of a clip fully inside a span (QVHighlights scale 0..12: 3 annotators × 0..4)
@@ -75,13 +93,16 @@ class ExampleSpec:
     track_slots: int = 1
     max_options: int = 5
     saliency_pairs: int = 2
+    track_box_id: int = C.TRACK_BOX_ID  # the model's `<track_box>` id (`TPOConfig.task_tokens.track_box`)
 
     @classmethod
     def from_model(cls, cfg: C.TPOConfig, seq_len: int, *, track_slots: int = 1, max_options: int = 5):
-        return cls(seq_len=seq_len, num_frames=cfg.vit.num_frames, img_size=cfg.vit.img_size,
-                   num_clips=cfg.vit.num_frames // cfg.vit.tubelet_size, num_visual_tokens=cfg.num_visual_tokens,
-                   region_slots=cfg.heads.region.max_slots, max_spans=cfg.heads.temporal.max_spans,
-                   max_text_len=cfg.heads.temporal.max_text_len, track_slots=track_slots, max_options=max_options)
+        """The shapes of `cfg`'s examples, for either architecture (`TPOConfig.num_frames`, `frame_size`,
+        `num_clips`, `num_visual_tokens`; the task-token ids of `cfg.task_tokens`)."""
+        return cls(seq_len=seq_len, num_frames=cfg.num_frames, img_size=cfg.frame_size, num_clips=cfg.num_clips,
+                   num_visual_tokens=cfg.num_visual_tokens, region_slots=cfg.heads.region.max_slots,
+                   max_spans=cfg.heads.temporal.max_spans, max_text_len=cfg.heads.temporal.max_text_len,
+                   track_slots=track_slots, max_options=max_options, track_box_id=cfg.task_tokens.track_box)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Shape and dtype of every key of one example."""
@@ -164,10 +185,18 @@ def instruction_prefix(instruction: str) -> str:
     return instruction + "\n" if instruction else ""
 
 
-def tokenize_dialogue(tok: MultimodalTokenizer, turns: list[tuple[str, str]], *, is_video: bool,
-                      frame_times: Sequence[float] | None, instruction: str = ""):
-    """Per turn: (prompt ids, prompt visual flags, answer ids incl. </s>). `instruction` goes before the
-    first turn's "[INST] <Video>" (same segment, so no extra BOS)."""
+def tokenize_dialogue(tok: Tokenizer, turns: list[tuple[str, str]], *, is_video: bool,
+                      frame_times: Sequence[float] | None, instruction: str = "", num_visual_tokens: int | None = None):
+    """Per turn: (prompt ids, prompt visual flags, answer ids incl. the end of turn), in either model's form.
+
+    `MultimodalTokenizer` (arch "videochat"): the demo form of the module docstring; `instruction` goes before the
+    first turn's "[INST] <Video>" (same segment, so no extra BOS); answers end with `</s>`.
+
+    `LlavaOVTokenizer` (arch "llava_ov"): the ChatML form of `chatml_prompt_texts` (every sample is a video: one
+    `<video>`, expanded to `num_visual_tokens` ids flagged visual); answers end with `<|im_end|>`."""
+    if isinstance(tok, LlavaOVTokenizer):
+        return _tokenize_chatml(tok, turns, frame_times=frame_times, instruction=instruction,
+                                num_visual_tokens=num_visual_tokens)
     out = []
     for k, (question, answer) in enumerate(turns):
         if k == 0 and instruction_prefix(instruction):
@@ -179,7 +208,71 @@ def tokenize_dialogue(tok: MultimodalTokenizer, turns: list[tuple[str, str]], *,
             p = encode_demo_prompt(tok, question, is_video=is_video, frame_times=frame_times, max_length=None)
         else:
             p = tok.build_input_ids(demo_prompt(question, is_video=is_video)[1], is_video=is_video)
-        out.append((p.input_ids, p.visual_index, np.asarray(tok.encode(answer, add_bos=False) + [EOS_ID], np.int32)))
+        out.append((p.input_ids, p.visual_index,
+                    np.asarray(tok.encode(answer, add_bos=False) + [tok.eos_id], np.int32)))
+    return out
+
+
+def chatml_user_text(question: str, frame_times: Sequence[float] | None) -> str:
+    """The text of the first user turn after `<video>\\n`: the question, preceded by the frame-time sentence
+    (`prompts.timestamp_message`, stripped, then a space) when the question contains "timestamp" and frame times are
+    given (the rule of the demo form)."""
+    if frame_times is not None and "timestamp" in question:
+        return timestamp_message(frame_times).strip() + " " + question
+    return question
+
+
+def chatml_prompt_texts(questions: Sequence[str], *, frame_times: Sequence[float] | None = None,
+                        instruction: str = "") -> list[str]:
+    """The prompt text of each turn in LLaVA-OV's chat template (`tpo_jax.llava_ov.tokenizer.render_chat`):
+
+        turn 1:  <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<video>\\n{user text}<|im_end|>\\n
+                 <|im_start|>assistant\\n
+        turn k:  \\n<|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n
+
+    `system`: the record's `instruction` (verbatim) if it has non-blank text, else `DEFAULT_SYSTEM_PROMPT`; the user
+    text: `chatml_user_text`. Each answer then follows as `{answer}<|im_end|>`, and the "\\n" that the template puts
+    after an `<|im_end|>` opens the next turn's prompt, so prompt + answer pieces concatenate to the template's
+    rendering of the whole conversation without its final "\\n"."""
+    system = instruction if instruction.strip() else DEFAULT_SYSTEM_PROMPT
+    texts = []
+    for k, question in enumerate(questions):
+        if k == 0:
+            msgs = [{"role": "system", "content": [{"type": "text", "text": system}]},
+                    {"role": "user", "content": [{"type": "video"},
+                                                 {"type": "text", "text": chatml_user_text(question, frame_times)}]}]
+            texts.append(render_chat(msgs, add_generation_prompt=True)[0])
+        else:
+            msgs = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+            texts.append("\n" + render_chat(msgs, add_generation_prompt=True)[0])
+    return texts
+
+
+def _tokenize_chatml(tok: LlavaOVTokenizer, turns: list[tuple[str, str]], *, frame_times: Sequence[float] | None,
+                     instruction: str, num_visual_tokens: int | None):
+    """`tokenize_dialogue` for `LlavaOVTokenizer`: each prompt text of `chatml_prompt_texts` tokenised on its own
+    (chat tokens are single ids, so every piece boundary is a token boundary of the whole rendering), its one
+    `<video>` (first turn) repeated to `num_visual_tokens` ids, as `LlavaOVTokenizer.build_input_ids` expands it;
+    each answer tokenised on its own (as the model generates it after "assistant\\n") + `<|im_end|>`. ValueError if a
+    text holds `<image>` / `<video>` of its own."""
+    if not isinstance(num_visual_tokens, int) or num_visual_tokens <= 0:
+        raise ValueError(f"arch llava_ov: num_visual_tokens (the `<video>` rows) is required, "
+                         f"got {num_visual_tokens!r}")
+    visual_ids = (tok.image_token_id, tok.video_token_id)
+    texts = chatml_prompt_texts([q for q, _ in turns], frame_times=frame_times, instruction=instruction)
+    out = []
+    for k, (text, (_, answer)) in enumerate(zip(texts, turns)):
+        ids = np.asarray(tok.encode(text), np.int64)
+        n_video = int(np.sum(ids == tok.video_token_id))
+        if n_video != (k == 0) or np.any(ids == tok.image_token_id):
+            n_image = int(np.sum(ids == tok.image_token_id))
+            raise ValueError(f"turn {k + 1}'s prompt holds {n_video} <video> and {n_image} <image> tokens; "
+                             f"the text may not hold these placeholders itself")
+        ids = np.repeat(ids, np.where(ids == tok.video_token_id, num_visual_tokens, 1)).astype(np.int32)
+        answer_ids = np.asarray(tok.encode(answer) + [tok.eos_id], np.int32)
+        if np.isin(answer_ids, visual_ids).any():
+            raise ValueError(f"turn {k + 1}'s answer holds an <image> / <video> placeholder")
+        out.append((ids, ids == tok.video_token_id, answer_ids))
     return out
 
 
@@ -237,7 +330,7 @@ def _record_frame_index(record: Record, media, num_entries: int) -> np.ndarray:
     return np.clip(idx.astype(np.int64), 0, num_entries - 1)
 
 
-def mc_cloze_examples(record: Record, media, spec: ExampleSpec, tok: MultimodalTokenizer, *,
+def mc_cloze_examples(record: Record, media, spec: ExampleSpec, tok: Tokenizer, *,
                       seed: int = 0) -> list[dict]:
     """The cloze form of a multiple-choice record, for evaluation: one conversation example per option,
     the bare question (no option list) answered by that option's text. Comparing the options' answer
@@ -250,12 +343,14 @@ def mc_cloze_examples(record: Record, media, spec: ExampleSpec, tok: MultimodalT
             for option in record.options]
 
 
-def build_example(record: Record, media, spec: ExampleSpec, tok: MultimodalTokenizer, *, seed: int = 0) -> dict:
+def build_example(record: Record, media, spec: ExampleSpec, tok: Tokenizer, *, seed: int = 0) -> dict:
     """The arrays of one example (keys and shapes of `spec.shapes()`).
 
     `media` is the record's decoded media (`tpo_jax.data.video.Media`: normalised float32 frames (T, H, W, 3)
     with T = 1 for an image, timestamps, duration, fps, indices). `seed` picks the template and the
-    saliency pairs. Raises RecordError when the record cannot become an example of this shape.
+    saliency pairs. `tok`: the model's tokenizer (`tpo_jax.model_tokenizer.model_tokenizer`), which picks the
+    prompt form (`tokenize_dialogue`), the end-of-turn id and the padding id (`tok.pad_id`, attention 0). Raises
+    RecordError when the record cannot become an example of this shape.
     """
     record.validate()
     task = record.task
@@ -279,7 +374,8 @@ def build_example(record: Record, media, spec: ExampleSpec, tok: MultimodalToken
     turns = dialogue(record, seed)
     times = np.asarray(media.timestamps, np.float64).tolist() if is_video else None
     try:
-        pieces = tokenize_dialogue(tok, turns, is_video=is_video, frame_times=times, instruction=record.instruction)
+        pieces = tokenize_dialogue(tok, turns, is_video=is_video, frame_times=times, instruction=record.instruction,
+                                   num_visual_tokens=spec.num_visual_tokens)
     except RecordError:
         raise
     except Exception as e:  # noqa: BLE001  (the tokenizer library's own errors: this record's text)
@@ -288,6 +384,7 @@ def build_example(record: Record, media, spec: ExampleSpec, tok: MultimodalToken
     keep = int(np.sum(lengths <= spec.seq_len))
     if keep == 0:
         _fail(record, f"{int(lengths[0])} tokens (first turn) do not fit seq_len {spec.seq_len}")
+    out["input_ids"][:] = tok.pad_id
     pos, answer_start = 0, 0
     for prompt_ids, visual, answer_ids in pieces[:keep]:
         n, m = len(prompt_ids), len(answer_ids)
@@ -302,7 +399,7 @@ def build_example(record: Record, media, spec: ExampleSpec, tok: MultimodalToken
     ids = out["input_ids"][:pos]
 
     # --- task targets ----------------------------------------------------------------------------------------------
-    n_track = int(np.sum(ids == C.TRACK_BOX_ID))
+    n_track = int(np.sum(ids == spec.track_box_id))
     if n_track > spec.track_slots:
         _fail(record, f"{n_track} <track_box> tokens, the example has {spec.track_slots} track box slot(s)")
     if n_track and task != "mask":
