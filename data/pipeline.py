@@ -32,6 +32,7 @@ from tpo_jax.data.rle import rle_decode
 from tpo_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from tpo_jax.config import ConfigError, TPOConfig
 from tpo_jax.config_fields import check_field
+from tpo_jax.model_tokenizer import model_tokenizer
 from tpo_jax.tokenizer import MultimodalTokenizer
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,10 @@ def example_spec(data_cfg: DataConfig, model_cfg: TPOConfig) -> ExampleSpec:
 
 
 def synthetic_config(data_cfg: DataConfig, model_cfg: TPOConfig) -> SyntheticConfig:
-    """The synthetic config rendered at the model's resolution and frame count."""
-    return dataclasses.replace(data_cfg.synthetic, size=model_cfg.vit.img_size,
-                               num_frames=model_cfg.vit.num_frames).validate()
+    """The synthetic config rendered at the model's resolution and frame count (`TPOConfig.frame_size`,
+    `num_frames`: either architecture)."""
+    return dataclasses.replace(data_cfg.synthetic, size=model_cfg.frame_size,
+                               num_frames=model_cfg.num_frames).validate()
 
 
 def task_sources(data_cfg: DataConfig, model_cfg: TPOConfig, split: str, tasks: Sequence[str]) -> dict[str, Any]:
@@ -157,20 +159,26 @@ class Prepare(grain.transforms.Map):
 
     Every failure of one record (reading the stored record, decoding its media, templating, tokenizing), whatever
     the library underneath raises, becomes a `Bad` naming the record, the exception type and the reason kind;
-    only MemoryError (re-raised naming the record), KeyboardInterrupt and SystemExit end the run."""
+    only MemoryError (re-raised naming the record), KeyboardInterrupt and SystemExit end the run.
 
-    def __init__(self, sources: Mapping[str, Any], spec: ExampleSpec, seed: int, budget: MediaBudget | None = None):
+    The tokenizer is `model_tokenizer(model_cfg)` (either architecture; built lazily in each process), or without
+    `model_cfg` the Mistral one with `spec.num_visual_tokens` placeholders (arch "videochat")."""
+
+    def __init__(self, sources: Mapping[str, Any], spec: ExampleSpec, seed: int, budget: MediaBudget | None = None,
+                 model_cfg: TPOConfig | None = None):
         self.sources, self.spec, self.seed = dict(sources), spec, seed
         self.budget = budget or MediaBudget()
+        self.model_cfg = model_cfg
         self._tok = None
 
     def __getstate__(self):
         return {**self.__dict__, "_tok": None}
 
     @property
-    def tokenizer(self) -> MultimodalTokenizer:
+    def tokenizer(self):
         if self._tok is None:
-            self._tok = MultimodalTokenizer(num_visual_tokens=self.spec.num_visual_tokens)
+            self._tok = (MultimodalTokenizer(num_visual_tokens=self.spec.num_visual_tokens) if self.model_cfg is None
+                         else model_tokenizer(self.model_cfg))
         return self._tok
 
     def example(self, task: str, index: int, position: int, build=build_example):
@@ -328,7 +336,9 @@ def make_dataset(data_cfg: DataConfig, model_cfg: TPOConfig, stage: str, *, spli
         sources = task_sources(data_cfg, model_cfg, split, list(weights))
     ds = index_dataset(data_cfg, {t: len(s) for t, s in sources.items()}, weights,
                        process_index=process_index, process_count=process_count)
-    ds = ds.map(Prepare(sources, example_spec(data_cfg, model_cfg), data_cfg.seed, data_cfg.budget))
+    prep = Prepare(sources, example_spec(data_cfg, model_cfg), data_cfg.seed, data_cfg.budget, model_cfg)
+    prep.tokenizer  # noqa: B018  (a tokenizer that does not fit the model fails here, not as a skip per record)
+    ds = ds.map(prep)
     read = grain.ReadOptions(num_threads=data_cfg.threads, prefetch_buffer_size=data_cfg.prefetch)
     it = ds.to_iter_dataset(read)
     if data_cfg.workers > 0:
@@ -455,7 +465,8 @@ def eval_batches(data_cfg: DataConfig, model_cfg: TPOConfig, split: str = "valid
     n = data_cfg.eval_examples if num_examples is None else num_examples
     if sources is None:
         sources = task_sources(data_cfg, model_cfg, split, sorted({"mc" if t == MC_CLOZE else t for t in tasks}))
-    prep = Prepare(sources, example_spec(data_cfg, model_cfg), data_cfg.seed, data_cfg.budget)
+    prep = Prepare(sources, example_spec(data_cfg, model_cfg), data_cfg.seed, data_cfg.budget, model_cfg)
+    prep.tokenizer  # noqa: B018  (a tokenizer that does not fit the model fails here)
     bs = data_cfg.batch_size
     out = {}
     for task in tasks:
