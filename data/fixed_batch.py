@@ -1,7 +1,10 @@
 """A fixed, hand-made batch for unit tests, benchmarks and the forward demo: clips of one coloured
 square on a grey background, one task per example (re-exported by `tpo_jax.data.synthetic`).
 
-Every example is the demo prompt (MODEL-SPEC §4.3) followed by a supervised answer and `</s>`:
+Every example is the model's one-turn prompt followed by a supervised answer and the end of turn
+(`tpo_jax.data.conversation.tokenize_dialogue`): arch "videochat", the demo prompt (MODEL-SPEC §4.3) and `</s>`;
+arch "llava_ov", LLaVA-OV's ChatML prompt (default system message, one `<video>` block) and `<|im_end|>`, padded with
+`<|endoftext|>`:
 
 | task         | question                                   | answer                      | head target                        |
 |--------------|--------------------------------------------|-----------------------------|------------------------------------|
@@ -19,8 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from tpo_jax.config import TPOConfig
-from tpo_jax.data.conversation import SALIENCY_MAX
-from tpo_jax.data.prompts import encode_demo_prompt
+from tpo_jax.data.conversation import SALIENCY_MAX, tokenize_dialogue
 from tpo_jax.tokenizer import MultimodalTokenizer
 from tpo_jax.vit import IMAGENET_MEAN, IMAGENET_STD
 
@@ -60,18 +62,37 @@ def synthetic_clip(rng: np.random.Generator, num_frames: int, size: int, always_
     return frames.astype(np.float32), boxes, visible, colour
 
 
-def synthetic_batch(cfg: TPOConfig, batch_size: int, *, seq_len: int = 64, seed: int = 0,
-                    tasks: tuple[str, ...] = TASKS, tokenizer: MultimodalTokenizer | None = None) -> dict:
-    """One batch of `batch_size` examples cycling through `tasks`, as the dict the train step takes."""
-    tok = tokenizer or MultimodalTokenizer(num_visual_tokens=cfg.num_visual_tokens)
+#: `synthetic_batch`'s default sequence length: 64 (arch "videochat"), or the visual rows + this many (arch
+#: "llava_ov": the ChatML template and the tiny Qwen2 tokenizer's short pieces need more text tokens).
+LLAVA_OV_TEXT_TOKENS = 96
+
+
+def synthetic_batch(cfg: TPOConfig, batch_size: int, *, seq_len: int | None = None, seed: int = 0,
+                    tasks: tuple[str, ...] = TASKS, tokenizer=None) -> dict:
+    """One batch of `batch_size` examples cycling through `tasks`, as the dict the train step takes.
+
+    Either architecture: frames at `cfg.frame_size` × `cfg.num_frames`, the prompt form and tokenizer of the model
+    (`tokenizer`, default: `MultimodalTokenizer` for arch "videochat", `model_tokenizer(cfg)` for "llava_ov").
+    `seq_len` None: 64 (videochat) or `cfg.num_visual_tokens + LLAVA_OV_TEXT_TOKENS` (llava_ov); ValueError if an
+    example does not fit."""
+    if tokenizer is not None:
+        tok = tokenizer
+    elif cfg.arch == "llava_ov":
+        from tpo_jax.model_tokenizer import model_tokenizer  # noqa: PLC0415  (loads transformers)
+
+        tok = model_tokenizer(cfg)
+    else:
+        tok = MultimodalTokenizer(num_visual_tokens=cfg.num_visual_tokens)
+    if seq_len is None:
+        seq_len = 64 if cfg.arch == "videochat" else cfg.num_visual_tokens + LLAVA_OV_TEXT_TOKENS
     rng = np.random.default_rng(seed)
-    t_frames, size = cfg.vit.num_frames, cfg.vit.img_size
-    lv = t_frames // cfg.vit.tubelet_size
+    t_frames, size = cfg.num_frames, cfg.frame_size
+    lv = cfg.num_clips
     tmp = cfg.heads.temporal
     lq, ns, kr = tmp.max_text_len, tmp.max_spans, cfg.heads.region.max_slots
     b = batch_size
     out = {
-        "input_ids": np.zeros((b, seq_len), np.int32), "attention_mask": np.zeros((b, seq_len), np.int32),
+        "input_ids": np.full((b, seq_len), tok.pad_id, np.int32), "attention_mask": np.zeros((b, seq_len), np.int32),
         "labels": np.full((b, seq_len), -100, np.int32), "visual_mask": np.zeros((b, seq_len), bool),
         "frames": np.zeros((b, t_frames, size, size, 3), np.float32),
         "region_boxes": np.zeros((b, kr, 4), np.float32), "region_valid": np.zeros((b, kr), bool),
@@ -87,16 +108,17 @@ def synthetic_batch(cfg: TPOConfig, batch_size: int, *, seq_len: int = 64, seed:
         frames, boxes, visible, colour = synthetic_clip(rng, t_frames, size, always_visible=task != "temporal")
         question = QUESTIONS[task]
         answer = ANSWERS.get(task, colour)
-        prompt = encode_demo_prompt(tok, question)
-        answer_ids = tok.encode(answer, add_bos=False) + [tok.eos_id]
-        ids = np.concatenate([prompt.input_ids, answer_ids])
+        ((prompt_ids, visual, answer_ids),) = tokenize_dialogue(tok, [(question, answer)], is_video=True,
+                                                                 frame_times=None,
+                                                                 num_visual_tokens=cfg.num_visual_tokens)
+        ids = np.concatenate([prompt_ids, answer_ids])
         if len(ids) > seq_len:
             raise ValueError(f"synthetic example of {len(ids)} tokens does not fit seq_len {seq_len}")
         n = len(ids)
         out["input_ids"][i, :n] = ids
         out["attention_mask"][i, :n] = 1
-        out["labels"][i, len(prompt.input_ids):n] = answer_ids
-        out["visual_mask"][i, :len(prompt.input_ids)] = prompt.visual_index
+        out["labels"][i, len(prompt_ids):n] = answer_ids
+        out["visual_mask"][i, :len(prompt_ids)] = visual
         out["frames"][i] = frames
         if task == "region":
             out["region_boxes"][i, 0] = boxes[0]
