@@ -194,11 +194,11 @@ class RunConfig:
         check_field(self.micro_batches == 1 or micro % group == 0, "model.heads.temporal.criterion_group",
                     f"{group} must divide the micro-batch size {micro} (data.batch_size / micro_batches), or the temporal "
                     f"criterion's row groups straddle micro-batches and gradient accumulation is not exact")
-        least = shortest_example(self.model.num_visual_tokens)
+        least = shortest_example(self.model)
         check_field(self.data.seq_len > least, "data.seq_len",
                     f"{self.data.seq_len} is too short: the prompt alone ({self.model.num_visual_tokens} visual tokens "
-                    f"and the template, an empty question and answer) takes {least} tokens; each example must fit "
-                    f"(the tiny run uses 128)")
+                    f"and the {self.model.arch} template, an empty question and answer) takes {least} tokens; each "
+                    f"example must fit (the tiny run uses 128, llava_ov_tpo_tiny 256)")
         return self
 
     def to_dict(self) -> dict:
@@ -207,12 +207,29 @@ class RunConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def shortest_example(num_visual_tokens: int) -> int:
-    """Tokens of the shortest possible example: the video prompt with an empty question and answer."""
-    from tpo_jax.data.conversation import tokenize_dialogue  # noqa: PLC0415
-    from tpo_jax.tokenizer import MultimodalTokenizer  # noqa: PLC0415
-    tok = MultimodalTokenizer(num_visual_tokens=num_visual_tokens)
-    ((prompt, _, answer),) = tokenize_dialogue(tok, [("", "")], is_video=True, frame_times=None)
+def shortest_example(model: C.TPOConfig) -> int:
+    """Tokens of the shortest possible example of `model` (either architecture): the video prompt with an empty
+    question and answer (`tpo_jax.data.conversation.tokenize_dialogue`; arch "llava_ov": the ChatML prompt with the
+    default system message, through `model_tokenizer(model)`). Where that tokenizer cannot be loaded here (e.g. the
+    7B preset before `model.llava_ov.tokenizer` is set), a lower bound: the visual rows, the chat tokens, and one
+    token for each text piece between them."""
+    from tpo_jax.data.conversation import chatml_prompt_texts, tokenize_dialogue  # noqa: PLC0415
+    from tpo_jax.tokenizer import MultimodalTokenizer, TokenizerError  # noqa: PLC0415
+    if model.arch == "videochat":
+        tok = MultimodalTokenizer(num_visual_tokens=model.num_visual_tokens)
+    else:
+        from tpo_jax.model_tokenizer import model_tokenizer  # noqa: PLC0415
+        try:
+            tok = model_tokenizer(model)
+        except TokenizerError:
+            import re  # noqa: PLC0415
+            from tpo_jax.llava_ov.tokenizer import IM_END, IM_START, VIDEO_TOKEN  # noqa: PLC0415
+            (text,) = chatml_prompt_texts([""])
+            pieces = [p for p in re.split("(" + "|".join(map(re.escape, (IM_START, IM_END, VIDEO_TOKEN))) + ")", text)
+                      if p]
+            return len(pieces) - 1 + model.num_visual_tokens + 1  # <video> → its rows; the answer's <|im_end|>
+    ((prompt, _, answer),) = tokenize_dialogue(tok, [("", "")], is_video=True, frame_times=None,
+                                               num_visual_tokens=model.num_visual_tokens)
     return len(prompt) + len(answer)
 
 
