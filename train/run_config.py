@@ -407,14 +407,14 @@ def videochat_tpo_7b_run() -> RunConfig:
 def llava_ov_tpo_tiny_run() -> RunConfig:
     """`tiny_run` on the LLaVA-OV architecture: the `llava_ov_tpo_tiny` model with 4 px SigLIP patches (an 8 × 8
     grid pooled to 4 × 4: 4 frames × 16 + 1 = 65 video rows, about the 32 visual tokens `tiny_run` found the region
-    box needs, docs/training.md) and dropout off, the same stages, data mixtures and learning rates, and 256-token
+    box needs, docs/training.md) and dropout off, the same stages, data mixtures and learning rates, and 288-token
     examples (the ChatML prompt with the system message and the tiny Qwen2 tokenizer's shorter pieces is longer
-    than the Mistral one)."""
+    than the Mistral one: the longest synthetic temporal example has 263 tokens)."""
     base = tiny_run()
     model = C.replace(C.llava_ov_tpo_tiny(), **{
         "llava_ov.siglip.patch_size": 4, "llava_ov.anyres.patch_size": 4, "lora.dropout": 0.0,
         "heads.temporal.dropout": 0.0, "heads.temporal.input_dropout": 0.0}).validate()
-    return dataclasses.replace(base, model=model, data=dataclasses.replace(base.data, seq_len=256))
+    return dataclasses.replace(base, model=model, data=dataclasses.replace(base.data, seq_len=288))
 
 
 def llava_ov_tpo_7b_run() -> RunConfig:
