@@ -168,12 +168,24 @@ class Generator:
         for i in range(len(requests)):
             n = int(lengths[i]) - int(stopped[i])
             ids = tokens[i, :n].tolist()
-            text = None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = self._text(ids, notes[i])
             raw = {"task_hidden": hidden[i], "task_slots": slot_on[i],
                    **{name: np.asarray(v[i]) for name, v in arrays.items()}, **tracks.get(i, {})}
             results.append(GenerationResult(token_ids=ids, text=text, finish_reason="stop" if stopped[i] else "length",
                                             notes=notes[i], raw=raw, **per[i]))
         return results
+
+    def _text(self, ids: list[int], notes: list[str]) -> str | None:
+        """The answer's text (task tokens kept); ids past the tokenizer's vocabulary (the embedding's padding
+        rows, e.g. Qwen2-7B's 152128 rows over its tokenizer's ids) have no text and are left out, with a note."""
+        if self.tokenizer is None:
+            return None
+        n = len(self.tokenizer)
+        outside = [t for t in ids if not 0 <= t < n]
+        if outside:
+            notes.append(f"{len(outside)} generated id(s) outside the tokenizer's {n} ids (embedding padding rows) "
+                         f"are not in the text: {sorted(set(outside))[:8]}")
+        return self.tokenizer.decode([t for t in ids if 0 <= t < n], skip_special_tokens=True)
 
     def _tracks(self, requests, wants, arrays, per, notes) -> dict[int, dict]:
         """SAM2 masks for the rows that emitted `<track_begin>` and supplied `track_frames`: fills `per[i]["track"]`
