@@ -40,11 +40,11 @@ from tpo_jax.data.records import TASKS
 from tpo_jax.data.templates import OPTION_LETTERS
 from tpo_jax.generate import GenerationConfig, GenerationRequest, GenerationResult, Generator
 from tpo_jax.heads.box_ops import span_cw_to_xx
-from tpo_jax.tokenizer import MultimodalTokenizer
+from tpo_jax.model_tokenizer import model_tokenizer
 from tpo_jax.train.metric_accumulator import MetricAccumulator
 
 PREFIX = "gen/"
-#: the synthetic answers are at most 8 tokens with `</s>` ("(B) A square." and the task-token pairs)
+#: the synthetic answers are at most 8 tokens with the end token ("(B) A square." and the task-token pairs)
 MAX_NEW_TOKENS = 12
 BATCH_SIZE = 64
 MISS_BOX = (1.0, 1.0, 0.0, 0.0)  # an inverted box: IoU 0 with any box (`box_iou`)
@@ -175,9 +175,10 @@ def _rows(batches: Iterable[Mapping[str, Any]], size: int) -> Iterator[dict[str,
 def evaluate_generate(graphdef, state, batches: Iterable[Mapping[str, Any]], *,
                       config: GenerationConfig | None = None, batch_size: int = BATCH_SIZE,
                       accumulator: GenerationAccumulator | None = None,
-                      tokenizer: MultimodalTokenizer | None = None) -> dict[str, float]:
+                      tokenizer=None) -> dict[str, float]:
     """The `gen/...` metrics of the model `nnx.merge(graphdef, state)` over `batches` (numpy dicts of
-    `eval_batches`). `config`: default `generation_config` of the batches' sequence length."""
+    `eval_batches`). `config`: default `generation_config` of the batches' sequence length. `tokenizer`: default
+    the model's (`model_tokenizer(model.cfg)`), which also gives the stop / pad ids."""
     batches = [b for b in batches if "cloze_question" not in b]
     acc = GenerationAccumulator() if accumulator is None else accumulator
     if not batches:
@@ -185,7 +186,7 @@ def evaluate_generate(graphdef, state, batches: Iterable[Mapping[str, Any]], *,
     model = nnx.merge(graphdef, state)
     if config is None:
         config = generation_config(max(np.shape(b["input_ids"])[1] for b in batches))
-    tok = tokenizer or MultimodalTokenizer(num_visual_tokens=model.cfg.num_visual_tokens)
+    tok = tokenizer if tokenizer is not None else model_tokenizer(model.cfg)
     generator = Generator(model, config, tok)
     for rows in _rows(batches, batch_size):
         n = len(rows["labels"])

@@ -2,8 +2,10 @@
 
     tpo-forward                       # tiny preset, random weights, a synthetic moving-square clip
     tpo-forward --question "Where is the square?" --new-tokens 8
+    tpo-forward --preset llava_ov_tpo_tiny  # the LLaVA-OV architecture (ChatML prompt, Qwen2 tokenizer)
 
-It builds the demo prompt (MODEL-SPEC §4.3) with the shipped tokenizer, appends a planted
+It builds the model's prompt with its tokenizer (`model_tokenizer`; VideoChat: the demo prompt of MODEL-SPEC §4.3,
+LLaVA-OV: ChatML with the video's rows), appends a planted
 `<box_begin><boxes>` so a task-token hidden state exists, runs one jitted forward pass (with the region
 head's box at that token), then greedy-
 decodes a few tokens with the KV cache. The clip is `tpo_jax.data.synthetic.synthetic_clip`: a coloured square
@@ -24,11 +26,11 @@ from flax import nnx
 
 from tpo_jax import config as C
 from tpo_jax.cli.common import add_debug_flag, guarded
+from tpo_jax.data.synthetic import synthetic_clip
+from tpo_jax.generate.prompt import encode_question
 from tpo_jax.llm import KVCache
 from tpo_jax.model import TPOModel
-from tpo_jax.tokenizer import MultimodalTokenizer
-from tpo_jax.data.prompts import encode_demo_prompt
-from tpo_jax.data.synthetic import synthetic_clip
+from tpo_jax.model_tokenizer import model_tokenizer
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tpo-forward", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,12 +47,12 @@ def _run(args) -> int:
     cfg = C.get_config(args.preset)
     t0 = time.perf_counter()
     model = TPOModel(cfg, rngs=nnx.Rngs(args.seed))
-    tok = MultimodalTokenizer(num_visual_tokens=cfg.num_visual_tokens)
-    prompt = encode_demo_prompt(tok, args.question)
+    tok = model_tokenizer(cfg)
+    prompt = encode_question(cfg, tok, args.question)
     planted = tok.encode("<box_begin><boxes>", add_bos=False)
     ids = np.concatenate([prompt.input_ids, planted])[None]
-    visual_mask = np.concatenate([prompt.visual_index, np.zeros(len(planted), bool)])[None]
-    frames = synthetic_clip(np.random.default_rng(args.seed), cfg.vit.num_frames, cfg.vit.img_size)[0][None]
+    visual_mask = np.concatenate([prompt.visual_mask, np.zeros(len(planted), bool)])[None]
+    frames = synthetic_clip(np.random.default_rng(args.seed), cfg.num_frames, cfg.frame_size)[0][None]
 
     graphdef, state = nnx.split(model)
     max_len = ids.shape[1] + args.new_tokens
@@ -76,7 +78,7 @@ def _run(args) -> int:
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(json.dumps({
-        "preset": args.preset, "parameters": n_params, "frames": list(frames.shape),
+        "preset": args.preset, "arch": cfg.arch, "parameters": n_params, "frames": list(frames.shape),
         "prompt_tokens": int(ids.shape[1]), "visual_tokens": int(visual_mask.sum()),
         "logits": list(out.logits.shape), "hidden": list(out.hidden.shape),
         "boxes_token_position": int(region.positions[0, 0]), "boxes_slot_present": bool(region.present[0, 0]),

@@ -9,9 +9,11 @@
 
 --checkpoint: a `tpo-train` work directory (config.json + <stage>/checkpoints; the latest checkpoint of the
 last stage, or --stage / --step) or a `tpo-convert videochat` output (conversion.json + params/), loaded by
-`tpo_jax.train.load`. The prompt is
-the released demo's (MODEL-SPEC §4.3, three BOS; `--template library` for the `generate_answer` form; chat
-turns use the library form, the only one with history). --batch: one JSON object per line, {"prompt": ...,
+`tpo_jax.train.load`; both architectures (VideoChat-TPO, LLaVA-OV-TPO: `model.llava_ov` set). Media are decoded at
+the model's frames and frame size (`cfg.num_frames`, `cfg.frame_size`), the prompt built with its tokenizer
+(`model_tokenizer`). VideoChat: the released demo's prompt (MODEL-SPEC §4.3, three BOS; `--template library` for
+the `generate_answer` form; chat turns use the library form, the only one with history). LLaVA-OV: ChatML with the
+default system message (`--template` does not apply), an image as its frame repeated. --batch: one JSON object per line, {"prompt": ...,
 "video" | "image": path, "temporal_features": path, "id": ...}, paths relative to the file; missing media
 default to --video / --image. The JSON (--output, default tpo-infer.json; "-" prints it instead of the text)
 holds per prompt the answer, token ids, the region boxes in pixels, the temporal spans in seconds with scores
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override (model.dtype=bfloat16); a change of parameter shapes is an error")
     media = p.add_mutually_exclusive_group()
-    media.add_argument("--video", help="video file (16 frames sampled as the demo, MODEL-SPEC §8.2)")
+    media.add_argument("--video", help="video file (the model's frames, sampled as the demo, MODEL-SPEC §8.2)")
     media.add_argument("--image", help="image file")
     ask = p.add_mutually_exclusive_group(required=True)
     ask.add_argument("--prompt", help="the question")
@@ -92,10 +94,10 @@ def load_media(cfg, item: Item):
     if item.is_video and item.media.lower().endswith(IMAGE_EXTENSIONS):
         raise InferError(f"{item.media}: an image where a video is needed; pass it with --image")
     if item.is_video:
-        media = decode_video(item.media, cfg.vit.num_frames, cfg.vit.img_size)
+        media = decode_video(item.media, cfg.num_frames, cfg.frame_size)
     else:
-        media = decode_image(item.media, cfg.vit.img_size)
-    if item.is_video and cfg.vit.num_frames > 1 and len(set(media.indices.tolist())) == 1:
+        media = decode_image(item.media, cfg.frame_size)
+    if item.is_video and cfg.num_frames > 1 and len(set(media.indices.tolist())) == 1:
         raise InferError(f"{item.media}: holds a single frame, an image where a video is needed; pass it with "
                          f"--image")
     if item.features and not item.is_video:
@@ -104,17 +106,14 @@ def load_media(cfg, item: Item):
 
 
 def make_request(cfg, tok, item: Item, media, template: str, history=()):
-    from tpo_jax.data.prompts import encode_answer_prompt, encode_demo_prompt, timestamp_message  # noqa: PLC0415
-    from tpo_jax.generate import GenerationRequest, load_temporal_features  # noqa: PLC0415
+    """The request of one question in the model's prompt form (`tpo_jax.generate.prompt.encode_question`)."""
+    from tpo_jax.generate import GenerationRequest, encode_question, load_temporal_features, query_ids  # noqa: PLC0415
     times = media.timestamps if item.is_video else None
-    if template == "demo" and not history:
-        ids = encode_demo_prompt(tok, item.prompt, is_video=item.is_video, frame_times=times, max_length=None)
-    else:
-        msg = timestamp_message(times) if times is not None and "timestamp" in item.prompt else ""
-        ids = encode_answer_prompt(tok, item.prompt, is_video=item.is_video, msg=msg, history=list(history))
+    ids = encode_question(cfg, tok, item.prompt, is_video=item.is_video, frame_times=times, history=history,
+                          template=template)
     feats = load_temporal_features(item.features, cfg) if item.features else None
-    return GenerationRequest(ids.input_ids, ids.visual_index, media.frames, frame_size=media.source_size,
-                             duration=media.duration, query_ids=tok.encode(item.prompt, add_bos=False),
+    return GenerationRequest(ids.input_ids, ids.visual_mask, media.frames, frame_size=media.source_size,
+                             duration=media.duration, query_ids=query_ids(tok, item.prompt),
                              temporal_features=feats, track_frames=lambda: track_frames(cfg, item, media))
 
 
@@ -292,11 +291,11 @@ def run(args, out=None) -> int:
     import jax  # noqa: PLC0415
     from tpo_jax.generate import GenerationConfig, Generator  # noqa: PLC0415
     from tpo_jax.generate.settings import check_context  # noqa: PLC0415
-    from tpo_jax.tokenizer import MultimodalTokenizer  # noqa: PLC0415
+    from tpo_jax.model_tokenizer import model_tokenizer  # noqa: PLC0415
+    tok = model_tokenizer(cfg)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, strategy=args.strategy, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
-                           side_step=args.side_step).validate()
-    tok = MultimodalTokenizer(num_visual_tokens=cfg.num_visual_tokens)
+                           side_step=args.side_step).for_tokenizer(tok).validate()
     rng = jax.random.key(args.seed) if args.strategy == "sample" else None
     if args.example:
         return run_example(args, source, gen, tok, out)
