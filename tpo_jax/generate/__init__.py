@@ -15,8 +15,9 @@
   per prompt length inside a bucket.
 * Strategies: greedy, sampling (temperature / top-k / top-p with an explicit `rng`), beam search; stop ids
   (default: the tokenizer's, `GenerationConfig.for_tokenizer`) and `max_new_tokens`.
-* Task tokens (the model's ids, `cfg.task_tokens`): when a row emits `<box_begin>` / `<time_begin>` / `<track_begin>`, the released side step runs
-  (task-token vector at the begin token's position, its cache discarded), or, with
+* Task tokens (the model's ids, `cfg.task_tokens`): when a row emits `<box_begin>` / `<time_begin>` /
+  `<track_begin>`, the released side step runs (task-token vector at the begin token's position, its cache
+  discarded), or, with
   `side_step="training"`, the paired placeholder is forced next (`<box_begin><boxes>`). Each hidden state
   goes to its head (region box in pixels, temporal spans in seconds with scores and per-clip saliency,
   the mask head's SAM2 prompt and box); see `settings.GenerationConfig`.

@@ -28,7 +28,7 @@ class DecodeOutput:
     scores: jax.Array  # (B,) cumulative log-probability of the emitted tokens
     slot_hidden: jax.Array  # (B, K + 2, D) final-norm hidden state of each task-token slot
     slot_on: jax.Array  # (B, K + 2) bool
-    vision_features: jax.Array | None  # (B, T·N, width) ViT features of the prompt's frames, when asked for
+    vision_features: jax.Array | None  # (B, T·N, width) vision-encoder features of the prompt's frames, when asked
 
 
 def _kind(tok: jax.Array, ids) -> jax.Array:

@@ -5,8 +5,9 @@ The heads run through `TPOModel.run_heads` (the one place heads are dispatched):
 (`<boxes>` × K, `<temp>`, `<tracking>`).
 
 Temporal-head features (MODEL-SPEC §6.2, §8.4) come either from the model (feature_source "model": per-clip
-means of the prompt frames' ViT features + TEF, and the LLM input embeddings of the question's tokens, as in
-training) or from a file of precomputed features (`load_temporal_features`, the demo's InternVideo2-CLIP path):
+means of the prompt frames' vision-encoder features (UMT ViT, or SigLIP per frame) + TEF, and the LLM input
+embeddings of the question's tokens, as in training) or from a file of precomputed features
+(`load_temporal_features`, the demo's InternVideo2-CLIP path):
 
     .npz or .safetensors with
       video_feats  (Lv, vid_dim) or (Lv, vid_dim - 2)  per-clip features (§8.4: 1-s clips of 8 frames at 8 fps);
