@@ -15,8 +15,8 @@ at the model's frames and frame size (`cfg.num_frames`, `cfg.frame_size`), the p
 the `generate_answer` form; chat turns use the library form, the only one with history). LLaVA-OV: ChatML with
 the default system message (`--template` does not apply), an image as its frame repeated.
 --batch: one JSON object per line, {"prompt": ..., "video" | "image": path, "temporal_features": path,
-"id": ...}, paths relative to the file; missing media default to --video / --image. The JSON (--output, default tpo-infer.json; "-" prints it instead of the text)
-holds per prompt the answer, token ids, the region boxes in pixels, the temporal spans in seconds with scores
+"id": ...}, paths relative to the file; missing media default to --video / --image. The JSON (--output, default
+tpo-infer.json; "-" prints it instead of the text) holds per prompt the answer, token ids, the region boxes in pixels, the temporal spans in seconds with scores
 and the per-clip saliency, the mask head's SAM2 prompt and box. Exit status: 0 done, 2 bad input (one line;
 --debug shows the traceback), 130 interrupted.
 """
