@@ -14,11 +14,11 @@ at the model's frames and frame size (`cfg.num_frames`, `cfg.frame_size`), the p
 (`model_tokenizer`). VideoChat: the released demo's prompt (MODEL-SPEC §4.3, three BOS; `--template library` for
 the `generate_answer` form; chat turns use the library form, the only one with history). LLaVA-OV: ChatML with
 the default system message (`--template` does not apply), an image as its frame repeated.
---batch: one JSON object per line, {"prompt": ..., "video" | "image": path, "temporal_features": path,
-"id": ...}, paths relative to the file; missing media default to --video / --image. The JSON (--output, default
-tpo-infer.json; "-" prints it instead of the text) holds per prompt the answer, token ids, the region boxes in pixels, the temporal spans in seconds with scores
-and the per-clip saliency, the mask head's SAM2 prompt and box. Exit status: 0 done, 2 bad input (one line;
---debug shows the traceback), 130 interrupted.
+--batch: one JSON object per line, {"prompt": ..., "video" | "image": path, "temporal_features": path, "id": ...},
+paths relative to the file; missing media default to --video / --image. The JSON (--output, default tpo-infer.json;
+"-" prints it instead of the text) holds per prompt the answer, token ids, the region boxes in pixels, the temporal
+spans in seconds with scores and the per-clip saliency, the mask head's SAM2 prompt and box. Exit status: 0 done, 2
+bad input (one line; --debug shows the traceback), 130 interrupted.
 """
 
 from __future__ import annotations
