@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ def from_dict(cls, data: dict, *, file: str = "config", prefix: str = ""):
     """Rebuild a (nested, frozen) config dataclass from `to_dict` output."""
     default = cls()
     names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that does not resolve: only non-optional sections then
+        hints = {}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConversionError(f"unknown config field(s) {[prefix + u for u in unknown]} for {cls.__name__}", file=file)
@@ -37,10 +42,25 @@ def from_dict(cls, data: dict, *, file: str = "config", prefix: str = ""):
         current = getattr(default, name)
         if dataclasses.is_dataclass(current):
             value = from_dict(type(current), value, file=file, prefix=f"{prefix}{name}.")
+        elif current is None and isinstance(value, dict) and _optional_section(hints.get(name)) is not None:
+            value = from_dict(_optional_section(hints[name]), value, file=file, prefix=f"{prefix}{name}.")
         elif isinstance(current, tuple):
-            value = tuple(value)
+            value = _tuples(value)
         kw[name] = value
     return cls(**kw)
+
+
+def _optional_section(hint):
+    """The dataclass of an optional section's annotation (`LlavaOVVisualConfig | None`), else None."""
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _tuples(value):
+    """JSON lists back to the (nested) tuples of a config field, e.g. anyres pinpoints ((w, h), ...)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def read_json(path: str | Path) -> dict:
@@ -137,6 +157,29 @@ def llava_ov_config_from_hf(hf: dict[str, Any], *, file: str = "config.json", **
         raise ConversionError(str(e), file=file) from None
 
 
+def hf_config_from_llava_ov(cfg: TPOConfig, dtype: str = "float32") -> dict[str, Any]:
+    """config.json of a Hugging Face LlavaOnevisionForConditionalGeneration with the base-model shapes of a TPO
+    config of arch "llava_ov" (what `llava_ov_config_from_hf` reads back to the same tower, LLM and ids)."""
+    v, q = cfg.llava_ov, cfg.llm
+    s, a = v.siglip, v.anyres
+    text = {"model_type": "qwen2", "hidden_act": "silu", "vocab_size": q.vocab_size, "hidden_size": q.hidden_size,
+            "num_hidden_layers": q.num_layers, "num_attention_heads": q.num_heads,
+            "num_key_value_heads": q.num_kv_heads, "head_dim": q.resolved_head_dim,
+            "intermediate_size": q.intermediate_size, "rms_norm_eps": q.rms_norm_eps, "rope_theta": q.rope_theta,
+            "max_position_embeddings": q.max_position, "use_sliding_window": False,
+            "tie_word_embeddings": q.tie_embeddings, "attention_dropout": 0.0, "torch_dtype": dtype}
+    vision = {"model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh", "vision_use_head": False,
+              "hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size,
+              "num_hidden_layers": s.num_layers, "num_attention_heads": s.num_heads, "patch_size": s.patch_size,
+              "image_size": s.image_size, "num_channels": s.in_chans, "layer_norm_eps": s.norm_eps}
+    return {"architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision",
+            "vision_config": vision, "text_config": text, "image_token_index": v.image_token_id,
+            "video_token_index": v.video_token_id, "image_grid_pinpoints": [list(p) for p in a.pinpoints],
+            "vision_aspect_ratio": f"anyres_max_{a.max_num_patches}", "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "full", "projector_hidden_act": "gelu",
+            "multimodal_projector_bias": True, "tie_word_embeddings": q.tie_embeddings, "torch_dtype": dtype}
+
+
 def hf_config_from_llm(cfg: LLMConfig, dtype: str) -> dict[str, Any]:
     """config.json of a Hugging Face MistralForCausalLM with the shapes of `cfg`."""
     return {
@@ -209,8 +252,8 @@ def read_report(path) -> dict:
 
 
 def model_config(report: dict) -> TPOConfig | tuple[LLMConfig, Any]:
-    """The config recorded at conversion: TPOConfig (videochat) or (LLMConfig, LoRAConfig | None) (hf)."""
-    if report["format"] == "videochat":
+    """The config recorded at conversion: TPOConfig (videochat, llava_ov) or (LLMConfig, LoRAConfig | None) (hf)."""
+    if report["format"] in ("videochat", "llava_ov"):
         return from_dict(TPOConfig, report["config"], file=REPORT_FILE)
     lo = report["config"]["lora"]
     return (from_dict(LLMConfig, report["config"]["llm"], file=REPORT_FILE),

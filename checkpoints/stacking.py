@@ -77,7 +77,8 @@ def _scanned(stack_cfg) -> Any:
 
 
 def possible_layouts(config) -> list[StackLayout]:
-    """The stack layouts of `config` with every stack scanned: a TPOConfig (paths `llm.`, `vision.`, `qformer.`),
+    """The stack layouts of `config` with every stack scanned: a TPOConfig (paths `llm.`, `vision.`, `qformer.`;
+    arch llava_ov: `llm.`, `vision.vision_tower.`),
     an LLMConfig or (LLMConfig, LoRAConfig | None) (an LLM under `llm.`, as `convert_hf` writes it), or None."""
     from tpo_jax.llm import llm_stack_layouts  # the model modules import slowly; only when needed
 
@@ -89,6 +90,8 @@ def possible_layouts(config) -> list[StackLayout]:
         from tpo_jax.model import stack_layouts
 
         changes = {"llm.stack": _scanned(config.llm.stack), "vit.stack": _scanned(config.vit.stack)}
+        if config.llava_ov is not None:  # LLaVA-OV: the SigLIP tower under vision.vision_tower
+            changes["llava_ov.siglip.stack"] = _scanned(config.llava_ov.siglip.stack)
         if config.qformer.num_layers % config.qformer.cross_attention_freq == 0:  # else it cannot be scanned
             changes["qformer.stack"] = _scanned(config.qformer.stack)
         return stack_layouts(replace(config, **changes))

@@ -11,6 +11,9 @@ A source is one of
 * a converted Hugging Face LLM (`tpo-convert hf`, optionally with its PEFT adapter kept or merged): the `llm.`
   parameters. A vocabulary short by exactly the 7 TPO task tokens (a plain Mistral / Llama) is extended: the
   new rows of the input embedding and of the lm_head are the mean of the old rows (MODEL-SPEC §3.3);
+* a converted Hugging Face LLaVA-OneVision checkpoint (`tpo-convert llava_ov`): the base weights `vision.*`
+  (SigLIP tower, projector, image_newline) and `llm.*` of a model of arch "llava_ov"; LoRA, task tokens, heads
+  and SAM2 keep their initialisation;
 * a `tpo-train` work directory (`config.json` + `<stage>/checkpoints/`): its own `init_from` sources, then the
   parameters its last stage checkpoint holds (every group trained so far), i.e. the whole model that run had.
 
@@ -115,8 +118,8 @@ def _converted(path: str, root: Path) -> Source:
     except (ConversionError, KeyError, TypeError) as e:
         raise _fail(path, f"unreadable {REPORT_FILE}: {e}") from None
     kind = report.get("format")
-    if kind not in ("videochat", "hf"):
-        raise _fail(path, f"{REPORT_FILE} names format {kind!r}; expected 'videochat' or 'hf'")
+    if kind not in ("videochat", "hf", "llava_ov"):
+        raise _fail(path, f"{REPORT_FILE} names format {kind!r}; expected 'videochat', 'hf' or 'llava_ov'")
     if not (root / "params").is_dir():
         raise _fail(path, "has no params/ directory (an incomplete tpo-convert output?)")
     return Source(path, kind, root / "params", None)

@@ -29,6 +29,7 @@ from tpo_jax.checkpoints.errors import ConversionError
 from tpo_jax.checkpoints.mapping import Meta, Rule, build_export_plan, build_plan
 from tpo_jax.checkpoints.sources import TensorSource, open_source
 from tpo_jax.checkpoints.tables import llava_ov_vision, llm
+from tpo_jax.config import LLMConfig, SiglipConfig
 from tpo_jax.llava_ov.model import LlavaOV, LlavaOVConfig, stack_layouts
 from tpo_jax.stack import stack_params, unstack_params, unstack_shapes
 
@@ -47,18 +48,32 @@ def _layouts(layout: str) -> tuple[str, str]:
     return LAYOUTS[layout]
 
 
+def base_rules(siglip: SiglipConfig, llm_cfg: LLMConfig, layout: str = "transformers5") -> list[Rule]:
+    """Every key of a LLaVA-OV checkpoint in `layout` -> `vision.*` (tower, projector, image_newline) and `llm.*`:
+    the paths of `LlavaOV` and of a `TPOModel` of arch "llava_ov" alike (import direction)."""
+    v, d = _layouts(layout)
+    return (llava_ov_vision.vision(v, dst="vision.", post_layernorm=siglip.post_layernorm)
+            + llm.hf_llm(tie=llm_cfg.tie_embeddings, attention_bias=llm_cfg.attention_bias, layout=d))
+
+
+def base_export_rules(siglip: SiglipConfig, llm_cfg: LLMConfig, layout: str = "transformers5", *,
+                      lora_modules=(), scaling: float = 1.0) -> list[Rule]:
+    """`vision.*` and `llm.*` -> the keys of `layout`; adapters of `lora_modules` (kept LoRA of a trained model)
+    are merged into their weights (W + scaling·B·A)."""
+    v, d = _layouts(layout)
+    return (llava_ov_vision.vision(v, dst="vision.", post_layernorm=siglip.post_layernorm)
+            + llm.hf_llm_export(tie=llm_cfg.tie_embeddings, lora_modules=tuple(lora_modules), merged=True,
+                                scaling=scaling, layout=d))
+
+
 def rules(cfg: LlavaOVConfig, layout: str = "transformers5") -> list[Rule]:
     """Every key of a LLaVA-OV checkpoint in `layout` -> `LlavaOV(cfg)` parameters (import direction)."""
-    v, d = _layouts(layout)
-    return (llava_ov_vision.vision(v, dst="vision.", post_layernorm=cfg.siglip.post_layernorm)
-            + llm.hf_llm(tie=cfg.llm.tie_embeddings, attention_bias=cfg.llm.attention_bias, layout=d))
+    return base_rules(cfg.siglip, cfg.llm, layout)
 
 
 def export_rules(cfg: LlavaOVConfig, layout: str = "transformers5") -> list[Rule]:
     """Our parameters -> the keys of `layout` (LoRA, if any, merged into the weights)."""
-    v, d = _layouts(layout)
-    return (llava_ov_vision.vision(v, dst="vision.", post_layernorm=cfg.siglip.post_layernorm)
-            + llm.hf_llm_export(tie=cfg.llm.tie_embeddings, lora_modules=(), merged=True, scaling=1.0, layout=d))
+    return base_export_rules(cfg.siglip, cfg.llm, layout)
 
 
 def detect_layout(keys) -> str:
@@ -128,4 +143,5 @@ def export_state_dict(cfg: LlavaOVConfig, state: nnx.State, extras: Mapping[str,
     return out
 
 
-__all__ = ["LAYOUTS", "rules", "export_rules", "detect_layout", "load_state_dict", "export_state_dict"]
+__all__ = ["LAYOUTS", "base_rules", "base_export_rules", "rules", "export_rules", "detect_layout", "load_state_dict",
+           "export_state_dict"]

@@ -1,6 +1,7 @@
 """`tpo-convert`: PyTorch checkpoints -> tpo-jax (Orbax) and back (`python -m tpo_jax.cli.convert`).
 
-Subcommands `videochat`, `hf`, `sam2`, `export-hf`, `export-videochat`; see docs/conversion.md. The work lives in
+Subcommands `videochat`, `hf`, `llava_ov`, `sam2`, `export-hf`, `export-videochat`, `export-llava-ov`; see
+docs/conversion.md. The work lives in
 `tpo_jax.checkpoints.convert` and `tpo_jax.checkpoints.export`; the exports also take a `tpo-train` work
 directory (its trained model: `tpo_jax.train.load.export_params`).
 """
@@ -67,6 +68,23 @@ def _build_parser() -> argparse.ArgumentParser:
     h.add_argument("--config", help="config.json of the LLM (default: next to the weights)")
     h.add_argument("--scan-layers", action="store_true",
                    help="write the decoder layers stacked for a scanned model (llm.stack.scan_layers)")
+    o = sub.add_parser("llava_ov", help="Hugging Face LLaVA-OneVision directory -> Orbax base weights (vision.*, "
+                       "llm.*) of a TPO model of arch llava_ov")
+    o.add_argument("source", help="checkpoint directory (config.json + safetensors, as save_pretrained writes it)")
+    o.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    o.add_argument("--preset", default="llava_ov_tpo_7b", help="TPO model config whose base weights these are")
+    o.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config override, e.g. llm.stack.scan_layers=false")
+    o.add_argument("--layout", default=None, help="key layout (transformers5, transformers4, release, saved5; "
+                   "default: detected)")
+    o.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="keep")
+    o.add_argument("--no-extras", action="store_true", help="do not keep SigLIP's unused post_layernorm")
+    o.add_argument("--mesh", help="shard while writing, e.g. data=1,fsdp=-1,tensor=1")
+    o.add_argument("--rules", default="fsdp", help="sharding strategy of tpo_jax.sharding (with --mesh)")
+    o.add_argument("--budget-mb", type=int, default=DEFAULT_BUDGET_BYTES // 2 ** 20,
+                   help="max MiB of tensors materialised at once (a larger tensor runs alone)")
+    o.add_argument("--overwrite", action="store_true")
+    o.add_argument("--dry-run", action="store_true", help="check and report, write nothing")
     s = sub.add_parser("sam2", help="SAM2 v1 checkpoint (upstream .pt or transformers Sam2VideoModel directory) -> "
                        "Orbax params of tpo_jax.sam2.video.Sam2Video")
     s.add_argument("source", help="upstream checkpoint file (sam2_hiera_*.pt) or transformers directory")
@@ -78,7 +96,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--dry-run", action="store_true", help="check and report, write nothing")
     for name, what in (("export-hf", "our LLM -> Hugging Face safetensors (+ PEFT adapter with --peft)"),
-                       ("export-videochat", "whole model -> VideoChat-TPO key layout")):
+                       ("export-videochat", "whole model -> VideoChat-TPO key layout"),
+                       ("export-llava-ov", "base weights of a llava_ov model -> Hugging Face LLaVA-OneVision")):
         e = sub.add_parser(name, help=what)
         e.add_argument("checkpoint", help="a directory written by tpo-convert, or a tpo-train work directory")
         e.add_argument("out")
@@ -90,6 +109,8 @@ def _build_parser() -> argparse.ArgumentParser:
         e.add_argument("--overwrite", action="store_true")
         if name == "export-hf":
             e.add_argument("--peft", action="store_true", help="base weights + PEFT adapter instead of merged")
+        if name == "export-llava-ov":
+            e.add_argument("--layout", default=None, help="key layout to write (default: the source's, else saved5)")
     return p
 
 
@@ -104,6 +125,16 @@ def _run(args) -> int:
 
         report = convert_sam2(args.source, args.out, config=args.config, dtype=args.dtype, overwrite=args.overwrite,
                               dry_run=args.dry_run, log=print)
+        if args.dry_run:
+            print(format_report(report))
+        return 0
+    if args.command == "llava_ov":
+        from tpo_jax.checkpoints.llava_ov_convert import convert_llava_ov  # noqa: PLC0415
+
+        report = convert_llava_ov(args.source, args.out, _cli_config(args), dtype=args.dtype,
+                                  extras=not args.no_extras, layout=args.layout, mesh=_cli_mesh(args.mesh),
+                                  rules=args.rules, overwrite=args.overwrite, budget_bytes=args.budget_mb * 2 ** 20,
+                                  dry_run=args.dry_run, log=print)
         if args.dry_run:
             print(format_report(report))
         return 0
@@ -129,6 +160,9 @@ def _run(args) -> int:
             checkpoint = export_params(checkpoint, stage=args.stage, step=args.step)
         if args.command == "export-hf":
             files = export_hf(checkpoint, args.out, peft=args.peft, **kw)
+        elif args.command == "export-llava-ov":
+            from tpo_jax.checkpoints.llava_ov_convert import export_llava_ov  # noqa: PLC0415
+            files = export_llava_ov(checkpoint, args.out, layout=args.layout, **kw)
         else:
             files = export_videochat(checkpoint, args.out, **kw)
         print("\n".join(str(f) for f in files))
