@@ -157,6 +157,18 @@ def test_prompt_is_chatml_with_the_video_rows(tok):
     assert tok.bos_id is None and (p.input_ids == tok.im_end_id).sum() == 4  # system, user, assistant, user
 
 
+def test_prompt_equals_the_training_prompt_with_timestamps(tok):
+    """A question about timestamps gets the frame-time sentence in the same place as the training examples."""
+    from tpo_jax.data.conversation import tokenize_dialogue
+    times = [0.5, 1.5, 2.5, 3.5]
+    for q in ("Give the timestamp of the square.", "What colour is the square?"):
+        p = encode_question(CFG, tok, q, frame_times=times)
+        ((train_ids, train_visual, _),) = tokenize_dialogue(tok, [(q, "x")], is_video=True, frame_times=times,
+                                                            num_visual_tokens=CFG.num_visual_tokens)
+        assert p.input_ids.tolist() == list(train_ids) and p.visual_mask.tolist() == list(train_visual)
+    assert "0.5, 1.5" in tok.decode(encode_question(CFG, tok, "timestamp?", frame_times=times).input_ids)
+
+
 def test_stop_and_pad_ids_are_the_qwen2_tokenizers(plain, tok):
     model, _, _ = plain
     g = Generator(model, GenerationConfig(max_new_tokens=4))  # no tokenizer: the config's is loaded for the ids

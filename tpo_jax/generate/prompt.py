@@ -6,8 +6,10 @@
   (`encode_answer_prompt`, with the frame-timestamp message when the question asks about timestamps);
 * arch "llava_ov" (Qwen2, `LlavaOVTokenizer`): LLaVA-OV's ChatML, `chat_messages(question, video=True,
   system=DEFAULT_SYSTEM_PROMPT, history=...)` with the generation prompt (`<|im_start|>assistant\\n`), its
-  `<video>` expanded to `cfg.num_visual_tokens` rows. Every input of this architecture is a video (an image is
-  its frame repeated `cfg.num_frames` times), so `is_video`, `frame_times` and `template` do not change it.
+  `<video>` expanded to `cfg.num_visual_tokens` rows, and the frame-time sentence before the first question when
+  it asks about timestamps (`data.conversation.chatml_user_text`, the training examples' rule). Every input of this
+  architecture is a video (an image is its frame repeated `cfg.num_frames` times), so `is_video` and `template` do
+  not change it.
 """
 
 from __future__ import annotations
@@ -36,8 +38,14 @@ def encode_question(cfg: TPOConfig, tok, question: str, *, is_video: bool = True
         raise ValueError(f"template {template!r} is not one of {list(TEMPLATES)}")
     if cfg.arch == "llava_ov":
         from tpo_jax.llava_ov.model import base_config  # noqa: PLC0415
+        from tpo_jax.data.conversation import chatml_user_text  # noqa: PLC0415
         from tpo_jax.llava_ov.tokenizer import DEFAULT_SYSTEM_PROMPT, chat_messages  # noqa: PLC0415
-        messages = chat_messages(question, video=True, system=DEFAULT_SYSTEM_PROMPT, history=list(history))
+        turns = list(history)
+        if turns:  # the frame-time sentence belongs to the first user turn, as in training (data.conversation)
+            turns[0] = (chatml_user_text(turns[0][0], frame_times), turns[0][1])
+        else:
+            question = chatml_user_text(question, frame_times)
+        messages = chat_messages(question, video=True, system=DEFAULT_SYSTEM_PROMPT, history=turns)
         p = tok.build_input_ids(messages, base_config(cfg), num_frames=cfg.num_frames, add_generation_prompt=True)
         return PromptIds(np.asarray(p.input_ids, np.int32), np.asarray(p.video_index, bool))
     from tpo_jax.data.prompts import encode_answer_prompt, encode_demo_prompt, timestamp_message  # noqa: PLC0415
