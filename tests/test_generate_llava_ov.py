@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from tpo_jax import config as C
-from tpo_jax.generate import GenerationConfig, GenerationRequest, Generator, encode_question
+from tpo_jax.data.generation_prompt import encode_question
+from tpo_jax.generate import GenerationConfig, GenerationRequest, Generator
 from tpo_jax.llava_ov.model import base_config
 from tpo_jax.llava_ov.tokenizer import DEFAULT_SYSTEM_PROMPT, render_chat
 from tpo_jax.model import TPOModel

@@ -26,8 +26,8 @@ from flax import nnx
 
 from tpo_jax import config as C
 from tpo_jax.cli.common import add_debug_flag, guarded
+from tpo_jax.data.generation_prompt import encode_question
 from tpo_jax.data.synthetic import synthetic_clip
-from tpo_jax.generate.prompt import encode_question
 from tpo_jax.llm import KVCache
 from tpo_jax.model import TPOModel
 from tpo_jax.model_tokenizer import model_tokenizer

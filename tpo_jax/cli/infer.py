@@ -106,8 +106,9 @@ def load_media(cfg, item: Item):
 
 
 def make_request(cfg, tok, item: Item, media, template: str, history=()):
-    """The request of one question in the model's prompt form (`tpo_jax.generate.prompt.encode_question`)."""
-    from tpo_jax.generate import GenerationRequest, encode_question, load_temporal_features, query_ids  # noqa: PLC0415
+    """The request of one question in the model's prompt form (`tpo_jax.data.generation_prompt.encode_question`)."""
+    from tpo_jax.data.generation_prompt import encode_question, query_ids  # noqa: PLC0415
+    from tpo_jax.generate import GenerationRequest, load_temporal_features  # noqa: PLC0415
     times = media.timestamps if item.is_video else None
     ids = encode_question(cfg, tok, item.prompt, is_video=item.is_video, frame_times=times, history=history,
                           template=template)

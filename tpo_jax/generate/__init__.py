@@ -1,6 +1,7 @@
 """Batched, compiled generation with the TPO task heads (MODEL-SPEC §8.3, §8.4).
 
-    from tpo_jax.generate import GenerationConfig, GenerationRequest, encode_question, generate, query_ids
+    from tpo_jax.data.generation_prompt import encode_question, query_ids
+    from tpo_jax.generate import GenerationConfig, GenerationRequest, generate
     from tpo_jax.model_tokenizer import model_tokenizer
     tok = model_tokenizer(model.cfg)  # Mistral (arch "videochat") or Qwen2 (arch "llava_ov")
     p = encode_question(model.cfg, tok, question, frame_times=times)  # the demo prompt, or LLaVA-OV's ChatML
@@ -24,18 +25,15 @@
 * Temporal-head features: the model's own (pooled vision-encoder clips + question embeddings) or a precomputed file
   (`load_temporal_features`; format in `tpo_jax.generate.heads`).
 
-Modules: `settings` (GenerationConfig, errors, buckets), `prompt` (a question in the model's prompt form),
-`sampling` (token choice, beams), `decode` (the compiled prefill + loop), `heads` (task heads and their
+Modules: `settings` (GenerationConfig, errors, buckets), `sampling` (token choice, beams), `decode` (the compiled prefill + loop), `heads` (task heads and their
 inputs/outputs), `api` (requests → results),
-`overlay` (drawing boxes, spans and saliency).
+`overlay` (drawing boxes, spans and saliency). A question in the model's prompt form: `tpo_jax.data.generation_prompt`.
 """
 
 from tpo_jax.generate.api import GenerationRequest, GenerationResult, Generator, generate
 from tpo_jax.generate.decode import DecodeOutput, compiled_decode
 from tpo_jax.generate.heads import TemporalFeatures, load_temporal_features
-from tpo_jax.generate.prompt import PromptIds, encode_question, query_ids
 from tpo_jax.generate.settings import GenerationConfig, GenerationError
 
 __all__ = ["DecodeOutput", "GenerationConfig", "GenerationError", "GenerationRequest", "GenerationResult",
-           "Generator", "PromptIds", "TemporalFeatures", "compiled_decode", "encode_question", "generate",
-           "load_temporal_features", "query_ids"]
+           "Generator", "TemporalFeatures", "compiled_decode", "generate", "load_temporal_features"]

@@ -21,7 +21,7 @@ from tpo_jax.config import TPOConfig
 
 @dataclasses.dataclass
 class GenerationRequest:
-    """One prompt. `input_ids` / `visual_mask` (L,) in the model's prompt form (`tpo_jax.generate.prompt.
+    """One prompt. `input_ids` / `visual_mask` (L,) in the model's prompt form (`tpo_jax.data.generation_prompt.
     encode_question`, or the tokenizer's `build_input_ids`); `frames` (T, H, W, 3) normalised at `cfg.frame_size`
     (T = cfg.num_frames for a video, 1 for an image; arch "llava_ov" repeats an image's frame to cfg.num_frames,
     its prompt always has the video's rows) or None;

@@ -1,4 +1,5 @@
-"""The prompt of a generation request in the model's own form, built with its tokenizer
+"""The prompt of a generation request (`tpo_jax.generate.GenerationRequest`) in the model's own form — the form the
+training examples use (`tpo_jax.data.conversation`) — built with its tokenizer
 (`tpo_jax.model_tokenizer.model_tokenizer(cfg)`):
 
 * arch "videochat" (Mistral, `MultimodalTokenizer`): the released demo's prompt (MODEL-SPEC §4.3, three BOS,
@@ -20,6 +21,10 @@ from typing import Sequence
 import numpy as np
 
 from tpo_jax.config import TPOConfig
+from tpo_jax.data.conversation import chatml_user_text
+from tpo_jax.data.prompts import encode_answer_prompt, encode_demo_prompt, timestamp_message
+from tpo_jax.llava_ov.model import base_config
+from tpo_jax.llava_ov.tokenizer import DEFAULT_SYSTEM_PROMPT, chat_messages
 
 TEMPLATES = ("demo", "library")
 
@@ -37,9 +42,6 @@ def encode_question(cfg: TPOConfig, tok, question: str, *, is_video: bool = True
     if template not in TEMPLATES:
         raise ValueError(f"template {template!r} is not one of {list(TEMPLATES)}")
     if cfg.arch == "llava_ov":
-        from tpo_jax.llava_ov.model import base_config  # noqa: PLC0415
-        from tpo_jax.data.conversation import chatml_user_text  # noqa: PLC0415
-        from tpo_jax.llava_ov.tokenizer import DEFAULT_SYSTEM_PROMPT, chat_messages  # noqa: PLC0415
         turns = list(history)
         if turns:  # the frame-time sentence belongs to the first user turn, as in training (data.conversation)
             turns[0] = (chatml_user_text(turns[0][0], frame_times), turns[0][1])
@@ -48,7 +50,6 @@ def encode_question(cfg: TPOConfig, tok, question: str, *, is_video: bool = True
         messages = chat_messages(question, video=True, system=DEFAULT_SYSTEM_PROMPT, history=turns)
         p = tok.build_input_ids(messages, base_config(cfg), num_frames=cfg.num_frames, add_generation_prompt=True)
         return PromptIds(np.asarray(p.input_ids, np.int32), np.asarray(p.video_index, bool))
-    from tpo_jax.data.prompts import encode_answer_prompt, encode_demo_prompt, timestamp_message  # noqa: PLC0415
     if template == "demo" and not history:
         p = encode_demo_prompt(tok, question, is_video=is_video, frame_times=frame_times, max_length=None)
     else:
