@@ -36,7 +36,7 @@ from tpo_jax.checkpoints.errors import ConversionError
 from tpo_jax.checkpoints.export import _LORA_NAMES, ParamSet, _Reader, _write
 from tpo_jax.checkpoints.mapping import build_export_plan, build_plan
 from tpo_jax.checkpoints.orbax_io import DEFAULT_BUDGET_BYTES
-from tpo_jax.checkpoints.sources import checkpoint_root, open_source, read_json_file
+from tpo_jax.checkpoints.sources import TensorSource, checkpoint_root, open_source, read_json_file
 from tpo_jax.checkpoints.stacking import present_layouts
 from tpo_jax.checkpoints.staging import staged_output
 from tpo_jax.checkpoints.tables import llava_ov as table
@@ -105,7 +105,7 @@ def _hf_config(source) -> tuple[dict, str]:
 
 def convert_llava_ov(source, out_dir, cfg: TPOConfig | None = None, *, dtype: str = "keep", extras: bool = True,
                      layout: str | None = None, mesh=None, rules=None, shardings=None, overwrite: bool = False,
-                     budget_bytes: int = DEFAULT_BUDGET_BYTES, dry_run: bool = False,
+                     budget_bytes: int = DEFAULT_BUDGET_BYTES, dry_run: bool = False, hf_config: dict | None = None,
                      log: Callable[[str], None] = lambda s: None) -> dict:
     """A Hugging Face LLaVA-OneVision checkpoint directory -> `out_dir` (module docstring).
 
@@ -113,14 +113,20 @@ def convert_llava_ov(source, out_dir, cfg: TPOConfig | None = None, *, dtype: st
     config.json must agree with it. dtype: "keep", "float32" or "bfloat16" for floating parameters. extras: keep
     SigLIP's unused post_layernorm (needed for a bit-exact export back). layout: the key layout
     (`tables.llava_ov.LAYOUTS`; default: detected). mesh + rules / shardings: place each parameter while writing,
-    as `convert_videochat`. Returns the report (also in `out_dir/conversion.json`)."""
+    as `convert_videochat`. `source` may also be a `TensorSource` (e.g. metadata only, for a dry run), with its
+    config.json as `hf_config`. Returns the report (also in `out_dir/conversion.json`)."""
     cfg = (cfg or get_config(DEFAULT_PRESET)).validate()
     _require_llava_ov(cfg, "convert_llava_ov")
     out_dtype = _out_dtype(dtype)
-    _check_output(source, out_dir)
-    hf, cfg_file = _hf_config(source)
+    if isinstance(source, TensorSource):
+        if hf_config is None:
+            raise ConversionError("a TensorSource source needs its config.json as hf_config=")
+        hf, cfg_file = hf_config, f"{source.description} (hf_config)"
+    else:
+        _check_output(source, out_dir)
+        hf, cfg_file = _hf_config(source)
     check_config(hf, cfg, file=cfg_file)
-    src = open_source(source)
+    src = source if isinstance(source, TensorSource) else open_source(source)
     if layout is None:
         try:
             layout = table.detect_layout(src.meta)

@@ -294,3 +294,36 @@ def test_init_from_rejects_a_llava_ov_checkpoint_for_a_videochat_model(converted
     model = nnx.eval_shape(lambda: TPOModel(get_config("tiny"), rngs=nnx.Rngs(0)))
     with pytest.raises(ConfigError, match=r"init_from.*unrolled.*(llm\.|vision\.)"):
         I.prepare([str(converted["unrolled"])], nnx.state(model, nnx.Param))
+
+
+def test_7b_dry_run_maps_every_key_into_the_stacked_model():
+    """llava_ov_tpo_7b (scanned SigLIP and Qwen2) against the key set of llava-hf/llava-onevision-qwen2-7b-ov-hf
+    ("release" names, bf16; metadata only): 26 × 16 + 5 SigLIP keys, projector 4 + image_newline, 28 × 12 + 3 Qwen2
+    keys = 765, each mapped into a stacked parameter or kept (post_layernorm)."""
+    from tpo_jax.checkpoints.convert import abstract_params, param_shapes
+    from tpo_jax.checkpoints.mapping import Meta, build_export_plan
+    from tpo_jax.checkpoints.sources import TensorSource
+    from tpo_jax.checkpoints.tables import llava_ov as table
+    from tpo_jax.model import stack_layouts
+    from tpo_jax.stack import unstack_shapes
+
+    cfg = get_config("llava_ov_tpo_7b")
+    shapes = {p: s for p, s in param_shapes(abstract_params(lambda: TPOModel(cfg, rngs=None))).items()
+              if is_base_param(p)}
+    per_layer = unstack_shapes(shapes, stack_layouts(cfg))
+    plan = build_export_plan(per_layer, {f"unused/vision_tower.vision_model.post_layernorm.{k}": (1152,)
+                                         for k in ("weight", "bias")},
+                             table.base_export_rules(cfg.llava_ov.siglip, cfg.llm, "release"), where="7b")
+    meta = {k: Meta(s, np.dtype(np.float16), "model.safetensors")
+            for j in plan.params + plan.extras for k, s in zip(j.src, j.src_shapes)}
+    assert len(meta) == 26 * 16 + 5 + 5 + 28 * 12 + 3 == 765
+    assert meta["language_model.model.embed_tokens.weight"].shape == (152128, 3584)
+    assert meta["vision_tower.vision_model.embeddings.patch_embedding.weight"].shape == (1152, 3, 14, 14)
+    report = convert_llava_ov(TensorSource(meta, {}, "<7b metadata>"), None, cfg, dry_run=True,
+                              hf_config=hf_config_from_llava_ov(cfg))
+    s = report["summary"]
+    assert (s["mapped_keys"], s["extra_keys"], s["dropped_keys"]) == (763, 2, 0)
+    assert report["layout"] == "release"
+    with pytest.raises(ConversionError, match="'text_config.num_hidden_layers' is 28 but .* llm.num_layers is 2"):
+        convert_llava_ov(TensorSource(meta, {}, "<7b metadata>"), None, CFG, dry_run=True,
+                         hf_config=hf_config_from_llava_ov(cfg))
