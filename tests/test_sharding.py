@@ -381,3 +381,50 @@ def test_shard_report_end_to_end(tmp_path):
     assert r_dp["compute_s"] == pytest.approx(r_dp["flops"] / 197e12)
     assert r_dp["mfu"] == pytest.approx(r_dp["model_flops"] / (max(r_dp["compute_s"], r_dp["comm_s"]) * 197e12))
     assert (tmp_path / "r.png").stat().st_size > 10_000 and (tmp_path / "r.json").exists()
+
+
+def test_llava_ov_7b_every_parameter_placed_by_fsdp():
+    """llava_ov_tpo_7b on fsdp=8: every parameter has logical axes, every array but the norms (pinned replicated,
+    as in videochat_tpo_7b) is split over fsdp, SigLIP tower / projector / image_newline included; per chip 1/8."""
+    cfg = C.get_config("llava_ov_tpo_7b")
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    mesh = S.make_mesh(S.MeshConfig(1, 8, 1))
+    rules = S.get_rules("fsdp")
+    shardings = _flat(S.tree_shardings(state, mesh, rules))
+    variables = dict(nnx.to_flat_state(state))
+    names = {n for n, _ in rules}
+    replicated = []
+    for path, var in variables.items():
+        axes, shape = S.variable_axes(var), var.get_value().shape
+        assert axes is not None and len(axes) == len(shape), (path, axes)
+        spec = shardings[path].spec
+        if "fsdp" not in jax.tree.leaves(tuple(spec)):
+            replicated.append((path, shape, axes))
+            # what stays whole: norms (the rules pin none of their names), and SAM2's few unnamed / small arrays
+            assert "norm" in axes or path[0] == "sam2" or math.prod(shape) < 4096 or \
+                not (set(axes) & names), (path, shape, axes, spec)
+    assert not [r for r in replicated if r[0][0] == "vision" and "norm" not in r[2]]
+    assert not [r for r in replicated if r[0][0] == "llm" and "norm" not in r[2]]
+    want = {("vision", "vision_tower", "patch_embed", "kernel"): P(None, None, None, "fsdp"),
+            ("vision", "vision_tower", "position_embedding"): P(None, "fsdp"),
+            ("vision", "vision_tower", "layers", "attn", "q_proj", "kernel"): P(None, "fsdp", None),
+            ("vision", "vision_tower", "layers", "fc2", "kernel"): P(None, None, "fsdp"),
+            ("vision", "projector", "linear_1", "kernel"): P("fsdp", None),
+            ("vision", "projector", "linear_2", "kernel"): P(None, "fsdp"),
+            ("vision", "image_newline"): P("fsdp"),
+            ("llm", "embed_tokens", "embedding"): P(None, "fsdp")}
+    for path, spec in want.items():
+        assert _padded(shardings[path].spec, len(spec)) == tuple(spec), (path, shardings[path].spec)
+    per_device, total = S.shard_bytes(state, S.tree_shardings(state, mesh, rules))
+    assert total == 4 * sum(math.prod(x.shape) for x in _flat(state).values())
+    assert total / 8 <= per_device <= total / 8 * 1.002, (per_device, total)
+
+
+def test_shard_report_batch_of_a_llava_ov_model():
+    cfg = C.get_config("llava_ov_tpo_tiny")
+    batch = R.abstract_batch(cfg, 2, 64)
+    assert batch["frames"].shape == (2, 4, 32, 32, 3) and batch["saliency_labels"].shape == (2, 4)
+    with pytest.raises(C.ConfigError, match="'seq_len'.*17 visual rows"):
+        R.abstract_batch(cfg, 2, 16)
+    policy = R.with_remat(cfg, "full")
+    assert policy.llava_ov.siglip.stack.remat_policy == "full" and policy.llm.stack.remat_policy == "full"

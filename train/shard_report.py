@@ -124,13 +124,18 @@ def abstract_batch(model_cfg, global_batch: int, seq_len: int) -> dict:
     """ShapeDtypeStructs of a training batch (the keys of `tpo_jax.losses`), batch dim `global_batch`."""
     import jax
     import numpy as np
-    b, tmp, vit = global_batch, model_cfg.heads.temporal, model_cfg.vit
-    lv, lq = vit.num_frames // vit.tubelet_size, tmp.max_text_len
+    b, tmp = global_batch, model_cfg.heads.temporal
+    lv, lq = model_cfg.num_clips, tmp.max_text_len
+    frames, size = model_cfg.num_frames, model_cfg.frame_size
+    if seq_len <= model_cfg.num_visual_tokens:
+        from tpo_jax.config import ConfigError
+        raise ConfigError(f"config field 'seq_len': {seq_len} tokens do not hold the {model_cfg.num_visual_tokens} "
+                          f"visual rows of one sample ({model_cfg.arch}); give a longer --seq-len")
     kr, ns = model_cfg.heads.region.max_slots, tmp.max_spans
     i32, f32, bool_ = np.int32, np.float32, np.bool_
     shapes = {
         "input_ids": ((b, seq_len), i32), "attention_mask": ((b, seq_len), i32), "labels": ((b, seq_len), i32),
-        "visual_mask": ((b, seq_len), bool_), "frames": ((b, vit.num_frames, vit.img_size, vit.img_size, 3), f32),
+        "visual_mask": ((b, seq_len), bool_), "frames": ((b, frames, size, size, 3), f32),
         "region_boxes": ((b, kr, 4), f32), "region_valid": ((b, kr), bool_),
         "mask_boxes": ((b, 4), f32), "mask_valid": ((b,), bool_),
         "temporal_valid": ((b,), bool_), "spans": ((b, ns, 2), f32), "span_valid": ((b, ns), bool_),
@@ -237,9 +242,10 @@ def measure(model_cfg, train_cfg, strategy: str, mesh_cfg, *, batch_per_shard: i
 
 
 def with_remat(model_cfg, policy: str):
-    """`model_cfg` with every stack (LLM, ViT, Q-Former) at remat `policy`."""
+    """`model_cfg` with every stack (LLM, ViT, Q-Former; LLaVA-OV: LLM, SigLIP) at remat `policy`."""
     from tpo_jax.config import replace
-    return replace(model_cfg, **{f"{s}.stack.remat_policy": policy for s in ("llm", "vit", "qformer")})
+    stacks = ("llm", "vit", "qformer") if model_cfg.llava_ov is None else ("llm", "llava_ov.siglip")
+    return replace(model_cfg, **{f"{s}.stack.remat_policy": policy for s in stacks})
 
 
 def try_measure(model_cfg, train_cfg, strategy, mesh_cfg, **kw) -> dict:
