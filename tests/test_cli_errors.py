@@ -52,7 +52,7 @@ def test_missing_dataset_directory(tmp_path, capfd):
 
 def test_unknown_preset_of_tpo_forward(capfd):
     assert forward_cli.main(["--preset", "tinyy"]) == 2
-    _one_error_line(capfd, "tpo-forward", "'tinyy'", "known: ['tiny', 'videochat_tpo_7b']")
+    _one_error_line(capfd, "tpo-forward", "'tinyy'", "known: ['llava_ov_tpo_7b', 'llava_ov_tpo_tiny', 'tiny', 'videochat_tpo_7b']")
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import re
@@ -116,8 +117,9 @@ def _config(args):
     overrides = list(args.set) + ([f"dtype={args.dtype}"] if args.dtype else [])
     model_cfg = apply_overrides(C.get_config(args.config), overrides)
     train_cfg = TrainConfig(stage=args.stage, micro_batches=args.micro_batches, optim=OptimConfig()).validate()
-    stacks = ", ".join(f"{s} {'scanned' if getattr(model_cfg, s).stack.scan_layers else 'unrolled'}" + (
-        "" if args.search else f" remat {getattr(model_cfg, s).stack.remat_policy}") for s in ("llm", "vit", "qformer"))
+    stack_of = {s: functools.reduce(getattr, s.split("."), model_cfg).stack for s in model_cfg.stacks}
+    stacks = ", ".join(f"{s} {'scanned' if st.scan_layers else 'unrolled'}" + (
+        "" if args.search else f" remat {st.remat_policy}") for s, st in stack_of.items())
     stacks += " (remat per plan)" if args.search else ""
     header = (f"`{args.config}`{' ' + ' '.join(overrides) if overrides else ''}, {args.stage}, seq_len {args.seq_len}; "
               f"compute dtype {model_cfg.dtype}, trainable params {model_cfg.param_dtype}, frozen params "
