@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from llava_ov_reference import hf_config as reference_config, random_hf_model
 from safetensors.numpy import load_file, save_file
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers import LlavaOnevisionForConditionalGeneration
 
 from tpo_jax.checkpoints.configs import hf_config_from_llava_ov, llava_ov_config_from_hf, read_report
 from tpo_jax.checkpoints.errors import ConversionError
@@ -27,6 +28,7 @@ from tpo_jax.checkpoints.llava_ov_convert import convert_llava_ov, export_llava_
 from tpo_jax.checkpoints.stacking import checkpoint_layouts
 from tpo_jax.cli import convert as cli
 from tpo_jax.config import ConfigError, get_config, replace
+from tpo_jax.llava_ov.model import base_config
 from tpo_jax.model import TPOModel
 from tpo_jax.train import init_from as I
 from tpo_jax.vit import IMAGENET_MEAN, IMAGENET_STD
@@ -43,31 +45,13 @@ def _max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def hf_config() -> LlavaOnevisionConfig:
-    s, q = V.siglip, CFG.llm
-    return LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=s.hidden_size,
-                           intermediate_size=s.intermediate_size, patch_size=s.patch_size, image_size=s.image_size,
-                           num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, vision_use_head=False),
-        text_config=dict(model_type="qwen2", hidden_size=q.hidden_size, intermediate_size=q.intermediate_size,
-                         num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
-                         num_key_value_heads=q.num_kv_heads, vocab_size=q.vocab_size, rms_norm_eps=q.rms_norm_eps,
-                         rope_theta=q.rope_theta, max_position_embeddings=q.max_position, tie_word_embeddings=False),
-        image_token_index=V.image_token_id, video_token_index=VID,
-        image_grid_pinpoints=[list(p) for p in V.anyres.pinpoints])
+def hf_config():
+    return reference_config(base_config(CFG))
 
 
 @pytest.fixture(scope="module")
 def hf():
-    torch.manual_seed(0)
-    model = LlavaOnevisionForConditionalGeneration(hf_config()).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_scale = ("norm" in name) and name.endswith("weight")
-            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen) if is_scale
-                    else 0.2 * torch.randn(p.shape, generator=gen))
-    return model
+    return random_hf_model(base_config(CFG))
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from llava_ov_reference import hf_config, random_hf_model
 from safetensors.numpy import load_file, save_file
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
+from transformers import Qwen2Config
 
 from tpo_jax.checkpoints.configs import llava_ov_config_from_hf, llm_config_from_hf
 from tpo_jax.checkpoints.convert import convert_hf
@@ -45,31 +46,9 @@ def _max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def hf_config(cfg: M.LlavaOVConfig) -> LlavaOnevisionConfig:
-    s, q = cfg.siglip, cfg.llm
-    return LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=s.hidden_size,
-                           intermediate_size=s.intermediate_size, patch_size=s.patch_size, image_size=s.image_size,
-                           num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, vision_use_head=False),
-        text_config=dict(model_type="qwen2", hidden_size=q.hidden_size, intermediate_size=q.intermediate_size,
-                         num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
-                         num_key_value_heads=q.num_kv_heads, vocab_size=q.vocab_size, rms_norm_eps=q.rms_norm_eps,
-                         rope_theta=q.rope_theta, max_position_embeddings=q.max_position, tie_word_embeddings=False),
-        image_token_index=cfg.image_token_id, video_token_index=cfg.video_token_id,
-        image_grid_pinpoints=[list(p) for p in cfg.anyres.pinpoints])
-
-
 @pytest.fixture(scope="module")
 def hf():
-    torch.manual_seed(0)
-    model = LlavaOnevisionForConditionalGeneration(hf_config(CFG)).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_scale = ("norm" in name) and name.endswith("weight")
-            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen) if is_scale
-                    else 0.2 * torch.randn(p.shape, generator=gen))
-    return model
+    return random_hf_model(CFG)
 
 
 @pytest.fixture(scope="module")

@@ -403,6 +403,14 @@ class HeadsConfig:
         self.mask.validate()
 
 
+def check_tiles_match_tower(siglip: SiglipConfig, anyres: AnyresConfig, prefix: str) -> None:
+    """A tile of the anyres tiling is one tower input: the same image size and patch size."""
+    same = (anyres.image_size, anyres.patch_size) == (siglip.image_size, siglip.patch_size)
+    check_field(same, prefix + "anyres.image_size",
+                f"tiles of {anyres.image_size} px / patch {anyres.patch_size} do not match the tower's "
+                f"{siglip.image_size} px / patch {siglip.patch_size}")
+
+
 # llava-hf/llava-onevision-qwen2-7b-ov-hf config.json: image_token_index / video_token_index
 LLAVA_OV_IMAGE_TOKEN_ID, LLAVA_OV_VIDEO_TOKEN_ID = 151646, 151647
 # LLaVA-OV-TPO's task tokens: the Qwen2 tokenizer of LLaVA-OV-7B with TPO's 7 tokens added after <video>
@@ -438,10 +446,7 @@ class LlavaOVVisualConfig:
         self.siglip.validate(prefix + "siglip.")
         self.anyres.validate(prefix + "anyres.")
         check_positive(self, prefix, "num_frames")
-        same = (self.anyres.image_size, self.anyres.patch_size) == (self.siglip.image_size, self.siglip.patch_size)
-        check_field(same, prefix + "anyres.image_size",
-                    f"tiles of {self.anyres.image_size} px / patch {self.anyres.patch_size} do not match the tower's "
-                    f"{self.siglip.image_size} px / patch {self.siglip.patch_size}")
+        check_tiles_match_tower(self.siglip, self.anyres, prefix)
         for name in ("image_token_id", "video_token_id"):
             v = getattr(self, name)
             check_field(isinstance(v, int) and 0 <= v < vocab_size, prefix + name,

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tpo_jax.config import SiglipConfig
-from tpo_jax.config_fields import check_field, check_positive
+from tpo_jax.config import SiglipConfig, check_tiles_match_tower
+from tpo_jax.config_fields import check_positive
 from tpo_jax.layers import param
 from tpo_jax.llava_ov import siglip, visual_tokens
 from tpo_jax.llava_ov.projector import MultiModalProjector
@@ -39,10 +39,7 @@ class LlavaOVVisionConfig:
         self.siglip.validate(prefix + "siglip.")
         self.anyres.validate(prefix + "anyres.")
         check_positive(self, prefix, "llm_hidden")
-        same = (self.anyres.image_size, self.anyres.patch_size) == (self.siglip.image_size, self.siglip.patch_size)
-        check_field(same, prefix + "anyres.image_size",
-                    f"tiles of {self.anyres.image_size} px / patch {self.anyres.patch_size} do not match the tower's "
-                    f"{self.siglip.image_size} px / patch {self.siglip.patch_size}")
+        check_tiles_match_tower(self.siglip, self.anyres, prefix)
 
 
 def tiny(llm_hidden: int = 40, **siglip_overrides) -> LlavaOVVisionConfig:
