@@ -330,6 +330,18 @@ def _record_frame_index(record: Record, media, num_entries: int) -> np.ndarray:
     return np.clip(idx.astype(np.int64), 0, num_entries - 1)
 
 
+def option_tokens(tok: Tokenizer, text: str, k: int) -> tuple[int, list[int] | None]:
+    """Where the option letter sits in an answer "(X) text" and which token it is for each of the first `k`
+    letters: (offset into the answer's ids, [token of "(A) text", "(B) text", …]), from the answers as tokenised,
+    so it holds whether the letter is a token of its own (Mistral: "▁(", "B", ")") or merged with the bracket (a
+    Qwen2 BPE may have "(B"). The offset is the first position where the answers differ; None for the tokens when
+    two letters share one there."""
+    seqs = [tok.encode(f"({letter}) {text}", add_bos=False) for letter in OPTION_LETTERS[:max(k, 2)]]
+    offset = next((i for i in range(min(map(len, seqs))) if len({s[i] for s in seqs}) > 1), 0)
+    tokens = [int(s[offset]) if offset < len(s) else -1 for s in seqs[:k]]
+    return offset, tokens if len(set(tokens)) == k and min(tokens) >= 0 else None
+
+
 def mc_cloze_examples(record: Record, media, spec: ExampleSpec, tok: Tokenizer, *,
                       seed: int = 0) -> list[dict]:
     """The cloze form of a multiple-choice record, for evaluation: one conversation example per option,
@@ -409,14 +421,14 @@ def build_example(record: Record, media, spec: ExampleSpec, tok: Tokenizer, *, s
         k = len(record.options)
         if k > spec.max_options or k > len(OPTION_LETTERS):
             _fail(record, f"{k} options, at most {min(spec.max_options, len(OPTION_LETTERS))} supported")
-        letters = [tok.token_to_id(L) for L in OPTION_LETTERS[:k]]  # the letter after "(", as in "(B)"
-        hits = np.flatnonzero(ids[answer_start:] == letters[record.mc_answer])
-        if not len(hits):
+        offset, letters = option_tokens(tok, record.options[record.mc_answer], k)
+        pos = answer_start + offset
+        if letters is None or pos >= len(ids) or ids[pos] != letters[record.mc_answer]:
             _fail(record, f"the answer {tok.decode(ids[answer_start:])!r} does not hold the option letter "
-                          f"{OPTION_LETTERS[record.mc_answer]!r} as a token")
+                          f"{OPTION_LETTERS[record.mc_answer]!r} as a token of its own")
         out["mc_options"][:k] = letters
         out["mc_answer"][...] = record.mc_answer
-        out["mc_letter_pos"][...] = answer_start + hits[0]
+        out["mc_letter_pos"][...] = pos
     elif task == "region":
         boxes = np.asarray(record.boxes, np.float32)
         n = min(len(boxes), spec.region_slots)

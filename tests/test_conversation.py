@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tpo_jax.data import templates as TPL
-from tpo_jax.data.conversation import ExampleSpec, build_example, clip_saliency, collate, video_id, video_key
+from tpo_jax.data.conversation import (ExampleSpec, build_example, clip_saliency, collate, option_tokens, video_id,
+                                       video_key)
 from tpo_jax.data.records import Record, RecordError
 from tpo_jax.data.video import load_media, normalize
 from tpo_jax import config as C
@@ -220,3 +221,29 @@ def test_batch_counts_match_the_losses():
                       "temporal_spans": 1.0, "temporal_neg": 0.0, "temporal_plain": 1.0, "temporal_plain_attn": 1.0,
                       "temporal_moment_clips": 2.0}
     np.testing.assert_array_equal(batch["task_id"], [3, 2, 4, 0])
+
+
+class _BracketMergingTokenizer:
+    """Tokenises "(X" as one token, as a Qwen2 BPE may; every other character is a token of its own."""
+
+    def encode(self, text, add_bos=False):
+        out, i = [], 0
+        while i < len(text):
+            if text[i] == "(" and i + 1 < len(text):
+                out.append(1000 + ord(text[i + 1]))
+                i += 2
+            else:
+                out.append(ord(text[i]))
+                i += 1
+        return out
+
+
+def test_option_tokens_follow_the_tokenisation():
+    """The option letter's position and token per option come from the answers as tokenised: the letter token
+    after "▁(" for Mistral, the merged "(B" where a tokenizer merges it."""
+    offset, tokens = option_tokens(_BracketMergingTokenizer(), "red square", 3)
+    assert offset == 0 and tokens == [1000 + ord(c) for c in "ABC"]
+    tok = MultimodalTokenizer()
+    offset, tokens = option_tokens(tok, "red square", 4)
+    assert offset == 1 and tokens == [tok.token_to_id(c) for c in "ABCD"]
+    assert tok.encode("(B) red square", add_bos=False)[offset] == tok.token_to_id("B")
