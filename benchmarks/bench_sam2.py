@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from unittest import mock
 
@@ -40,19 +41,14 @@ import numpy as np
 import torch
 from flax import nnx
 
-from tpo_jax.checkpoints.tables import sam2 as sam2_table
 from tpo_jax.sam2 import config as sam2_config
 from tpo_jax.sam2.config import HieraConfig, MaskDecoderConfig, NeckConfig, Sam2Config
 from tpo_jax.sam2.memory_config import Sam2MemoryConfig
-from tpo_jax.sam2.video import Sam2Video
 
 from sam2 import sam2_video_predictor as up_video  # noqa: E402  (pip sam2==1.1.0, see tests/test_sam2_image.py)
-from sam2.modeling.backbones import hieradet, image_encoder as up_ienc
-from sam2.modeling.memory_attention import MemoryAttention as UpMemoryAttention, MemoryAttentionLayer
-from sam2.modeling.memory_encoder import CXBlock, Fuser, MaskDownSampler, MemoryEncoder as UpMemoryEncoder
-from sam2.modeling.position_encoding import PositionEmbeddingSine
-from sam2.modeling.sam import mask_decoder as up_mdec, prompt_encoder as up_penc, transformer as up_tr
-from sam2.modeling.sam2_utils import MLP as UpMLP
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from test_sam2_video import _ours, _predictor  # noqa: E402  (the parity tests' reference builders)
 
 
 # --------------------------------------------------------------------------------------------------- configs
@@ -72,120 +68,8 @@ def small(image_size: int = 256) -> Sam2Config:
 
 
 # ------------------------------------------------------------------------------------------ the two models
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Random values everywhere (LayerNorm weights and the 1e-6 layer scales too), scaled by 1/sqrt(fan-in)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            fan = p.shape[1] * int(np.prod(p.shape[2:])) if p.ndim >= 2 else 4
-            p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(fan))
-
-
-def _image_modules(cfg: Sam2Config, seed: int = 0) -> torch.nn.Module:
-    """Upstream image encoder, prompt encoder and mask decoder built as `SAM2Base` builds them for `cfg` (the
-    video predictor's decoder overrides), every parameter and buffer perturbed by N(0, 0.1²)."""
-    t, n, m = cfg.trunk, cfg.neck, cfg.mask_decoder
-    torch.manual_seed(seed)
-    trunk = hieradet.Hiera(embed_dim=t.embed_dim, num_heads=t.num_heads, stages=t.stages,
-                           global_att_blocks=t.global_att_blocks, window_spec=t.window_spec,
-                           window_pos_embed_bkg_spatial_size=t.window_pos_embed_bkg_spatial_size)
-    neck = up_ienc.FpnNeck(position_encoding=PositionEmbeddingSine(n.d_model), d_model=n.d_model,
-                           backbone_channel_list=list(n.backbone_channel_list),
-                           fpn_top_down_levels=list(n.fpn_top_down_levels), fpn_interp_model=n.fpn_interp_model)
-    ref = torch.nn.Module()
-    ref.image_encoder = up_ienc.ImageEncoder(trunk=trunk, neck=neck, scalp=n.scalp)
-    e = cfg.image_embedding_size
-    ref.sam_prompt_encoder = up_penc.PromptEncoder(embed_dim=cfg.hidden_dim, image_embedding_size=(e, e),
-                                                   input_image_size=(cfg.image_size, cfg.image_size),
-                                                   mask_in_chans=cfg.mask_in_chans)
-    ref.sam_mask_decoder = up_mdec.MaskDecoder(
-        num_multimask_outputs=m.num_multimask_outputs,
-        transformer=up_tr.TwoWayTransformer(depth=m.depth, embedding_dim=cfg.hidden_dim, mlp_dim=m.mlp_dim,
-                                            num_heads=m.num_heads),
-        transformer_dim=cfg.hidden_dim, iou_head_depth=m.iou_head_depth, iou_head_hidden_dim=m.iou_head_hidden_dim,
-        use_high_res_features=m.use_high_res_features, iou_prediction_use_sigmoid=m.iou_prediction_use_sigmoid,
-        pred_obj_scores=m.pred_obj_scores, pred_obj_scores_mlp=m.pred_obj_scores_mlp,
-        use_multimask_token_for_obj_ptr=m.use_multimask_token_for_obj_ptr,
-        dynamic_multimask_via_stability=m.dynamic_multimask_via_stability,
-        dynamic_multimask_stability_delta=m.dynamic_multimask_stability_delta,
-        dynamic_multimask_stability_thresh=m.dynamic_multimask_stability_thresh)
-    ref.no_mem_embed = torch.nn.Parameter(torch.zeros(1, 1, cfg.hidden_dim))
-    with torch.no_grad():
-        for p in list(ref.parameters()) + list(ref.buffers()):
-            p.add_(0.1 * torch.randn_like(p))
-    return ref.eval()
-
-
-def _memory_modules(cfg: Sam2Config) -> torch.nn.Module:
-    """Upstream memory encoder / attention and the SAM2Base-owned memory parameters, with upstream's names."""
-    e, a, t = cfg.memory.encoder, cfg.memory.attention, cfg.memory.tokens
-    g = cfg.image_embedding_size
-    mem = torch.nn.Module()
-    mem.memory_encoder = UpMemoryEncoder(
-        out_dim=e.out_dim, in_dim=e.in_dim,
-        mask_downsampler=MaskDownSampler(embed_dim=e.in_dim, kernel_size=e.mask_kernel, stride=e.mask_stride,
-                                         padding=e.mask_padding, total_stride=e.mask_total_stride),
-        fuser=Fuser(CXBlock(e.in_dim, kernel_size=e.fuser_kernel, padding=e.fuser_kernel // 2,
-                            layer_scale_init_value=e.layer_scale_init, use_dwconv=True), e.fuser_layers),
-        position_encoding=PositionEmbeddingSine(num_pos_feats=e.out_dim, normalize=True, scale=None,
-                                                temperature=int(e.pos_temperature)))
-    rope = dict(rope_theta=a.rope_theta, feat_sizes=[g, g], embedding_dim=a.d_model, num_heads=a.num_heads,
-                downsample_rate=a.downsample_rate, dropout=a.dropout)
-    layer = MemoryAttentionLayer(
-        activation="relu", dim_feedforward=a.ffn_dim, dropout=a.dropout, pos_enc_at_attn=False,
-        self_attention=up_tr.RoPEAttention(**rope), d_model=a.d_model, pos_enc_at_cross_attn_keys=True,
-        pos_enc_at_cross_attn_queries=False,
-        cross_attention=up_tr.RoPEAttention(rope_k_repeat=True, kv_in_dim=a.kv_dim, **rope))
-    mem.memory_attention = UpMemoryAttention(d_model=a.d_model, pos_enc_at_input=True, layer=layer,
-                                             num_layers=a.num_layers)
-    c, m = t.hidden_dim, t.mem_dim
-    mem.maskmem_tpos_enc = torch.nn.Parameter(torch.zeros(t.num_maskmem, 1, 1, m))
-    mem.no_mem_pos_enc = torch.nn.Parameter(torch.zeros(1, 1, c))
-    mem.no_obj_ptr = torch.nn.Parameter(torch.zeros(1, c))
-    mem.obj_ptr_proj = UpMLP(c, c, c, t.obj_ptr_mlp_layers)
-    mem.mask_downsample = torch.nn.Conv2d(1, 1, kernel_size=4, stride=4)
-    _randomize(mem, 1)
-    return mem.eval()
-
-
-def reference_predictor(cfg: Sam2Config, *, object_bias: float = 2.0) -> up_video.SAM2VideoPredictor:
-    """An upstream `SAM2VideoPredictor` with the release's flags (v1 `sam2_hiera_l.yaml` + the video-predictor
-    overrides) and `cfg`'s sizes, random weights. The object-score head's last bias is shifted by
-    `object_bias` so that every frame has the object (real masks, as in a tracked clip)."""
-    img, mem = _image_modules(cfg), _memory_modules(cfg)
-    t, md = cfg.memory.tokens, cfg.mask_decoder
-    pred = up_video.SAM2VideoPredictor(
-        image_encoder=img.image_encoder, memory_attention=mem.memory_attention, memory_encoder=mem.memory_encoder,
-        num_maskmem=t.num_maskmem, image_size=cfg.image_size, backbone_stride=cfg.backbone_stride,
-        sigmoid_scale_for_mem_enc=cfg.memory.encoder.sigmoid_scale,
-        sigmoid_bias_for_mem_enc=cfg.memory.encoder.sigmoid_bias,
-        binarize_mask_from_pts_for_mem_enc=True, use_mask_input_as_output_without_sam=True,
-        directly_add_no_mem_embed=True, use_high_res_features_in_sam=True, multimask_output_in_sam=True,
-        multimask_min_pt_num=0, multimask_max_pt_num=1, multimask_output_for_tracking=True,
-        use_multimask_token_for_obj_ptr=True, iou_prediction_use_sigmoid=True, use_obj_ptrs_in_encoder=True,
-        max_obj_ptrs_in_encoder=t.max_obj_ptrs, add_tpos_enc_to_obj_ptrs=False,
-        only_obj_ptrs_in_the_past_for_eval=True, pred_obj_scores=True, pred_obj_scores_mlp=True,
-        fixed_no_obj_ptr=True, use_mlp_for_obj_ptr_proj=True,
-        sam_mask_decoder_extra_args=dict(dynamic_multimask_via_stability=md.dynamic_multimask_via_stability,
-                                         dynamic_multimask_stability_delta=md.dynamic_multimask_stability_delta,
-                                         dynamic_multimask_stability_thresh=md.dynamic_multimask_stability_thresh),
-        fill_hole_area=0, non_overlap_masks=False, clear_non_cond_mem_around_input=False)
-    pred.sam_prompt_encoder, pred.sam_mask_decoder = img.sam_prompt_encoder, img.sam_mask_decoder
-    pred.obj_ptr_proj, pred.mask_downsample = mem.obj_ptr_proj, mem.mask_downsample
-    with torch.no_grad():
-        for name in ("maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr"):
-            getattr(pred, name).copy_(getattr(mem, name))
-        pred.no_mem_embed.copy_(img.no_mem_embed)
-        pred.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(object_bias)
-    return pred.eval()
-
-
-def ours_from(cfg: Sam2Config, pred: torch.nn.Module) -> Sam2Video:
-    model = Sam2Video(cfg, rngs=nnx.Rngs(0))
-    sd = {k: v.detach().numpy() for k, v in pred.state_dict().items()}
-    nnx.update(model, sam2_table.load_state_dict(nnx.state(model, nnx.Param), sd))
-    return model
+# The upstream predictor at our sizes and our model with its weights: the builders of tests/test_sam2_video.py.
+reference_predictor, ours_from = _predictor, _ours
 
 
 # ------------------------------------------------------------------------------------------------- the runs
