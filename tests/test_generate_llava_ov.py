@@ -307,3 +307,32 @@ def test_infer_cli_on_a_llava_ov_work_directory(tmp_path, tok):
     # the same answer from the in-memory model: the checkpoint restores it exactly
     (mem,) = Generator(model, dataclasses.replace(gen), tok)([req])
     assert mem.token_ids == expected.token_ids
+
+    # --batch: the same question answers the same; --chat: the second turn is the ChatML prompt with the first turn
+    # (question, answer) as history, here built by hand from the first answer
+    (tmp_path / "batch.jsonl").write_text(json.dumps({"prompt": QUESTIONS[0], "video": "clip.mp4"}) + "\n" +
+                                          json.dumps({"prompt": QUESTIONS[1], "video": "clip.mp4"}))
+    assert infer.main([f"--checkpoint={work}", f"--batch={tmp_path / 'batch.jsonl'}",
+                       f"--max-new-tokens={N_NEW}", f"--output={tmp_path / 'batch.json'}"]) == 0
+    batch = json.loads((tmp_path / "batch.json").read_text())["results"]
+    assert len(batch) == 2 and batch[0]["token_ids"] == expected.token_ids
+    import io
+    import sys
+    stdin, sys.stdin = sys.stdin, io.StringIO(f"{QUESTIONS[0]}\n{QUESTIONS[1]}\n/quit\n")
+    try:
+        assert infer.main([f"--checkpoint={work}", f"--video={tmp_path / 'clip.mp4'}", "--chat",
+                           f"--max-new-tokens={N_NEW}", f"--output={tmp_path / 'chat.json'}"]) == 0
+    finally:
+        sys.stdin = stdin
+    turns = json.loads((tmp_path / "chat.json").read_text())["results"]
+    assert [t["prompt"] for t in turns] == QUESTIONS and turns[0]["token_ids"] == expected.token_ids
+    second = tok.build_input_ids(chat_messages(QUESTIONS[1], video=True, system=DEFAULT_SYSTEM_PROMPT,
+                                               history=[(QUESTIONS[0], turns[0]["answer"])]),
+                                 base_config(cfg), num_frames=cfg.num_frames, add_generation_prompt=True)
+    req2 = GenerationRequest(second.input_ids, second.video_index, media.frames, frame_size=media.source_size,
+                             duration=media.duration, query_ids=tok.encode(QUESTIONS[1]))
+    (want2,) = Generator(restored, gen, tok)([req2])
+    assert turns[1]["token_ids"] == want2.token_ids
+    assert len(turns[1]["region"]) == len(want2.region)  # the head reads the history-dependent hidden state
+    for got_box, want_box in zip(turns[1]["region"], want2.region):
+        assert np.allclose(got_box["box"], want_box["box"], atol=1e-3)
