@@ -45,10 +45,12 @@ def _build_parser() -> argparse.ArgumentParser:
     add_debug_flag(p)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, lora_default):
-        sp.add_argument("source", help="checkpoint file, index .json, or directory")
+    def common(sp, lora_default, source_help="checkpoint file, index .json, or directory"):
+        """The arguments every PyTorch → Orbax conversion takes (`--lora` where the source may carry LoRA)."""
+        sp.add_argument("source", help=source_help)
         sp.add_argument("out", help="output directory (must not exist unless --overwrite)")
-        sp.add_argument("--lora", choices=["keep", "merge"], default=lora_default)
+        if lora_default is not None:
+            sp.add_argument("--lora", choices=["keep", "merge"], default=lora_default)
         sp.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="keep")
         sp.add_argument("--mesh", help="shard while writing, e.g. data=1,fsdp=-1,tensor=1")
         sp.add_argument("--rules", default="fsdp", help="sharding strategy of tpo_jax.sharding (with --mesh)")
@@ -70,21 +72,13 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="write the decoder layers stacked for a scanned model (llm.stack.scan_layers)")
     o = sub.add_parser("llava_ov", help="Hugging Face LLaVA-OneVision directory -> Orbax base weights (vision.*, "
                        "llm.*) of a TPO model of arch llava_ov")
-    o.add_argument("source", help="checkpoint directory (config.json + safetensors, as save_pretrained writes it)")
-    o.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    common(o, None, "checkpoint directory (config.json + safetensors, as save_pretrained writes it)")
     o.add_argument("--preset", default="llava_ov_tpo_7b", help="TPO model config whose base weights these are")
     o.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config override, e.g. llm.stack.scan_layers=false")
     o.add_argument("--layout", default=None, help="key layout (transformers5, transformers4, release, saved5; "
                    "default: detected)")
-    o.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="keep")
     o.add_argument("--no-extras", action="store_true", help="do not keep SigLIP's unused post_layernorm")
-    o.add_argument("--mesh", help="shard while writing, e.g. data=1,fsdp=-1,tensor=1")
-    o.add_argument("--rules", default="fsdp", help="sharding strategy of tpo_jax.sharding (with --mesh)")
-    o.add_argument("--budget-mb", type=int, default=DEFAULT_BUDGET_BYTES // 2 ** 20,
-                   help="max MiB of tensors materialised at once (a larger tensor runs alone)")
-    o.add_argument("--overwrite", action="store_true")
-    o.add_argument("--dry-run", action="store_true", help="check and report, write nothing")
     s = sub.add_parser("sam2", help="SAM2 v1 checkpoint (upstream .pt or transformers Sam2VideoModel directory) -> "
                        "Orbax params of tpo_jax.sam2.video.Sam2Video")
     s.add_argument("source", help="upstream checkpoint file (sam2_hiera_*.pt) or transformers directory")
