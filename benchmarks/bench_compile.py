@@ -108,6 +108,25 @@ def _overrides(spec: dict) -> list[str]:
     return items + list(spec["set"])
 
 
+def lower_and_compile(traced, result: dict):
+    """Lower and compile a traced function, recording in `result` the phase reached (`phase`: a failure names it),
+    `lower_s`, `compile_s`, `total_s` (with the caller's `trace_s`), and the compiled program's `memory` and `cost`.
+    Returns (lowered, compiled)."""
+    result["phase"] = "lower"
+    t0 = time.perf_counter()
+    lowered = traced.lower()
+    result["lower_s"] = time.perf_counter() - t0
+    result["phase"] = "compile"
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    result["compile_s"] = time.perf_counter() - t0
+    result["total_s"] = result["trace_s"] + result["lower_s"] + result["compile_s"]
+    result["phase"] = "analyse"
+    result["memory"] = _memory(compiled)
+    result["cost"] = _cost(compiled)
+    return lowered, compiled
+
+
 def _memory(compiled) -> dict:
     mem = compiled.memory_analysis()
     if isinstance(mem, (list, tuple)):
@@ -205,20 +224,7 @@ def run_worker(spec: dict) -> dict:
         result["trace_s"] = time.perf_counter() - t0
         result["jaxpr_eqns"] = len(traced.jaxpr.eqns)  # top level only: a scan or remat is one equation
 
-        result["phase"] = "lower"
-        t0 = time.perf_counter()
-        lowered = traced.lower()
-        result["lower_s"] = time.perf_counter() - t0
-
-        result["phase"] = "compile"
-        t0 = time.perf_counter()
-        compiled = lowered.compile()
-        result["compile_s"] = time.perf_counter() - t0
-        result["total_s"] = result["trace_s"] + result["lower_s"] + result["compile_s"]
-
-        result["phase"] = "analyse"
-        result["memory"] = _memory(compiled)
-        result["cost"] = _cost(compiled)
+        lowered, compiled = lower_and_compile(traced, result)
         result["stablehlo_chars"] = len(lowered.as_text())
         hlo = compiled.as_text()
         result.update(hlo_chars=len(hlo), hlo_ops=len(_INSTR_RE.findall(hlo)),

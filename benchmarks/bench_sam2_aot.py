@@ -52,7 +52,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from tpo_jax.train.topology import prepare_environment  # noqa: E402  (no JAX import)
-from bench_compile import _cost, _memory, _version  # noqa: E402  (the readers of memory_analysis / cost_analysis)
+from bench_compile import _version, lower_and_compile  # noqa: E402  (AOT phases, memory_analysis / cost_analysis)
 
 GiB, MiB = 2**30, 2**20
 DEFAULT_MESH = {"fsdp": (1, -1, 1), "tp": (1, 1, -1), "fsdp_tp": (1, -1, 2), "dp": (-1, 1, 1)}
@@ -149,19 +149,7 @@ def run_one(spec: dict, devices) -> dict:
         t0 = time.perf_counter()
         traced = fn.trace(abs_state, frames, prompt)
         result["trace_s"] = time.perf_counter() - t0
-        result["phase"] = "lower"
-        t0 = time.perf_counter()
-        lowered = traced.lower()
-        result["lower_s"] = time.perf_counter() - t0
-        result["phase"] = "compile"
-        t0 = time.perf_counter()
-        compiled = lowered.compile()
-        result["compile_s"] = time.perf_counter() - t0
-        result["total_s"] = result["trace_s"] + result["lower_s"] + result["compile_s"]
-
-        result["phase"] = "analyse"
-        result["memory"] = _memory(compiled)
-        result["cost"] = _cost(compiled)
+        _, compiled = lower_and_compile(traced, result)
         hlo = compiled.as_text()
         result["hlo_while_loops"] = while_loops(hlo)
         result["hlo_chars"] = len(hlo)
