@@ -242,10 +242,9 @@ def measure(model_cfg, train_cfg, strategy: str, mesh_cfg, *, batch_per_shard: i
 
 
 def with_remat(model_cfg, policy: str):
-    """`model_cfg` with every stack (LLM, ViT, Q-Former; LLaVA-OV: LLM, SigLIP) at remat `policy`."""
+    """`model_cfg` with every stack it builds (`TPOConfig.stacks`) at remat `policy`."""
     from tpo_jax.config import replace
-    stacks = ("llm", "vit", "qformer") if model_cfg.llava_ov is None else ("llm", "llava_ov.siglip")
-    return replace(model_cfg, **{f"{s}.stack.remat_policy": policy for s in stacks})
+    return replace(model_cfg, **{f"{s}.stack.remat_policy": policy for s in model_cfg.stacks})
 
 
 def try_measure(model_cfg, train_cfg, strategy, mesh_cfg, **kw) -> dict:
